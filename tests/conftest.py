@@ -1,0 +1,27 @@
+"""Shared fixtures. Keras 3 (JAX backend) is the oracle the port is checked against."""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def keras():
+  import keras as k
+
+  assert k.backend.backend() == "jax", "tests need KERAS_BACKEND=jax"
+  return k
+
+
+@pytest.fixture(scope="session")
+def images64():
+  """Two real-looking uint8 RGB images (smooth gradients + noise), 64x64."""
+  rng = np.random.default_rng(0)
+  yy, xx = np.mgrid[0:64, 0:64]
+  base = np.stack([xx * 4, yy * 4, (xx + yy) * 2], -1)
+  imgs = np.stack([base, base[::-1]]) + rng.integers(0, 30, (2, 64, 64, 3))
+  return np.clip(imgs, 0, 255).astype(np.uint8)
