@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from flaxtl import keras_io
-from flaxtl.errors import UserError, exit_on_user_error
+from flaxtl.errors import UserError, cli_logging, exit_on_user_error
 from flaxtl.models import vgg
 
 log = logging.getLogger(__name__)
@@ -231,16 +231,6 @@ def convert_file(
   return weights_lib.save(converted.params, out, provenance, force=force)
 
 
-def _log_to_stderr() -> None:
-  """flaxtl's own INFO lines (skipped layers, cache hits) go to stderr."""
-  logger = logging.getLogger("flaxtl")
-  if not logger.handlers:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-
-
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p = argparse.ArgumentParser(
       prog="python -m flaxtl.convert",
@@ -262,7 +252,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv: Optional[Sequence[str]] = None) -> Path:
   args = _parse_args(argv)
-  _log_to_stderr()
+  cli_logging()
   from flaxtl import pretrained
 
   if args.source in pretrained.NAMED:

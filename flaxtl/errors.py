@@ -7,6 +7,7 @@ config key, an image). Every other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from typing import Callable, TypeVar
 
@@ -31,3 +32,17 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
       sys.exit(EXIT_USER_ERROR)
 
   return wrapper
+
+
+def cli_logging() -> None:
+  """flaxtl's INFO lines to stderr; other libraries (orbax, absl) at WARNING."""
+  from absl import logging as absl_logging
+
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logger = logging.getLogger("flaxtl")
+  if not logger.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  logger.propagate = False

@@ -59,7 +59,7 @@ def save(params: dict, out: str | Path, provenance: dict[str, Any], force: bool 
         **provenance,
     }
     (tmp / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
-    _replace(tmp, out)
+    replace_dir(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -67,7 +67,7 @@ def save(params: dict, out: str | Path, provenance: dict[str, Any], force: bool 
   return out
 
 
-def _replace(tmp: Path, out: Path) -> None:
+def replace_dir(tmp: Path, out: Path) -> None:
   """Moves the finished `tmp` to `out`; an old `out` survives until then."""
   if not out.exists():
     os.replace(tmp, out)
