@@ -27,8 +27,8 @@ def initialize(cfg) -> None:
     return
   if jax.distributed.is_initialized():
     return
-  if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-    jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+  # Only used by the CPU backend; set before the backend starts (asking which backend would start it).
+  jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
   if num > 1:
     if not cfg.coordinator_address:
       raise UserError("distributed.num_processes > 1 needs distributed.coordinator_address (host:port)")

@@ -47,8 +47,8 @@ class NonFiniteLoss(UserError):
 # --- config checks and model assembly --------------------------------------------------------
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Everything that can be checked before touching data or devices."""
+def validate(config: ml_collections.ConfigDict, devices: bool = True) -> None:
+  """Everything that can be checked before touching data (devices: also the batch split)."""
   m = config.model
   if m.name not in ("vgg", "mlp", "cnn"):
     raise UserError(f"model.name must be 'vgg', 'mlp' or 'cnn', got {m.name!r}")
@@ -88,8 +88,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for epoch, k in config.freeze.phases:
     if epoch <= 0 or k < 0:
       raise UserError(f"freeze.phases entries are (epoch >= 1, first_layers >= 0), got {(epoch, k)}")
-  distributed.check_batch(config.batch_size)
-  distributed.check_batch(config.eval_batch_size, "eval_batch_size")
+  if devices:  # Asking for the device count starts the backend: not before distributed init.
+    distributed.check_batch(config.batch_size)
+    distributed.check_batch(config.eval_batch_size, "eval_batch_size")
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
@@ -188,9 +189,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   """Trains and evaluates as `config` says; returns the final metrics."""
   t_start = time.perf_counter()
   workdir = Path(workdir)
-  validate(config)
+  validate(config, devices=False)
   distributed.initialize(config.distributed)
-  validate(config)  # Again: device and process counts are known only now.
+  validate(config)
 
   splits = data_lib.load(config.data)
   num_classes = len(splits.class_names)
@@ -406,7 +407,8 @@ def _evaluate(eval_fn, params, ds, batch_size: int, sharding, num_classes: int) 
 
 
 def _save_params(path: Path, params) -> None:
-  """The final params alone, for prediction; replaced atomically."""
+  """The final params alone, as host arrays (restorable on any topology); replaced atomically."""
+  params = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), params)  # Replicated.
   tmp = path.with_name(f".{path.name}.tmp")
   if jax.process_index() == 0 and tmp.exists():
     shutil.rmtree(tmp)

@@ -126,10 +126,17 @@ def restore(path: str | Path) -> dict:
     raise UserError(f"{path}: unreadable checkpoint ({e})") from None
   have = jax.tree.map(lambda m: tuple(m.shape), dict(meta), is_leaf=lambda m: hasattr(m, "shape"))
   _compare(path, have, want)
+  return restore_to_host(path / PARAMS)
+
+
+def restore_to_host(path: str | Path) -> dict:
+  """Any StandardCheckpoint as numpy arrays, whatever device topology wrote it."""
+  ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+  meta = ckptr.metadata(Path(path).absolute()).item_metadata
   abstract = jax.tree.map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(meta), is_leaf=lambda m: hasattr(m, "shape")
   )
-  return ckptr.restore(path / PARAMS, args=ocp.args.StandardRestore(abstract))
+  return ckptr.restore(Path(path).absolute(), args=ocp.args.StandardRestore(abstract))
 
 
 def _compare(path: Path, have: dict, want: dict) -> None:

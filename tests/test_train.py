@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import mnist_cnn
-from flaxtl import train
+from flaxtl import train, weights
 from flaxtl.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ def tiny_config(**overrides):
 
 
 def final_params(workdir: Path):
-  return ocp.StandardCheckpointer().restore((workdir / "params").absolute())
+  return weights.restore_to_host(workdir / "params")
 
 
 def metrics_lines(workdir: Path, split="train"):

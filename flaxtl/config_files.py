@@ -1,0 +1,56 @@
+"""Loads `path/to/config.py[:variant]` files outside absl flags (study, predict)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import ml_collections
+
+from flaxtl.errors import UserError
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  path, _, variant = spec.partition(":")
+  file = Path(path)
+  if not file.is_file():
+    raise UserError(f"{path}: no such config file")
+  root = str(file.resolve().parents[1])
+  if root not in sys.path:  # Config files import `configs.base` like launch.py does.
+    sys.path.insert(0, root)
+  module_spec = importlib.util.spec_from_file_location(f"_flaxtl_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+    config = module.get_config(variant) if variant else module.get_config()
+  except (ValueError, TypeError) as e:
+    raise UserError(f"{spec}: {e}") from None
+  return config
+
+
+def override(config: ml_collections.ConfigDict, assignment: str) -> None:
+  """Applies 'a.b=value' (value parsed as a Python literal when it is one)."""
+  import ast
+
+  key, sep, raw = assignment.partition("=")
+  if not sep:
+    raise UserError(f"override {assignment!r} is not KEY=VALUE")
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw
+  node = config
+  *parents, leaf = key.split(".")
+  try:
+    for p in parents:
+      node = node[p]
+    current = node[leaf]
+  except KeyError:
+    raise UserError(f"override {assignment!r}: unknown config key {key!r}") from None
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  try:
+    node[leaf] = value
+  except TypeError as e:
+    raise UserError(f"override {assignment!r}: {e}") from None
