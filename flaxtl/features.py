@@ -9,6 +9,7 @@ change of those inputs changes the fingerprint and recomputes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -69,3 +70,14 @@ def extract(params, images: np.ndarray, *, arch: str, layer: str, image_size: in
     os.replace(tmp, path)
     return np.load(path, mmap_mode="r")
   return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FeatureSet:
+  """A dataset of features instead of images: what the data pipeline needs of one."""
+
+  images: np.ndarray  # (N, ...) float32 features, memory-mapped from the cache.
+  labels: Optional[np.ndarray]
+
+  def __len__(self) -> int:
+    return len(self.images)

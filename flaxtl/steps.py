@@ -44,8 +44,7 @@ def make_train_step(
     trainable_mask,
     schedule: Callable,
     *,
-    image_size: int,
-    preprocess: str,
+    prepare: Callable[[jax.Array], jax.Array],
     nan_policy: str = "stop",
     log_grad_norm: bool = True,
     augment: Callable | None = None,
@@ -55,7 +54,7 @@ def make_train_step(
   def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     aug_rng, dropout_rng = jax.random.split(rng)
-    x = prepare_images(batch["image"], image_size, preprocess)
+    x = prepare(batch["image"])
     if augment is not None:
       x = augment(aug_rng, x)
     labels = batch["label"]
@@ -92,11 +91,16 @@ def make_train_step(
   return step_fn
 
 
-def make_eval_step(model: nn.Module, num_classes: int, *, image_size: int, preprocess: str) -> Callable:
+def image_prep(image_size: int, preprocess: str) -> Callable[[jax.Array], jax.Array]:
+  """uint8 batch -> model input, on device: resize, grayscale tiling, preprocess_input."""
+  return lambda images: prepare_images(images, image_size, preprocess)
+
+
+def make_eval_step(model: nn.Module, num_classes: int, *, prepare: Callable) -> Callable:
   """Sums over the (padded, masked) batch; the host adds them up across batches."""
 
   def eval_fn(params, batch: dict) -> dict:
-    x = prepare_images(batch["image"], image_size, preprocess)
+    x = prepare(batch["image"])
     logits = model.apply({"params": params}, x, train=False)
     labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32) * mask
@@ -113,9 +117,9 @@ def make_eval_step(model: nn.Module, num_classes: int, *, image_size: int, prepr
   return eval_fn
 
 
-def make_predict_fn(model: nn.Module, *, image_size: int, preprocess: str) -> Callable:
+def make_predict_fn(model: nn.Module, *, prepare: Callable) -> Callable:
   def predict(params, images):
-    x = prepare_images(images, image_size, preprocess)
+    x = prepare(images)
     return jax.nn.softmax(model.apply({"params": params}, x, train=False))
 
   return predict

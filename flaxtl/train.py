@@ -25,13 +25,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from flaxtl import data as data_lib
-from flaxtl import distributed, freeze, optim, pretrained, steps
+from flaxtl import distributed, features, freeze, optim, pretrained, steps
 from flaxtl.errors import UserError
 from flaxtl.merge import merge_pretrained
 from flaxtl.metric_writer import MetricWriter
 from flaxtl.models import vgg
 from flaxtl.models.baselines import PixelMLP, SmallCNN
-from flaxtl.models.heads import ACTIVATIONS, INITS, TransferModel
+from flaxtl.models.heads import ACTIVATIONS, INITS, HeadOnly, MLPHead, TransferModel
 from flaxtl.summary import counts, param_table
 from flaxtl.weights import replace_dir
 
@@ -104,6 +104,32 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modul
       pooling=m.pooling, hidden=tuple(m.hidden), activations=tuple(m.activations),
       dropout=tuple(m.dropout), head_init=m.head_init, dtype=dtype,
   )
+
+
+def _check_feature_mode(config) -> None:
+  m = config.model
+  if m.name != "vgg" or m.head == "keras_top":
+    raise UserError("model.cache_features needs model.name='vgg' with model.head 'mlp' or 'linear'")
+  if config.freeze.first_layers or config.freeze.phases:
+    raise UserError("model.cache_features trains the head alone (the backbone is frozen by construction): "
+                    "set freeze.first_layers=0 and freeze.phases=()")
+  if config.data.augment:
+    raise UserError("model.cache_features cannot augment: features are computed once per image")
+
+
+def _feature_splits(config, backbone: dict, splits):
+  m = config.model
+
+  def convert(ds, split: str):
+    if ds is None:
+      return None
+    feats = features.extract(backbone, ds.images, arch=m.arch, layer=m.feature_layer,
+                             image_size=config.image_size, preprocess=config.preprocess,
+                             cache_dir=Path(m.features_cache_dir), split=split)
+    return features.FeatureSet(feats, ds.labels)
+
+  return dataclasses.replace(splits, train=convert(splits.train, "train"), val=convert(splits.val, "val"),
+                             test=convert(splits.test, "test"))
 
 
 def _init_fn(model: nn.Module, config):
@@ -208,6 +234,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   model = build_model(config, num_classes)
   rng = jax.random.PRNGKey(config.seed)
   init_rng, train_rng = jax.random.split(rng)
+  cached = bool(config.model.cache_features)
+  if cached:
+    _check_feature_mode(config)
+  # Shape-first: every phase's freeze rules are checked on the abstract params before any work.
+  abstract_params = abstract_init(model, config, init_rng)
+  for k in [config.freeze.first_layers, *(k for _, k in config.freeze.phases)]:
+    freeze_plan(config, {"head": abstract_params["head"]} if cached else abstract_params, k)
+
+  params = init_params(model, config, init_rng, replicated)
+  params, provenance = load_pretrained(config, params)
+  params = jax.device_put(params, replicated)
+  prepare = steps.image_prep(config.image_size, config.preprocess)
+  backbone = None
+  if cached:  # From here on the model is the head and the data are backbone features.
+    backbone = jax.device_get(params["backbone"])
+    splits = _feature_splits(config, backbone, splits)
+    head = MLPHead(**model.head_kwargs(), parent=None)
+    model, params = HeadOnly(head, pooling=config.model.pooling), {"head": params["head"]}
+    prepare = lambda feats: feats.astype(jnp.float32)
+
   train_iter = data_lib.TrainIterator(
       splits.train, batch_size=config.batch_size, seed=config.seed, shuffle=True,
       process_index=jax.process_index(), process_count=jax.process_count(),
@@ -216,14 +262,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   total_steps = int(config.total_steps) or int(config.num_epochs) * steps_per_epoch
   eval_period = max(1, int(config.eval_every_epochs)) * steps_per_epoch
   all_phases = phases(config, steps_per_epoch)
-  # Shape-first: every phase's freeze rules are checked on the abstract params before any work.
-  abstract_params = abstract_init(model, config, init_rng)
-  for phase in all_phases:
-    freeze_plan(config, abstract_params, phase.first_layers)
-
-  params = init_params(model, config, init_rng, replicated)
-  params, provenance = load_pretrained(config, params)
-  params = jax.device_put(params, replicated)
 
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -233,10 +271,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                                            enable_async_checkpointing=False),
       item_names=("state", "data"),
   )
+
+  def compile_train_step(plan_):
+    tx_, schedule_ = optim.make_optimizer(config.optim, plan_, total_steps)
+    fn = steps.make_train_step(
+        model, tx_, plan_.trainable_mask(), schedule_, prepare=prepare, nan_policy=config.nan_policy,
+        log_grad_norm=config.log_grad_norm, augment=data_lib.augment if config.data.augment else None)
+    return tx_, jax.jit(fn, donate_argnums=0, out_shardings=(replicated, replicated))
+
   start_step = manager.latest_step() or 0
   phase_i = phase_index(all_phases, start_step)
   plan = freeze_plan(config, params, all_phases[phase_i].first_layers)
-  tx, schedule = optim.make_optimizer(config.optim, plan, total_steps)
+  tx, train_step = compile_train_step(plan)
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=jax.jit(tx.init, out_shardings=replicated)(params),
                            rng=jax.device_put(train_rng, replicated))
@@ -257,19 +303,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   _write_run_files(workdir, config, provenance, splits.class_names)
   writer.print(param_table(state.params, plan))
   param_counts = counts(state.params, plan)
+  if backbone is not None:
+    param_counts["frozen"] += sum(int(np.size(a)) for a in jax.tree.leaves(backbone))
+    writer.print(f"backbone: {param_counts['frozen']:,} params frozen (features cached in "
+                 f"{config.model.features_cache_dir})")
 
-  eval_fn = jax.jit(steps.make_eval_step(model, num_classes, image_size=config.image_size,
-                                         preprocess=config.preprocess))
-
-  def compile_train_step(plan_):
-    tx_, schedule_ = optim.make_optimizer(config.optim, plan_, total_steps)
-    fn = steps.make_train_step(
-        model, tx_, plan_.trainable_mask(), schedule_, image_size=config.image_size,
-        preprocess=config.preprocess, nan_policy=config.nan_policy, log_grad_norm=config.log_grad_norm,
-        augment=data_lib.augment if config.data.augment else None)
-    return tx_, jax.jit(fn, donate_argnums=0, out_shardings=(replicated, replicated))
-
-  tx, train_step = compile_train_step(plan)
+  eval_fn = jax.jit(steps.make_eval_step(model, num_classes, prepare=prepare))
 
   def save(step: int) -> None:
     manager.save(step, args=ocp.args.Composite(
@@ -358,7 +397,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
           break
       flush()
     if interrupted is None:
-      _save_params(workdir / "params", state.params)
+      final = {**state.params, "backbone": backbone} if backbone is not None else state.params
+      _save_params(workdir / "params", final)
   except BaseException:
     writer.close()
     raise
@@ -408,7 +448,8 @@ def _evaluate(eval_fn, params, ds, batch_size: int, sharding, num_classes: int) 
 
 def _save_params(path: Path, params) -> None:
   """The final params alone, as host arrays (restorable on any topology); replaced atomically."""
-  params = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), params)  # Replicated.
+  params = jax.tree.map(  # Replicated: any local shard is the whole array.
+      lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else np.asarray(a), params)
   tmp = path.with_name(f".{path.name}.tmp")
   if jax.process_index() == 0 and tmp.exists():
     shutil.rmtree(tmp)

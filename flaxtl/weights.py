@@ -49,7 +49,7 @@ def save(params: dict, out: str | Path, provenance: dict[str, Any], force: bool 
   try:
     params = jax.tree.map(np.asarray, params)
     ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
-    ckptr.save(tmp / PARAMS, args=ocp.args.StandardSave(params))
+    ckptr.save((tmp / PARAMS).absolute(), args=ocp.args.StandardSave(params))
     record = {
         "format_version": FORMAT_VERSION,
         "flaxtl_version": flaxtl.__version__,
@@ -116,7 +116,7 @@ def restore(path: str | Path) -> dict:
   num_classes)` expects before anything is read; any difference is an error
   that lists the offending parameters.
   """
-  path = Path(path)
+  path = Path(path).absolute()  # orbax wants absolute paths (relative ones yield no metadata).
   prov = read_provenance(path)
   want = expected_shapes(prov["arch"], prov["include_top"], prov.get("num_classes"))
   ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())

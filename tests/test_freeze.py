@@ -114,8 +114,8 @@ def _count_convs(first_layers: int, clip: float, size: int = 64) -> int:
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"]
   plan = freeze.plan(params, freeze.first_layers_rules(first_layers, params, arch="vgg16", include_top=False))
   tx, schedule = optim.make_optimizer(_optim_cfg(clip_norm=clip), plan, 10)
-  step = steps.make_train_step(model, tx, plan.trainable_mask(), schedule, image_size=size,
-                               preprocess="caffe", log_grad_norm=True)
+  step = steps.make_train_step(model, tx, plan.trainable_mask(), schedule,
+                               prepare=steps.image_prep(size, "caffe"), log_grad_norm=True)
   state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(1))
   batch = {"image": jnp.zeros((2, 28, 28, 1), jnp.uint8), "label": jnp.zeros((2,), jnp.int32)}
   hlo = jax.jit(step).lower(state, batch).compile().as_text()

@@ -82,9 +82,13 @@ class TransferModel(nn.Module):
     return self.make_head(name="head")(pool_features(feats, self.pooling), train)
 
   def make_head(self, name: Optional[str] = None) -> MLPHead:
-    hidden = tuple(self.hidden) if self.head == "mlp" else ()
-    return MLPHead(hidden, tuple(self.activations), tuple(self.dropout), self.num_classes,
-                   self.head_init, self.dtype, name=name)
+    return MLPHead(**self.head_kwargs(), name=name)
+
+  def head_kwargs(self) -> dict:
+    """The head's fields; `MLPHead(**kwargs, parent=None)` builds it outside this model."""
+    return dict(hidden=tuple(self.hidden) if self.head == "mlp" else (), activations=tuple(self.activations),
+                dropout=tuple(self.dropout), num_classes=self.num_classes, kernel_init=self.head_init,
+                dtype=self.dtype)
 
 
 def pool_features(feats: jax.Array, pooling: Optional[str]) -> jax.Array:
@@ -95,3 +99,13 @@ def pool_features(feats: jax.Array, pooling: Optional[str]) -> jax.Array:
   if pooling == "max":
     return feats.max(axis=(1, 2))
   return feats.reshape(feats.shape[0], -1)
+
+
+class HeadOnly(nn.Module):
+  """The head of a TransferModel on precomputed features; params under `head/` as in the full model."""
+
+  head: MLPHead
+  pooling: Optional[str] = None
+
+  def __call__(self, feats: jax.Array, train: bool = False) -> jax.Array:
+    return self.head(pool_features(feats, self.pooling), train)

@@ -1,0 +1,35 @@
+"""Scenario 4 of the tutorial: fine-tune everything from the pretrained init.
+
+    python launch.py --config configs/mnist_finetune.py       # ImageNet VGG16 + Keras top, 224x224
+    python launch.py --config configs/mnist_finetune.py:hed   # offline: HED backbone, 64x64, dense head
+
+Nothing is frozen; a smaller learning rate than the head's keeps the
+pretrained features from being wiped out in the first steps.
+"""
+
+from configs import base
+
+
+def get_config(arg: str = ""):
+  c = base.get_base()
+  c.model.weights = "imagenet"
+  c.model.head = "keras_top"
+  c.image_size = 224
+  c.freeze.first_layers = 0  # Everything trains.
+  c.freeze.lr_mults = ((r"backbone/block.*", 0.1),)  # Convs at a tenth of the head's rate.
+  c.optim.name = "adam"
+  c.optim.lr = 1e-4
+  c.optim.schedule = "constant"
+  c.batch_size = 16
+  c.num_epochs = 5
+  if arg == "hed":
+    c.model.weights = "hed"
+    c.model.head = "mlp"
+    c.model.hidden = (256,)
+    c.model.activations = ("relu",)
+    c.model.dropout = (0.0,)
+    c.image_size = 64
+    c.num_epochs = 1
+  elif arg:
+    raise ValueError(f"unknown variant {arg!r}; expected '' or 'hed'")
+  return c

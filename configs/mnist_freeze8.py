@@ -1,0 +1,50 @@
+"""Scenario 2 of the tutorial: freeze the first 8 Keras layers, fine-tune the rest.
+
+    python launch.py --config configs/mnist_freeze8.py            # the tutorial's exact recipe
+    python launch.py --config configs/mnist_freeze8.py:hed_quick  # offline main job, a few minutes on CPU
+
+The plain config is the tutorial's recipe: VGG16 with its top and ImageNet
+weights, a new 10-way `predictions`, `model.layers[:8]` frozen (block1_conv1 ...
+block3_conv1), SGD lr 1e-3 decay 1e-6 momentum 0.9 nesterov, batch 16, 10
+epochs, 224x224, validation split 0.2 (seed 42). Where the ImageNet files
+cannot be downloaded it stops with one line saying how to get them.
+"""
+
+from configs import base
+
+
+def get_config(arg: str = ""):
+  c = base.get_base()
+  c.model.head = "keras_top"  # fc1, fc2 pretrained; predictions new (10-way).
+  c.model.weights = "imagenet"  # The tutorial's VGG16(weights='imagenet').
+  c.image_size = 224  # Keras' top needs 224x224.
+  c.freeze.first_layers = 8  # model.layers[:8]: the first five convs.
+  c.optim.name = "sgd"  # SGD(lr=1e-3, decay=1e-6, momentum=0.9, nesterov=True).
+  c.optim.lr = 1e-3
+  c.optim.decay = 1e-6
+  c.optim.schedule = "keras_decay"
+  c.optim.momentum = 0.9
+  c.optim.nesterov = True
+  c.batch_size = 16  # The tutorial's batch size.
+  c.num_epochs = 10  # The tutorial's epochs.
+  c.data.val_fraction = 0.2  # train_test_split(test_size=0.2, random_state=42).
+  c.data.split_seed = 42
+  if arg == "hed_quick":
+    _hed_quick(c)
+  elif arg:
+    raise ValueError(f"unknown variant {arg!r}; expected '' or 'hed_quick'")
+  return c
+
+
+def _hed_quick(c) -> None:
+  """Offline: the HED VGG16 backbone, a fresh dense head, small images, Adam."""
+  c.model.weights = "hed"  # Real pretrained VGG16 convs that install offline (see weights/README.md).
+  c.model.head = "mlp"  # HED has no fc1/fc2: a fresh dense head instead of the Keras top.
+  c.model.hidden = (256,)
+  c.model.activations = ("relu",)
+  c.model.dropout = (0.0,)
+  c.image_size = 64
+  c.optim.name = "adam"  # SGD 1e-3 stays at chance for the first epoch at this size.
+  c.optim.lr = 1e-4
+  c.optim.schedule = "constant"
+  c.num_epochs = 1

@@ -1,0 +1,32 @@
+"""Scenario 3 of the tutorial: the same architecture trained from scratch.
+
+    python launch.py --config configs/mnist_scratch.py          # VGG16 + Keras top, 224x224, random init
+    python launch.py --config configs/mnist_scratch.py:quick    # 64x64 with a small dense head, a few minutes
+
+Random (Glorot, like Keras) init everywhere, nothing frozen: what the pretrained
+strategies are measured against.
+"""
+
+from configs import base
+
+
+def get_config(arg: str = ""):
+  c = base.get_base()
+  c.model.weights = "none"  # Scratch.
+  c.model.head = "keras_top"
+  c.image_size = 224
+  c.optim.name = "adam"  # SGD on a deep plain net from scratch barely moves in a few epochs.
+  c.optim.lr = 1e-4
+  c.optim.schedule = "constant"
+  c.batch_size = 16
+  c.num_epochs = 10
+  if arg == "quick":
+    c.model.head = "mlp"
+    c.model.hidden = (256,)
+    c.model.activations = ("relu",)
+    c.model.dropout = (0.0,)
+    c.image_size = 64
+    c.num_epochs = 1
+  elif arg:
+    raise ValueError(f"unknown variant {arg!r}; expected '' or 'quick'")
+  return c
