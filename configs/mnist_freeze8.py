@@ -1,7 +1,7 @@
 """Scenario 2 of the tutorial: freeze the first 8 Keras layers, fine-tune the rest.
 
     python launch.py --config configs/mnist_freeze8.py            # the tutorial's exact recipe
-    python launch.py --config configs/mnist_freeze8.py:hed_quick  # offline main job, a few minutes on CPU
+    python launch.py --config configs/mnist_freeze8.py:hed_quick  # the offline main job: ~4-6 min on 2 CPU cores
 
 The plain config is the tutorial's recipe: VGG16 with its top and ImageNet
 weights, a new 10-way `predictions`, `model.layers[:8]` frozen (block1_conv1 ...
@@ -37,14 +37,22 @@ def get_config(arg: str = ""):
 
 
 def _hed_quick(c) -> None:
-  """Offline: the HED VGG16 backbone, a fresh dense head, small images, Adam."""
+  """Offline: the HED VGG16 backbone, a fresh dense head, 64x64, Adam + cosine.
+
+  Measured on the embedded sample (3,200 train / 800 val / 1,000 test), 2 CPU
+  cores: val 97.6%, test 97.8% after 3 epochs in 5.6 min (the machine was
+  shared at the time); 1 epoch at constant Adam 1e-4 gave 84.8%, 2 epochs of
+  this recipe 96.6% (README, "Main job").
+  """
   c.model.weights = "hed"  # Real pretrained VGG16 convs that install offline (see weights/README.md).
   c.model.head = "mlp"  # HED has no fc1/fc2: a fresh dense head instead of the Keras top.
   c.model.hidden = (256,)
   c.model.activations = ("relu",)
   c.model.dropout = (0.0,)
-  c.image_size = 64
-  c.optim.name = "adam"  # SGD 1e-3 stays at chance for the first epoch at this size.
+  c.image_size = 64  # 2x2x512 block5_pool features; ~12x cheaper than 224x224.
+  c.optim.name = "adam"  # SGD 1e-3 nesterov stays at chance for the first epoch at this size.
   c.optim.lr = 1e-4
-  c.optim.schedule = "constant"
-  c.num_epochs = 1
+  c.optim.schedule = "cosine"
+  c.optim.warmup_steps = 50
+  c.freeze.lr_mults = ((r"head/.*", 10.0),)  # The fresh head learns at 1e-3, the pretrained convs at 1e-4.
+  c.num_epochs = 3
