@@ -29,7 +29,9 @@ def main(argv):
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(f"workdir: {workdir} (summary.json, metrics.jsonl, checkpoints/, params/, tensorboard/)")
+  print(f"report: {workdir}/summary.json (per-step metrics: {workdir}/metrics.jsonl, "
+        f"TensorBoard: {workdir}/tensorboard)")
+  print(f"checkpoint: {workdir}/checkpoints (resume: rerun the same command); final params: {workdir}/params")
 
 
 def _config_name() -> str:

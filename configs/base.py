@@ -83,3 +83,15 @@ def get_base() -> ml_collections.ConfigDict:
   c.distributed.process_id = 0  # This process's index.
   c.distributed.cpu_collectives = "gloo"  # CPU cross-process collectives implementation.
   return c
+
+
+def offline_small(c: ml_collections.ConfigDict) -> None:
+  """The CPU-sized variant the offline recipes share: a 256-unit dense head at 64x64.
+
+  HED weights have no fc1/fc2, and 224x224 costs ~12x more compute than 64x64.
+  """
+  c.model.head = "mlp"  # A fresh dense head instead of the Keras top.
+  c.model.hidden = (256,)
+  c.model.activations = ("relu",)
+  c.model.dropout = (0.0,)
+  c.image_size = 64  # 2x2x512 block5_pool features.

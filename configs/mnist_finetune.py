@@ -24,11 +24,7 @@ def get_config(arg: str = ""):
   c.num_epochs = 5
   if arg == "hed":
     c.model.weights = "hed"
-    c.model.head = "mlp"
-    c.model.hidden = (256,)
-    c.model.activations = ("relu",)
-    c.model.dropout = (0.0,)
-    c.image_size = 64
+    base.offline_small(c)
     c.num_epochs = 1
   elif arg:
     raise ValueError(f"unknown variant {arg!r}; expected '' or 'hed'")

@@ -45,11 +45,7 @@ def _hed_quick(c) -> None:
   this recipe 96.6% (README, "Main job").
   """
   c.model.weights = "hed"  # Real pretrained VGG16 convs that install offline (see weights/README.md).
-  c.model.head = "mlp"  # HED has no fc1/fc2: a fresh dense head instead of the Keras top.
-  c.model.hidden = (256,)
-  c.model.activations = ("relu",)
-  c.model.dropout = (0.0,)
-  c.image_size = 64  # 2x2x512 block5_pool features; ~12x cheaper than 224x224.
+  base.offline_small(c)
   c.optim.name = "adam"  # SGD 1e-3 nesterov stays at chance for the first epoch at this size.
   c.optim.lr = 1e-4
   c.optim.schedule = "cosine"

@@ -21,11 +21,7 @@ def get_config(arg: str = ""):
   c.batch_size = 16
   c.num_epochs = 10
   if arg == "quick":
-    c.model.head = "mlp"
-    c.model.hidden = (256,)
-    c.model.activations = ("relu",)
-    c.model.dropout = (0.0,)
-    c.image_size = 64
+    base.offline_small(c)
     c.num_epochs = 1
   elif arg:
     raise ValueError(f"unknown variant {arg!r}; expected '' or 'quick'")
