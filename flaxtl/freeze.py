@@ -83,7 +83,7 @@ class Plan:
 
 
 def plan(params, rules: Sequence[tuple[str, str]] = (),
-         lr_mults: Sequence[tuple[str, float]] = ()) -> Plan:
+         lr_mults: Sequence[tuple[str, float]] = (), log_matches: bool = True) -> Plan:
   """Applies freeze rules and lr multipliers to every parameter of `params`."""
   paths = param_paths(params)
   rules = [(_compile(r, "freeze rule"), label) for r, label in rules]
@@ -115,7 +115,7 @@ def plan(params, rules: Sequence[tuple[str, str]] = (),
     raise UserError(
         f"freeze rule(s) {unused} match no parameter (paths look like {example!r}; rules use re.fullmatch)"
     )
-  for pattern, hits in used.items():
+  for pattern, hits in used.items() if log_matches else ():
     log.info("rule %r matched %d params: %s", pattern, len(hits), _summarise(hits))
 
   def label(path) -> str:

@@ -157,14 +157,14 @@ def load_pretrained(config, params: dict) -> tuple[dict, Optional[dict]]:
   return merged, {**provenance, "merge": {k: len(v) for k, v in report.items()}, "skipped": report["skipped"]}
 
 
-def freeze_plan(config, params: dict, first_layers: int) -> freeze.Plan:
+def freeze_plan(config, params: dict, first_layers: int, log_matches: bool = True) -> freeze.Plan:
   m = config.model
   is_vgg = m.name == "vgg"
   rules = freeze.first_layers_rules(
       first_layers, params, arch=m.arch if is_vgg else None, include_top=is_vgg and m.head == "keras_top"
   )
   rules += [tuple(r) for r in config.freeze.rules]
-  return freeze.plan(params, rules, [tuple(r) for r in config.freeze.lr_mults])
+  return freeze.plan(params, rules, [tuple(r) for r in config.freeze.lr_mults], log_matches)
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   # Shape-first: every phase's freeze rules are checked on the abstract params before any work.
   abstract_params = abstract_init(model, config, init_rng)
   for k in [config.freeze.first_layers, *(k for _, k in config.freeze.phases)]:
-    freeze_plan(config, {"head": abstract_params["head"]} if cached else abstract_params, k)
+    freeze_plan(config, {"head": abstract_params["head"]} if cached else abstract_params, k, log_matches=False)
 
   params = init_params(model, config, init_rng, replicated)
   params, provenance = load_pretrained(config, params)
