@@ -8,7 +8,7 @@ the logged gradient norm only read trainable gradients for the same reason.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -61,16 +61,12 @@ def _decay_mask(regex: Optional[str]):
   )
 
 
-class MaskedClipState(NamedTuple):
-  pass
-
-
 def clip_by_global_norm_masked(max_norm: float, mask) -> optax.GradientTransformation:
   """`clip_by_global_norm` whose norm only reads the leaves where `mask` is True."""
 
   def init(params):
     del params
-    return MaskedClipState()
+    return optax.EmptyState()
 
   def update(updates, state, params=None):
     del params

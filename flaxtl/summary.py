@@ -11,10 +11,9 @@ def param_table(params, freeze_plan: Plan) -> str:
   import jax
 
   shapes = {p: np.shape(v) for p, v in zip(param_paths(params), jax.tree.leaves(params))}
-  rows, totals = [], {"trainable": 0, "frozen": 0}
+  rows, totals = [], counts(params, freeze_plan)
   for path, state, mult in freeze_plan.rows:
     n = int(np.prod(shapes[path]))
-    totals[state] += n
     rows.append((path, "x".join(map(str, shapes[path])) or "scalar", f"{n:,}", state,
                  "-" if state == "frozen" else f"{mult:g}"))
   header = ("parameter", "shape", "params", "state", "lr mult")
