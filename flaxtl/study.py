@@ -3,7 +3,7 @@
     python -m flaxtl.study --workdir workdirs/study \\
         --configs configs/mnist_mlp.py configs/mnist_cnn.py configs/mnist_features.py:hed \\
                   configs/mnist_freeze8.py:hed_quick configs/mnist_scratch.py:quick configs/mnist_finetune.py:hed \\
-        [--set num_epochs=1 ...]
+        --set data.val_fraction=0.2 [...]
 
 Runs every strategy on the same data split (the configs share data.source,
 split_seed and val_fraction; --set applies to all of them) and writes
@@ -38,6 +38,7 @@ def run_study(specs: Sequence[str], workdir: Path, overrides: Sequence[str] = ()
     for o in overrides:
       config_files.override(config, o)
     configs.append((spec, config))
+  _check_same_split(configs)
   results = []
   for spec, config in configs:
     name = run_name(spec)
@@ -48,6 +49,20 @@ def run_study(specs: Sequence[str], workdir: Path, overrides: Sequence[str] = ()
   (workdir / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
   write_report(results, workdir)
   return results
+
+
+SPLIT_KEYS = ("source", "test_source", "val_fraction", "split_seed", "stratify", "max_examples")
+
+
+def _check_same_split(configs) -> None:
+  """A comparison is only fair on one split: the configs must agree on how data is split."""
+  first_spec, first = configs[0]
+  for spec, config in configs[1:]:
+    for key in SPLIT_KEYS:
+      a, b = first.data.get(key), config.data.get(key)
+      if a != b:
+        raise UserError(f"{spec} has data.{key}={b!r} but {first_spec} has {a!r}: strategies must share "
+                        f"one split; pass --set data.{key}={a!r}")
 
 
 def _fmt(v, pct=False):

@@ -189,3 +189,10 @@ def test_study_bad_override_stops_before_training(tmp_path, capsys):
     study.main(["--workdir", str(tmp_path), "--configs", "configs/mnist_mlp.py", "--set", "nope=1"])
   assert e.value.code == 2 and "unknown config key 'nope'" in capsys.readouterr().err
   assert not (tmp_path / "mnist_mlp").exists()
+
+
+def test_study_refuses_configs_on_different_splits(tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    study.main(["--workdir", str(tmp_path), "--configs", "configs/mnist_mlp.py", "configs/mnist_features.py:hed"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and "data.val_fraction=0.3" in err and "--set data.val_fraction=0.2" in err
