@@ -1,0 +1,240 @@
+"""VGG16 conv-stack forward (no top, feature extraction): flaxtl vs PyTorch vs Keras 3, fp32 and bf16.
+
+    python benchmarks/forward.py                    # ~4 minutes on 2 CPU cores
+    python benchmarks/forward.py --cases 64x32 --dtypes fp32 --frameworks flaxtl,torch
+
+Same input for everyone: a resident float32 NHWC batch of values in 0..255 (already preprocessed, so only
+the network is timed), random weights (glorot for flaxtl/Keras, PyTorch's default; speed does not depend
+on the values). Each framework runs in its own process (see common.run_worker); each case gets one
+warm-up call (compilation) and then the median of up to 5 calls within a ~4 s budget.
+
+- flaxtl: `VGG16(include_top=False, dtype=...)` under `jax.jit`, params float32 (bf16 casts them inside).
+- *_tuned: the same, in a process that first calls `common.tune_malloc()` (glibc keeps freed memory
+  instead of unmapping it, so big activations are not page-faulted in again every call); flaxtl_tuned
+  also compiles with `TUNED_OPTIONS` (per-executable XLA options; currently none).
+- torch: the same 13-conv stack written in plain torch.nn, channels_last, `torch.inference_mode`; bf16
+  via `torch.autocast('cpu', dtype=torch.bfloat16)`.
+- keras: `keras.applications.VGG16(weights=None, include_top=False)` on the JAX backend,
+  `predict_on_batch`; bf16 via the 'mixed_bfloat16' dtype policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+FRAMEWORKS = ("flaxtl", "flaxtl_tuned", "torch", "torch_tuned", "keras", "keras_tuned")
+# Not run by default: flaxtl with --options but without tune_malloc (isolates the XLA options).
+EXTRA_FRAMEWORKS = ("flaxtl_xla",)
+CASES = ("224x8", "64x32", "32x64")  # "{size}x{batch}"
+DTYPES = ("fp32", "bf16")
+BLOCKS, WIDTHS = (2, 2, 3, 3, 3), (64, 128, 256, 512, 512)
+
+# Extra XLA:CPU options for the flaxtl_tuned rows (on top of common.tune_malloc, which is what "tuned"
+# means for every framework). Empty: emptying the YNNPACK fusion list
+# ({"xla_cpu_experimental_ynn_fusion_type": ""}, XLA's Eigen convolutions instead) wins 10-20% on the
+# fp32 forward without tune_malloc but is a wash with it, and with it costs 12% on the freeze-8 step
+# while gaining 10% on the full step (PERF.md, "What was tried"). Pass --options to try others.
+TUNED_OPTIONS: dict = {}
+
+
+def parse_case(case: str) -> tuple[int, int]:
+  size, batch = case.split("x")
+  return int(size), int(batch)
+
+
+def _images(size: int, batch: int):
+  import numpy as np
+
+  return np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+
+
+# --- workers: one framework per process -----------------------------------------------------------
+
+
+def flaxtl_cases(cases, dtypes, budget: float, options: dict) -> None:
+  import jax
+  import jax.numpy as jnp
+
+  from flaxtl.models import vgg
+
+  for case in cases:
+    size, batch = parse_case(case)
+    params = vgg.init_params(vgg.VGG16(include_top=False), size)
+    x = jnp.asarray(_images(size, batch))
+    for dt in dtypes:
+      model = vgg.VGG16(include_top=False, dtype=jnp.bfloat16 if dt == "bf16" else jnp.float32)
+      t0 = time.perf_counter()
+      fn = jax.jit(lambda p, x, model=model: model.apply({"params": p}, x)).lower(params, x).compile(options or None)
+      compile_s = time.perf_counter() - t0
+      res = common.time_fn(lambda: fn(params, x).block_until_ready(), budget_s=budget)
+      common.emit({"case": case, "dtype": dt, "img_s": batch / res["median_s"], "compile_s": compile_s,
+                   "im2col_max_pixels": vgg._IM2COL_MAX_PIXELS, **res})
+
+
+def torch_vgg16_features(torch):
+  layers, cin = [], 3
+  for n, width in zip(BLOCKS, WIDTHS):
+    for _ in range(n):
+      layers += [torch.nn.Conv2d(cin, width, 3, padding=1), torch.nn.ReLU(inplace=True)]
+      cin = width
+    layers.append(torch.nn.MaxPool2d(2))
+  return torch.nn.Sequential(*layers)
+
+
+def torch_cases(cases, dtypes, budget: float) -> None:
+  import torch
+
+  model = torch_vgg16_features(torch).eval().to(memory_format=torch.channels_last)
+  for case in cases:
+    size, batch = parse_case(case)
+    x = torch.from_numpy(_images(size, batch)).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    for dt in dtypes:
+      def run(dt=dt, x=x):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dt == "bf16"):
+          return model(x)
+      res = common.time_fn(run, warmup=2, budget_s=budget)  # 2: oneDNN picks kernels on the first call.
+      common.emit({"case": case, "dtype": dt, "img_s": batch / res["median_s"], "threads": torch.get_num_threads(),
+                   **res})
+
+
+def keras_cases(cases, dtypes, budget: float) -> None:
+  os.environ.setdefault("KERAS_BACKEND", "jax")
+  import keras
+
+  for dt in dtypes:
+    keras.config.set_dtype_policy("mixed_bfloat16" if dt == "bf16" else "float32")
+    for case in cases:
+      size, batch = parse_case(case)
+      model = keras.applications.VGG16(weights=None, include_top=False, input_shape=(size, size, 3))
+      x = _images(size, batch)
+      t0 = time.perf_counter()
+      model.predict_on_batch(x)  # Traces and compiles the predict step.
+      compile_s = time.perf_counter() - t0
+      res = common.time_fn(lambda: model.predict_on_batch(x), warmup=1, budget_s=budget)
+      common.emit({"case": case, "dtype": dt, "img_s": batch / res["median_s"], "first_call_s": compile_s, **res})
+      keras.backend.clear_session()
+
+
+def worker(name: str, cases, dtypes, budget: float, options: dict) -> None:
+  base, tuned = name.removesuffix("_tuned"), name.endswith("_tuned")
+  if tuned:
+    common.tune_malloc()  # Before the framework's first allocation.
+  if base == "flaxtl":
+    flaxtl_cases(cases, dtypes, budget, options if tuned else {})
+  elif base == "flaxtl_xla":
+    flaxtl_cases(cases, dtypes, budget, options)
+  elif base == "torch":
+    torch_cases(cases, dtypes, budget)
+  elif base == "keras":
+    keras_cases(cases, dtypes, budget)
+  else:
+    raise SystemExit(f"unknown framework {name!r}")
+  common.emit({"peak_rss_mb": common.peak_rss_mb()})
+
+
+# --- driver ---------------------------------------------------------------------------------------
+
+
+def summarise(results: dict) -> tuple[str, dict]:
+  """Markdown tables and the derived ratios."""
+  def ips(fw, case, dt):
+    r = results.get(fw, {}).get(f"{case}/{dt}")
+    return r["img_s"] if r else None
+
+  def mark(fw, case, dt):
+    r = results.get(fw, {}).get(f"{case}/{dt}")
+    return "*" if r and r.get("contended") else ""
+
+  cases = sorted({k.split("/")[0] for fw in results.values() for k in fw if "/" in k},
+                 key=lambda c: -parse_case(c)[0])
+  fws = [f for f in FRAMEWORKS + EXTRA_FRAMEWORKS if f in results]
+  header = ["input, batch", "dtype", *[f"{f} img/s" for f in fws]]
+  pairs = common.present_pairs(fws)
+  header += [f"{a}/{b}" for a, b in pairs]
+  rows, derived = [], {}
+  for case in cases:
+    for dt in DTYPES:
+      if not any(ips(f, case, dt) for f in fws):
+        continue
+      row = [case.replace("x", "x" + case.split("x")[0] + ", batch ", 1), dt]
+      row += [common.fmt(ips(f, case, dt)) + mark(f, case, dt) for f in fws]
+      for a, b in pairs:
+        r = common.ratio(ips(a, case, dt), ips(b, case, dt))
+        derived[f"{a}/{b}@{case}/{dt}"] = r
+        row.append(common.fmt_ratio(r))
+      rows.append(row)
+  out = [common.markdown_table(header, rows)]
+
+  # bf16 speed-up per framework, and the 32x32 vs 64x64 ratio.
+  rows2 = []
+  for f in fws:
+    for case in cases:
+      r = common.ratio(ips(f, case, "bf16"), ips(f, case, "fp32"))
+      if r is not None:
+        derived[f"bf16_speedup/{f}@{case}"] = r
+        rows2.append([f, case, common.fmt_ratio(r)])
+  if rows2:
+    out.append("bf16 / fp32 images/s:\n\n" + common.markdown_table(["framework", "case", "bf16 / fp32"], rows2))
+  rows3 = []
+  for f in fws:
+    for dt in DTYPES:
+      r = common.ratio(ips(f, "32x64", dt), ips(f, "64x32", dt))
+      if r is not None:
+        derived[f"32_over_64/{f}/{dt}"] = r
+        rows3.append([f, dt, common.fmt_ratio(r)])
+  if rows3:
+    out.append("images/s at 32x32 (batch 64) / images/s at 64x64 (batch 32):\n\n"
+               + common.markdown_table(["framework", "dtype", "32x32 / 64x64"], rows3))
+  out.append("`*`: other processes used > 15% of the machine during that measurement (retried, least contended kept).")
+  return "\n\n".join(out), derived
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--frameworks", default=",".join(FRAMEWORKS))
+  ap.add_argument("--cases", default=",".join(CASES))
+  ap.add_argument("--dtypes", default=",".join(DTYPES))
+  ap.add_argument("--budget", type=float, default=4.0, help="seconds of timed calls per measurement")
+  ap.add_argument("--options", default=json.dumps(TUNED_OPTIONS), help="XLA options (JSON) for flaxtl_tuned")
+  ap.add_argument("--im2col-max-pixels", type=int, default=None,
+                  help="experiment: override flaxtl.models.vgg._IM2COL_MAX_PIXELS in the flaxtl workers")
+  ap.add_argument("--out", default="forward.json")
+  ap.add_argument("--worker", help=argparse.SUPPRESS)
+  args = ap.parse_args()
+  cases, dtypes = args.cases.split(","), args.dtypes.split(",")
+  if args.worker:
+    if args.im2col_max_pixels is not None:
+      from flaxtl.models import vgg
+
+      vgg._IM2COL_MAX_PIXELS = args.im2col_max_pixels
+    worker(args.worker, cases, dtypes, args.budget, json.loads(args.options))
+    return
+  extra = [] if args.im2col_max_pixels is None else ["--im2col-max-pixels", str(args.im2col_max_pixels)]
+
+  results: dict[str, dict] = {}
+  for fw in args.frameworks.split(","):
+    common.wait_for_quiet()
+    print(f"[forward] {fw} ...", file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    recs = common.run_worker(Path(__file__), ["--worker", fw, "--cases", args.cases, "--dtypes", args.dtypes,
+                                              "--budget", str(args.budget), "--options", args.options, *extra])
+    results[fw] = {f"{r['case']}/{r['dtype']}": r for r in recs if "case" in r}
+    results[fw]["_meta"] = {"wall_s": time.perf_counter() - t,
+                            **{k: v for r in recs if "case" not in r for k, v in r.items()}}
+  table, derived = summarise(results)
+  path = common.write_json(args.out, {"env": common.env_info(), "tuned_options": json.loads(args.options),
+                                      "results": results, "derived": derived, "table": table})
+  print(table)
+  print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+  main()
