@@ -69,27 +69,10 @@ class CpuProbe:
 
 
 def tune_malloc() -> bool:
-  """glibc malloc: keep freed memory for reuse instead of handing it back to the kernel.
+  """What `flaxtl.train` does first (config.tune_malloc): glibc keeps freed memory for reuse."""
+  from flaxtl.runtime import tune_malloc as tune
 
-  By default glibc serves every allocation over 32 MB with a fresh mmap and unmaps it on free, so each
-  step's large activations (VGG16 at 224x224 batch 8: 100 MB per block1 map) are page-faulted and
-  zeroed by the kernel again on every call: ~600 MB of minor faults and 0.3 s of system time per
-  forward with XLA's default pipeline. One arena, no mmap and no trimming make the second call reuse
-  the first call's pages (0 faults). Costs nothing but RSS that stays at its high-water mark.
-  Equivalent to MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 in the
-  environment. Call it before the framework allocates; returns False where it does not apply.
-  """
-  import ctypes
-  import ctypes.util
-
-  try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = libc.mallopt
-  except (OSError, AttributeError):  # Not glibc (macOS, musl): nothing to tune.
-    return False
-  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # From glibc's malloc.h.
-  return all(mallopt(opt, val) == 1 for opt, val in
-             ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)))
+  return tune()
 
 
 def peak_rss_mb() -> float:

@@ -38,16 +38,18 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from forward import TUNED_OPTIONS, torch_vgg16_features  # noqa: E402
+from forward import torch_vgg16_features  # noqa: E402
 
 FRAMEWORKS = ("flaxtl", "flaxtl_tuned", "torch", "torch_tuned", "keras", "keras_tuned")
 # Not run by default: flaxtl with --options but without tune_malloc (isolates the XLA options).
 EXTRA_FRAMEWORKS = ("flaxtl_xla",)
 CASES = ("freeze8", "full", "frozen_backbone", "head_cached")
-FIRST_LAYERS = {"freeze8": 8, "full": 0, "frozen_backbone": 19}  # 19 = every layer of VGG16 no-top.
+FIRST_LAYERS = {"freeze8": 8, "full": 0, "frozen_backbone": 19,  # 19 = every layer of VGG16 no-top.
+                "freeze4": 4}  # Not run by default: block1 frozen (used to choose the XLA:CPU options).
 SIZE, BATCH, CLASSES, HIDDEN = 64, 16, 10, 256
 LR, MOMENTUM, CLIP = 1e-3, 0.9, 1.0
 
@@ -84,7 +86,8 @@ def _optim_cfg():
   return cfg
 
 
-def flaxtl_case(case: str, budget: float, options: dict) -> dict:
+def flaxtl_case(case: str, budget: float, options: Optional[dict]) -> dict:
+  """options: XLA compile options; None = what flaxtl.train picks (config.xla_cpu_ynn='auto')."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -110,6 +113,12 @@ def flaxtl_case(case: str, budget: float, options: dict) -> dict:
   t0 = time.perf_counter()
   lowered = jax.jit(step, donate_argnums=0).lower(state, batch)
   t1 = time.perf_counter()
+  if options is None:
+    from flaxtl import runtime
+
+    options = runtime.train_compiler_options(
+        "auto", [p for p, state_, _ in plan.rows if state_ == freeze.TRAINABLE]) or {}
+  out["xla_options"] = options
   compiled = lowered.compile(options or None)
   t2 = time.perf_counter()
   hlo = compiled.as_text()
@@ -145,8 +154,8 @@ def _head_cached(model, params, budget: float, options: dict) -> dict:
   from flaxtl.models import heads
   from flaxtl.models.vgg import VGG
 
-  # What the cache holds: block5_pool features of every image, computed once (batch 64 as features.py).
-  extract_batch = 64
+  # What the cache holds: block5_pool features of every image, computed once (batch 32 as features.py).
+  extract_batch = 32
   backbone = VGG(arch="vgg16", include_top=False, output_layer="block5_pool")
   fwd = jax.jit(lambda p, x: backbone.apply({"params": p}, x)).lower(
       params["backbone"], jnp.zeros((extract_batch, SIZE, SIZE, 3))).compile(options or None)
@@ -244,7 +253,7 @@ def keras_case(case: str, budget: float) -> dict:
   return {"img_s": BATCH / res["median_s"], "first_step_s": first, **res}
 
 
-def worker(fw: str, case: str, budget: float, options: dict) -> None:
+def worker(fw: str, case: str, budget: float, options: Optional[dict]) -> None:
   base, tuned = fw.removesuffix("_tuned"), fw.endswith("_tuned")
   if tuned:
     common.tune_malloc()  # Before the framework's first allocation.
@@ -349,27 +358,14 @@ def summarise(results: dict) -> tuple[str, dict]:
 EXPERIMENTS: dict = {}  # Recorded with each result so a what-if run is never mistaken for a plain one.
 
 
-def _experiments(im2col_max_pixels, reshape_pool: bool) -> None:
-  """What-if switches for the flaxtl workers (see PERF.md); off by default."""
-  EXPERIMENTS.update({k: v for k, v in (("im2col_max_pixels", im2col_max_pixels),
-                                        ("reshape_pool", reshape_pool)) if v})
-  if im2col_max_pixels is None and not reshape_pool:
+def _experiments(im2col_max_pixels) -> None:
+  """What-if switch for the flaxtl workers (see PERF.md); off by default."""
+  if im2col_max_pixels is None:
     return
   from flaxtl.models import vgg
 
-  if im2col_max_pixels is not None:
-    vgg._IM2COL_MAX_PIXELS = im2col_max_pixels
-  if reshape_pool:
-    import types
-
-    def max_pool_2x2(x, window_shape, strides=None, padding="VALID"):
-      assert tuple(window_shape) == (2, 2) and tuple(strides or window_shape) == (2, 2) and padding == "VALID"
-      n, h, w, c = x.shape
-      return x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-    # Only vgg's view of `nn` changes; flax itself and every other module keep the real max_pool.
-    names = {k: getattr(vgg.nn, k) for k in dir(vgg.nn) if not k.startswith("__")}
-    vgg.nn = types.SimpleNamespace(**{**names, "max_pool": max_pool_2x2})
+  EXPERIMENTS["im2col_max_pixels"] = im2col_max_pixels
+  vgg._IM2COL_MAX_PIXELS = im2col_max_pixels
 
 
 def main() -> None:
@@ -377,22 +373,19 @@ def main() -> None:
   ap.add_argument("--frameworks", default=",".join(FRAMEWORKS))
   ap.add_argument("--cases", default=",".join(CASES))
   ap.add_argument("--budget", type=float, default=4.0, help="seconds of timed steps per measurement")
-  ap.add_argument("--options", default=json.dumps(TUNED_OPTIONS), help="XLA options (JSON) for flaxtl_tuned")
+  ap.add_argument("--options", default="null",
+                  help="XLA options (JSON) for flaxtl_tuned; default: flaxtl.train's own per-phase choice")
   ap.add_argument("--im2col-max-pixels", type=int, default=None,
                   help="experiment: override flaxtl.models.vgg._IM2COL_MAX_PIXELS in the flaxtl workers")
-  ap.add_argument("--reshape-pool", action="store_true",
-                  help="experiment: VGG's 2x2 max pool as reshape+max (its gradient avoids XLA:CPU's slow "
-                       "select-and-scatter); patches flax's max_pool as seen by flaxtl.models.vgg")
   ap.add_argument("--out", default="train_step.json")
   ap.add_argument("--worker", help=argparse.SUPPRESS)
   ap.add_argument("--case", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.worker:
-    _experiments(args.im2col_max_pixels, args.reshape_pool)
+    _experiments(args.im2col_max_pixels)
     worker(args.worker, args.case, args.budget, json.loads(args.options))
     return
   extra = [] if args.im2col_max_pixels is None else ["--im2col-max-pixels", str(args.im2col_max_pixels)]
-  extra += ["--reshape-pool"] if args.reshape_pool else []
 
   results: dict[str, dict] = {}
   for fw in args.frameworks.split(","):

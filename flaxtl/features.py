@@ -39,8 +39,12 @@ def fingerprint(*, params, images: np.ndarray, arch: str, layer: str, image_size
 
 
 def extract(params, images: np.ndarray, *, arch: str, layer: str, image_size: int, preprocess: str,
-            cache_dir: Optional[Path], batch_size: int = 64, split: str = "data") -> np.ndarray:
-  """(N, ...) float32 features of `layer`, from the cache when possible."""
+            cache_dir: Optional[Path], batch_size: int = 32, split: str = "data") -> np.ndarray:
+  """(N, ...) float32 features of `layer`, from the cache when possible.
+
+  batch_size 32: on CPU at 64x64, batch 64's activations fall out of cache (93-130 img/s
+  against 156-177 at 16-32; benchmarks/PERF.md).
+  """
   key = fingerprint(params=params, images=images, arch=arch, layer=layer, image_size=image_size,
                     preprocess=preprocess)
   path = Path(cache_dir) / f"{split}-{layer}-{key}.npy" if cache_dir else None

@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from flaxtl import data as data_lib
-from flaxtl import distributed, features, freeze, optim, pretrained, steps
+from flaxtl import distributed, features, freeze, optim, pretrained, runtime, steps
 from flaxtl.errors import UserError
 from flaxtl.merge import merge_pretrained
 from flaxtl.metric_writer import MetricWriter
@@ -56,6 +56,8 @@ def validate(config: ml_collections.ConfigDict, devices: bool = True) -> None:
     raise UserError(f"model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}")
   if config.preprocess not in ("caffe", "unit", "none"):
     raise UserError(f"preprocess must be 'caffe', 'unit' or 'none', got {config.preprocess!r}")
+  if config.xla_cpu_ynn not in runtime.YNN_SETTINGS:
+    raise UserError(f"xla_cpu_ynn must be one of {runtime.YNN_SETTINGS}, got {config.xla_cpu_ynn!r}")
   if config.nan_policy not in ("stop", "skip"):
     raise UserError(f"nan_policy must be 'stop' or 'skip', got {config.nan_policy!r}")
   if config.batch_size <= 0 or config.eval_batch_size <= 0:
@@ -216,6 +218,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   t_start = time.perf_counter()
   workdir = Path(workdir)
   validate(config, devices=False)
+  if config.tune_malloc:
+    runtime.tune_malloc()  # Before the first big allocation.
   distributed.initialize(config.distributed)
   validate(config)
 
@@ -277,7 +281,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     fn = steps.make_train_step(
         model, tx_, plan_.trainable_mask(), schedule_, prepare=prepare, nan_policy=config.nan_policy,
         log_grad_norm=config.log_grad_norm, augment=data_lib.augment if config.data.augment else None)
-    return tx_, jax.jit(fn, donate_argnums=0, out_shardings=(replicated, replicated))
+    trainable = [path for path, state_, _ in plan_.rows if state_ == freeze.TRAINABLE]
+    options = runtime.train_compiler_options(config.xla_cpu_ynn, trainable)
+    if options:
+      log.info("train step compiled with %s", options)
+    return tx_, jax.jit(fn, donate_argnums=0, out_shardings=(replicated, replicated),
+                        compiler_options=options)
 
   start_step = manager.latest_step() or 0
   phase_i = phase_index(all_phases, start_step)

@@ -67,6 +67,18 @@ def test_im2col_conv_matches_xla_conv():
   np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2)])  # Odd sizes drop the last row/column.
+def test_max_pool_2x2_matches_flax_max_pool_and_its_gradient(shape):
+  import flax.linen as nn
+
+  x = jax.random.normal(jax.random.PRNGKey(1), shape)  # No ties: both gradients pick the same element.
+  ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+  np.testing.assert_array_equal(vgg.max_pool_2x2(x), ref(x))
+  dy = jax.random.normal(jax.random.PRNGKey(2), ref(x).shape)
+  grad = lambda f: jax.vjp(f, x)[1](dy)[0]
+  np.testing.assert_array_equal(grad(vgg.max_pool_2x2), grad(ref))
+
+
 @pytest.mark.parametrize(
     "kwargs,shape,msg",
     [

@@ -81,6 +81,18 @@ def _check_arch(arch: str) -> None:
     raise UserError(f"unknown architecture {arch!r}; expected one of {sorted(BLOCKS)}")
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """Keras' MaxPooling2D(2, 2) ('valid': an odd last row/column is dropped).
+
+  Written as reshape + max rather than `nn.max_pool`: same values, but its
+  gradient is a compare-and-select that fuses, where reduce_window's gradient is
+  XLA:CPU's select-and-scatter, ~10% of a full fine-tune step at 64x64.
+  """
+  n, h, w, c = x.shape
+  x = x[:, : h // 2 * 2, : w // 2 * 2]
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class Conv3x3(nn.Module):
   """3x3 'same' convolution with Keras' parameter names (`kernel`, `bias`)."""
 
@@ -155,7 +167,7 @@ class VGG(nn.Module):
         )
         if self._emit(acts, name, x):
           return self._out(x, acts)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+      x = max_pool_2x2(x)
       if self._emit(acts, f"block{b}_pool", x):
         return self._out(x, acts)
 

@@ -1,0 +1,65 @@
+"""Runtime settings: glibc malloc tuning and the per-phase XLA:CPU options of the train step."""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base
+from flaxtl import freeze, runtime, train
+from flaxtl.errors import UserError
+from flaxtl.models import vgg
+
+YNN_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def _trainable(first_layers: int) -> list[str]:
+  params = {"backbone": vgg.param_shapes(vgg.VGG16(include_top=False), 32), "head": {"dense1": {"kernel": 0}}}
+  plan = freeze.plan(params, freeze.first_layers_rules(first_layers, params, arch="vgg16", include_top=False),
+                     log_matches=False)
+  return [p for p, state, _ in plan.rows if state == freeze.TRAINABLE]
+
+
+@pytest.mark.parametrize("first_layers,expected", [(0, YNN_OFF), (2, YNN_OFF), (3, None), (8, None), (19, None)])
+def test_auto_turns_ynnpack_off_while_block1_trains(first_layers, expected):
+  # first_layers=2 freezes block1_conv1 only; 3 freezes both block1 convs.
+  assert runtime.train_compiler_options("auto", _trainable(first_layers), platform="cpu") == expected
+
+
+def test_explicit_settings_and_other_platforms():
+  full, freeze8 = _trainable(0), _trainable(8)
+  assert runtime.train_compiler_options("off", freeze8, platform="cpu") == YNN_OFF
+  assert runtime.train_compiler_options("on", full, platform="cpu") is None
+  assert runtime.train_compiler_options("auto", full, platform="gpu") is None
+  assert runtime.train_compiler_options("off", full, platform="tpu") is None
+  with pytest.raises(ValueError, match="ynn must be one of"):
+    runtime.train_compiler_options("fast", full, platform="cpu")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU option")
+def test_the_option_takes_ynnpack_out_and_results_match():
+  # Fails loudly if a jax upgrade renames the option or changes what it does.
+  model = vgg.VGG16(include_top=False, pooling="avg")
+  params = vgg.init_params(model, 32)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3)) * 255
+  loss = lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)
+  default = jax.jit(jax.grad(loss)).lower(params).compile()
+  no_ynn = jax.jit(jax.grad(loss), compiler_options=YNN_OFF).lower(params).compile()
+  assert "__ynn_fusion" in default.as_text() and "__ynn_fusion" not in no_ynn.as_text()
+  ref, off = default(params), no_ynn(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6 * float(np.abs(a).max())),
+               ref, off)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_tune_malloc_applies_on_glibc():
+  assert runtime.tune_malloc() is True
+
+
+def test_bad_ynn_setting_is_a_config_error():
+  config = base.get_base()
+  config.xla_cpu_ynn = "fastest"
+  with pytest.raises(UserError, match="xla_cpu_ynn must be one of"):
+    train.validate(config, devices=False)
