@@ -213,16 +213,20 @@ class _StopFlag:
       signal.signal(sig, handler)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-  """Trains and evaluates as `config` says; returns the final metrics."""
-  t_start = time.perf_counter()
-  workdir = Path(workdir)
-  validate(config, devices=False)
-  if config.tune_malloc:
-    runtime.tune_malloc()  # Before the first big allocation.
-  distributed.initialize(config.distributed)
-  validate(config)
+@dataclasses.dataclass
+class _Run:
+  """What training needs once data and weights are in place."""
 
+  model: nn.Module
+  params: dict
+  prepare: Any  # Device-side batch["image"] -> model input.
+  splits: Any  # data_lib splits; backbone features instead of images when features are cached.
+  provenance: Optional[dict]
+  backbone: Optional[dict] = None  # Host copy of the frozen backbone when features are cached.
+
+
+def load_data(config: ml_collections.ConfigDict):
+  """The train/val/test splits, checked against the model config and batch size."""
   splits = data_lib.load(config.data)
   num_classes = len(splits.class_names)
   if config.model.num_classes and config.model.num_classes != num_classes:
@@ -232,12 +236,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     raise UserError(f"data.source={config.data.source!r}: no training examples")
   if len(splits.train) < config.batch_size:
     raise UserError(f"batch_size={config.batch_size} is larger than the {len(splits.train)} training examples")
+  return splits
 
-  mesh = distributed.make_mesh()
-  replicated, batch_sharding = distributed.shardings(mesh)
-  model = build_model(config, num_classes)
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, train_rng = jax.random.split(rng)
+
+def _setup(config, splits, init_rng: jax.Array, replicated) -> _Run:
+  """Model, initial params (pretrained merged in), and cached features if configured."""
+  model = build_model(config, len(splits.class_names))
   cached = bool(config.model.cache_features)
   if cached:
     _check_feature_mode(config)
@@ -249,14 +253,97 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   params = init_params(model, config, init_rng, replicated)
   params, provenance = load_pretrained(config, params)
   params = jax.device_put(params, replicated)
-  prepare = steps.image_prep(config.image_size, config.preprocess)
-  backbone = None
+  run = _Run(model, params, steps.image_prep(config.image_size, config.preprocess), splits, provenance)
   if cached:  # From here on the model is the head and the data are backbone features.
-    backbone = jax.device_get(params["backbone"])
-    splits = _feature_splits(config, backbone, splits)
+    run.backbone = jax.device_get(params["backbone"])
+    run.splits = _feature_splits(config, run.backbone, splits)
     head = MLPHead(**model.head_kwargs(), parent=None)
-    model, params = HeadOnly(head, pooling=config.model.pooling), {"head": params["head"]}
-    prepare = lambda feats: feats.astype(jnp.float32)
+    run.model, run.params = HeadOnly(head, pooling=config.model.pooling), {"head": params["head"]}
+    run.prepare = lambda feats: feats.astype(jnp.float32)
+  return run
+
+
+def _checkpoint_manager(workdir: Path, config) -> ocp.CheckpointManager:
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+  return ocp.CheckpointManager(
+      (workdir / "checkpoints").absolute(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.max_to_keep, create=True,
+                                           enable_async_checkpointing=False),
+      item_names=("state", "data"),
+  )
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, state: steps.TrainState, workdir: Path):
+  """(state, data iterator state) of checkpoint `step`, restored into `state`'s shapes and shardings."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+  except ValueError as e:  # Tree or shape mismatch: the workdir holds another model/optimiser.
+    raise UserError(
+        f"{workdir}: its checkpoint (step {step}) was written by a different model or optimiser "
+        f"config ({str(e).splitlines()[0]}); use a new --workdir to start over") from None
+  log.info("resumed from step %d in %s", step, workdir)
+  return restored["state"], restored["data"]
+
+
+class _PendingMetrics:
+  """Train metrics fetched from the device in batches (no per-step sync), checked for NaN/Inf.
+
+  Checking happens on `flush()`, which the loop calls before every checkpoint, so a
+  non-finite step is never saved.
+  """
+
+  def __init__(self, writer: MetricWriter, nan_policy: str, workdir: Path, last_good_step: int):
+    self.writer, self.nan_policy, self.workdir = writer, nan_policy, workdir
+    self.last_good_step = last_good_step
+    self.skipped_updates = 0
+    self.last: dict = {}
+    self.rates: list[float] = []
+    self._pending: list[tuple[int, dict]] = []
+
+  def add(self, step: int, metrics: dict) -> None:
+    self._pending.append((step, metrics))
+
+  def flush(self) -> None:
+    if not self._pending:
+      return
+    fetched = jax.device_get([m for _, m in self._pending])
+    for (s, _), m in zip(self._pending, fetched):
+      if not bool(m["finite"]):
+        if self.nan_policy == "stop":
+          raise NonFiniteLoss(
+              f"loss or gradient became NaN/Inf at step {s}; the last good checkpoint (step "
+              f"{self.last_good_step}) in {self.workdir} is intact; lower optim.lr or set nan_policy='skip'")
+        self.skipped_updates += 1
+        log.warning("step %d: non-finite loss, update skipped", s)
+    s, m = self._pending[-1][0], fetched[-1]
+    self.last = {k: float(v) for k, v in m.items() if k != "finite"}
+    self.writer.write(s, "train", {**self.last, "skipped_updates": self.skipped_updates})
+    rate = self.writer.progress(s, self.last)
+    if rate:
+      self.rates.append(rate)
+    self._pending = []
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+  """Trains and evaluates as `config` says; returns the final metrics."""
+  t_start = time.perf_counter()
+  workdir = Path(workdir)
+  validate(config, devices=False)
+  if config.tune_malloc:
+    runtime.tune_malloc()  # Before the first big allocation.
+  distributed.initialize(config.distributed)
+  validate(config)
+
+  splits = load_data(config)
+  num_classes = len(splits.class_names)
+  mesh = distributed.make_mesh()
+  replicated, batch_sharding = distributed.shardings(mesh)
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  run = _setup(config, splits, init_rng, replicated)
+  model, splits = run.model, run.splits
 
   train_iter = data_lib.TrainIterator(
       splits.train, batch_size=config.batch_size, seed=config.seed, shuffle=True,
@@ -266,20 +353,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   total_steps = int(config.total_steps) or int(config.num_epochs) * steps_per_epoch
   eval_period = max(1, int(config.eval_every_epochs)) * steps_per_epoch
   all_phases = phases(config, steps_per_epoch)
-
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-  manager = ocp.CheckpointManager(
-      (workdir / "checkpoints").absolute(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.max_to_keep, create=True,
-                                           enable_async_checkpointing=False),
-      item_names=("state", "data"),
-  )
+  manager = _checkpoint_manager(workdir, config)
 
   def compile_train_step(plan_):
     tx_, schedule_ = optim.make_optimizer(config.optim, plan_, total_steps)
     fn = steps.make_train_step(
-        model, tx_, plan_.trainable_mask(), schedule_, prepare=prepare, nan_policy=config.nan_policy,
+        model, tx_, plan_.trainable_mask(), schedule_, prepare=run.prepare, nan_policy=config.nan_policy,
         log_grad_norm=config.log_grad_norm, augment=data_lib.augment if config.data.augment else None)
     trainable = [path for path, state_, _ in plan_.rows if state_ == freeze.TRAINABLE]
     options = runtime.train_compiler_options(config.xla_cpu_ynn, trainable)
@@ -290,39 +369,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   start_step = manager.latest_step() or 0
   phase_i = phase_index(all_phases, start_step)
-  plan = freeze_plan(config, params, all_phases[phase_i].first_layers)
+  plan = freeze_plan(config, run.params, all_phases[phase_i].first_layers)
   tx, train_step = compile_train_step(plan)
-  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=jax.jit(tx.init, out_shardings=replicated)(params),
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=run.params,
+                           opt_state=jax.jit(tx.init, out_shardings=replicated)(run.params),
                            rng=jax.device_put(train_rng, replicated))
   if start_step:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    try:
-      restored = manager.restore(start_step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-    except ValueError as e:  # Tree or shape mismatch: the workdir holds another model/optimiser.
-      raise UserError(
-          f"{workdir}: its checkpoint (step {start_step}) was written by a different model or optimiser "
-          f"config ({str(e).splitlines()[0]}); use a new --workdir to start over") from None
-    state = restored["state"]
-    train_iter.set_state(restored["data"])
-    log.info("resumed from step %d in %s", start_step, workdir)
+    state, iter_state = _restore(manager, start_step, state, workdir)
+    train_iter.set_state(iter_state)
 
   writer = MetricWriter(workdir, total_steps, start_step, config.batch_size, config.progress)
-  _write_run_files(workdir, config, provenance, splits.class_names)
+  _write_run_files(workdir, config, run.provenance, splits.class_names)
   writer.print(param_table(state.params, plan))
   param_counts = counts(state.params, plan)
-  if backbone is not None:
-    param_counts["frozen"] += sum(int(np.size(a)) for a in jax.tree.leaves(backbone))
+  if run.backbone is not None:
+    param_counts["frozen"] += sum(int(np.size(a)) for a in jax.tree.leaves(run.backbone))
     writer.print(f"backbone: {param_counts['frozen']:,} params frozen (features cached in "
                  f"{config.model.features_cache_dir})")
 
-  eval_fn = jax.jit(steps.make_eval_step(model, num_classes, prepare=prepare))
+  eval_fn = jax.jit(steps.make_eval_step(model, num_classes, prepare=run.prepare))
 
   def save(step: int) -> None:
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(iter_state)), force=True)
     manager.wait_until_finished()
+    metrics.last_good_step = step
 
   def evaluate(ds, split: str, step: int) -> dict:
     out = _evaluate(eval_fn, state.params, ds, config.eval_batch_size, batch_sharding, num_classes)
@@ -338,43 +409,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   batches = data_lib.prefetch(producer(), size=config.data.prefetch,
                               put=lambda item: (distributed.put_batch(item[0], batch_sharding), item[1]))
-  pending: list[tuple[int, dict]] = []
-  last_good_step = start_step
-  skipped_updates = 0
-  last_train: dict = {}
+  metrics = _PendingMetrics(writer, config.nan_policy, workdir, last_good_step=start_step)
   val_metrics: dict = {}
   iter_state = train_iter.get_state()
   interrupted = None
   step = start_step
-  rates = []
-
-  def flush() -> None:
-    nonlocal pending, last_train, skipped_updates
-    if not pending:
-      return
-    fetched = jax.device_get([m for _, m in pending])
-    for (s, _), m in zip(pending, fetched):
-      if not bool(m["finite"]):
-        if config.nan_policy == "stop":
-          raise NonFiniteLoss(
-              f"loss or gradient became NaN/Inf at step {s}; the last good checkpoint (step "
-              f"{last_good_step}) in {workdir} is intact; lower optim.lr or set nan_policy='skip'")
-        skipped_updates += 1
-        log.warning("step %d: non-finite loss, update skipped", s)
-    s, m = pending[-1][0], fetched[-1]
-    last_train = {k: float(v) for k, v in m.items() if k != "finite"}
-    writer.write(s, "train", {**last_train, "skipped_updates": skipped_updates})
-    rate = writer.progress(s, last_train)
-    if rate:
-      rates.append(rate)
-    pending = []
-
   try:
     with _StopFlag() as stop:
       while step < total_steps:
         i = phase_index(all_phases, step)
         if i != phase_i:
-          flush()
+          metrics.flush()
           phase_i = i
           plan = freeze_plan(config, state.params, all_phases[i].first_layers)
           tx, train_step = compile_train_step(plan)
@@ -383,30 +428,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
           writer.print(f"phase {i}: first_layers={all_phases[i].first_layers} from step {step}")
           writer.print(param_table(state.params, plan))
         batch, iter_state_next = next(batches)
-        state, metrics = train_step(state, batch)
+        state, step_metrics = train_step(state, batch)
         step += 1
         iter_state = iter_state_next
-        pending.append((step, metrics))
+        metrics.add(step, step_metrics)
         if step % config.log_every_steps == 0:
-          flush()
+          metrics.flush()
         if step % config.checkpoint_every_steps == 0 or step == total_steps:
-          flush()  # Never save after a non-finite step.
+          metrics.flush()  # Never save after a non-finite step.
           save(step)
-          last_good_step = step
         if splits.val is not None and len(splits.val) and (step % eval_period == 0 or step == total_steps):
-          flush()
+          metrics.flush()
           val_metrics = evaluate(splits.val, "val", step)
         if stop.signal is not None:
           interrupted = signal.Signals(stop.signal).name
-          flush()
-          if last_good_step != step:
+          metrics.flush()
+          if metrics.last_good_step != step:
             save(step)
-            last_good_step = step
           writer.print(f"{interrupted}: saved step {step}; rerun the same command to resume")
           break
-      flush()
+      metrics.flush()
     if interrupted is None:
-      final = {**state.params, "backbone": backbone} if backbone is not None else state.params
+      final = {**state.params, "backbone": run.backbone} if run.backbone is not None else state.params
       _save_params(workdir / "params", final)
   except BaseException:
     writer.close()
@@ -415,16 +458,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     batches.close()
 
   result: dict[str, Any] = {"step": step, "total_steps": total_steps, "interrupted": interrupted}
-  result.update({f"train_{k}": v for k, v in last_train.items()})
+  result.update({f"train_{k}": v for k, v in metrics.last.items()})
   result.update({f"val_{k}": v for k, v in val_metrics.items()})
   if interrupted is None and splits.test is not None and splits.test.labels is not None:
     test_metrics = evaluate(splits.test, "test", step)
     result.update({f"test_{k}": v for k, v in test_metrics.items()})
   result.update({
       "trainable_params": param_counts["trainable"], "frozen_params": param_counts["frozen"],
-      "skipped_updates": skipped_updates, "wall_time_s": time.perf_counter() - t_start,
-      "train_images_per_s": float(np.median(rates)) if rates else None,
-      "weights": (provenance or {}).get("source") or (provenance or {}).get("source_file") or "none",
+      "skipped_updates": metrics.skipped_updates, "wall_time_s": time.perf_counter() - t_start,
+      "train_images_per_s": float(np.median(metrics.rates)) if metrics.rates else None,
+      "weights": (run.provenance or {}).get("source") or (run.provenance or {}).get("source_file") or "none",
   })
   if jax.process_index() == 0:
     (workdir / "summary.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
