@@ -77,7 +77,7 @@ def get_base() -> ml_collections.ConfigDict:
   c.log_grad_norm = True  # Log the global norm of trainable gradients.
   c.progress = True  # Show a progress bar with ETA and images/s.
   c.tune_malloc = True  # glibc keeps freed memory for reuse: CPU steps +19-30%, RSS stays at its peak.
-  c.xla_cpu_ynn = "auto"  # XLA:CPU YNNPACK convs: 'auto' (off while block1 trains: faster), 'on', 'off'.
+  c.xla_cpu_ynn = "auto"  # XLA:CPU YNNPACK convs: 'auto' (off from 128 px or while block1 trains), 'on', 'off'.
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ml_collections.FieldReference(None, field_type=str)  # host:port.

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxtl import runtime
 from flaxtl.models.vgg import VGG
 from flaxtl.preprocess import prepare_images
 
@@ -39,11 +40,12 @@ def fingerprint(*, params, images: np.ndarray, arch: str, layer: str, image_size
 
 
 def extract(params, images: np.ndarray, *, arch: str, layer: str, image_size: int, preprocess: str,
-            cache_dir: Optional[Path], batch_size: int = 32, split: str = "data") -> np.ndarray:
+            cache_dir: Optional[Path], batch_size: int = 32, split: str = "data",
+            xla_cpu_ynn: str = "auto") -> np.ndarray:
   """(N, ...) float32 features of `layer`, from the cache when possible.
 
   batch_size 32: on CPU at 64x64, batch 64's activations fall out of cache (93-130 img/s
-  against 156-177 at 16-32; benchmarks/PERF.md).
+  against 156-177 at 16-32; benchmarks/README.md).
   """
   key = fingerprint(params=params, images=images, arch=arch, layer=layer, image_size=image_size,
                     preprocess=preprocess)
@@ -52,7 +54,8 @@ def extract(params, images: np.ndarray, *, arch: str, layer: str, image_size: in
     log.info("features: cache hit %s", path)
     return np.load(path, mmap_mode="r")
   model = VGG(arch=arch, include_top=False, output_layer=layer)
-  forward = jax.jit(lambda p, x: model.apply({"params": p}, prepare_images(x, image_size, preprocess)))
+  forward = jax.jit(lambda p, x: model.apply({"params": p}, prepare_images(x, image_size, preprocess)),
+                    compiler_options=runtime.compiler_options(xla_cpu_ynn, image_size))
   n = len(images)
   out_shape = jax.eval_shape(forward, params, jax.ShapeDtypeStruct((1, *images.shape[1:]), images.dtype)).shape
   if path is not None:

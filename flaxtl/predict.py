@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from flaxtl import steps, weights
+from flaxtl import runtime, steps, weights
 from flaxtl.data import eval_batches, sources
 from flaxtl.errors import UserError, cli_logging, exit_on_user_error
 
@@ -46,7 +46,8 @@ def predict_probs(workdir: Path, data_spec: str, batch_size: int = 64):
   ds, held_out = sources.read(data_spec, opts)
   if data_spec == "mnist_sample":
     ds = held_out
-  fn = jax.jit(steps.make_predict_fn(model, prepare=steps.image_prep(config.image_size, config.preprocess)))
+  fn = jax.jit(steps.make_predict_fn(model, prepare=steps.image_prep(config.image_size, config.preprocess)),
+               compiler_options=runtime.compiler_options(config.get("xla_cpu_ynn", "auto"), config.image_size))
   probs = np.concatenate([np.asarray(fn(params, b["image"]))[b["mask"]] for b in eval_batches(ds, batch_size)])
   return ds, class_names, probs
 

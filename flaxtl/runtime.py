@@ -1,4 +1,4 @@
-"""Process and compiler settings that make XLA:CPU runs faster (measured in benchmarks/PERF.md).
+"""Process and compiler settings that make XLA:CPU runs faster (measured in benchmarks/README.md).
 
 Both are no-ops where they do not apply (not glibc; not the CPU backend), so a config
 runs unchanged on GPU and TPU.
@@ -17,12 +17,17 @@ import jax
 
 log = logging.getLogger(__name__)
 
-# XLA:CPU's default pipeline hands convolutions to YNNPACK. For the backward pass of
-# the full-resolution, 64-channel block1 convs XLA's own Eigen kernels are faster:
-# with block1 trainable the VGG16 step at 64x64 runs +13-23% with YNNPACK off; with
-# block1 frozen it is even or YNNPACK wins (freeze-8: -7%; forward: -8%).
+# XLA:CPU's default pipeline hands convolutions to YNNPACK. XLA's own Eigen kernels are
+# faster for the backward pass of VGG's convs, and for the forward too at larger maps
+# now that those run as Winograd matmuls (models/vgg.py). VGG16, img/s, YNNPACK on -> off:
+#   64x64 train step, batch 16: full 39.0 -> 44.1, block1 frozen 47.5 -> 46.7,
+#                               freeze-8 64.8 -> 60.4; forward (batch 32) 166 -> 149
+#   128x128: forward (batch 16) 43.9 -> 47.4; freeze-8 step 16.2 -> 17.9
+#   224x224, batch 8: forward 15.6 -> 16.6; freeze-8 step 2.54 -> 2.86; full 1.12 -> 1.30
+# So 'auto' turns it off from 128 px up, and below that while block1 trains.
 _YNN_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}
 _BLOCK1_KERNEL = re.compile(r"(.*/)?block1_conv\d+/kernel")
+_LARGE_IMAGE = 128
 YNN_SETTINGS = ("auto", "on", "off")
 
 
@@ -50,17 +55,18 @@ def tune_malloc() -> bool:
   return ok
 
 
-def train_compiler_options(ynn: str, trainable_paths: Iterable[str],
-                           platform: Optional[str] = None) -> Optional[dict[str, str]]:
-  """Per-executable XLA options for a train step that trains the params at `trainable_paths`.
+def compiler_options(ynn: str, image_size: int, trainable_paths: Iterable[str] = (),
+                     platform: Optional[str] = None) -> Optional[dict[str, str]]:
+  """Per-executable XLA options for a VGG step at `image_size` that trains `trainable_paths`.
 
-  ynn: 'auto' (YNNPACK off on CPU when a block1 conv kernel trains), 'on' (XLA's default)
-  or 'off'. Returns None (XLA's defaults) off CPU.
+  ynn: 'auto' (YNNPACK off on CPU where that measured faster, see above), 'on' (XLA's
+  default) or 'off'. A forward pass trains nothing. Returns None (XLA's defaults) off CPU.
   """
   if ynn not in YNN_SETTINGS:
     raise ValueError(f"ynn must be one of {YNN_SETTINGS}, got {ynn!r}")
   if (platform or jax.default_backend()) != "cpu" or ynn == "on":
     return None
   if ynn == "auto":
-    ynn = "off" if any(_BLOCK1_KERNEL.fullmatch(p) for p in trainable_paths) else "on"
+    large = image_size >= _LARGE_IMAGE
+    ynn = "off" if large or any(_BLOCK1_KERNEL.fullmatch(p) for p in trainable_paths) else "on"
   return dict(_YNN_OFF) if ynn == "off" else None

@@ -127,7 +127,7 @@ def _feature_splits(config, backbone: dict, splits):
       return None
     feats = features.extract(backbone, ds.images, arch=m.arch, layer=m.feature_layer,
                              image_size=config.image_size, preprocess=config.preprocess,
-                             cache_dir=Path(m.features_cache_dir), split=split)
+                             cache_dir=Path(m.features_cache_dir), split=split, xla_cpu_ynn=config.xla_cpu_ynn)
     return features.FeatureSet(feats, ds.labels)
 
   return dataclasses.replace(splits, train=convert(splits.train, "train"), val=convert(splits.val, "val"),
@@ -361,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         model, tx_, plan_.trainable_mask(), schedule_, prepare=run.prepare, nan_policy=config.nan_policy,
         log_grad_norm=config.log_grad_norm, augment=data_lib.augment if config.data.augment else None)
     trainable = [path for path, state_, _ in plan_.rows if state_ == freeze.TRAINABLE]
-    options = runtime.train_compiler_options(config.xla_cpu_ynn, trainable)
+    options = runtime.compiler_options(config.xla_cpu_ynn, config.image_size, trainable)
     if options:
       log.info("train step compiled with %s", options)
     return tx_, jax.jit(fn, donate_argnums=0, out_shardings=(replicated, replicated),
@@ -387,7 +387,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     writer.print(f"backbone: {param_counts['frozen']:,} params frozen (features cached in "
                  f"{config.model.features_cache_dir})")
 
-  eval_fn = jax.jit(steps.make_eval_step(model, num_classes, prepare=run.prepare))
+  eval_fn = jax.jit(steps.make_eval_step(model, num_classes, prepare=run.prepare),
+                    compiler_options=runtime.compiler_options(config.xla_cpu_ynn, config.image_size))
 
   def save(step: int) -> None:
     manager.save(step, args=ocp.args.Composite(

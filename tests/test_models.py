@@ -58,13 +58,40 @@ def test_pooling_and_output_layer():
   np.testing.assert_allclose(acts["block3_pool"], feats, rtol=1e-6)
 
 
-def test_im2col_conv_matches_xla_conv():
+@pytest.mark.parametrize("impl", ["im2col", "winograd"])
+def test_conv_impls_match_xla_conv_whole_network(impl):
   model = vgg.VGG16(include_top=False)
   params = vgg.init_params(model, 32)
   x = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3)) * 255
-  a = vgg.VGG16(include_top=False, im2col=True).apply({"params": params}, x)
-  b = vgg.VGG16(include_top=False, im2col=False).apply({"params": params}, x)
+  a = vgg.VGG16(include_top=False, conv_impl=impl).apply({"params": params}, x)
+  b = vgg.VGG16(include_top=False, conv_impl="direct").apply({"params": params}, x)
   np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("impl", ["im2col", "winograd"])
+@pytest.mark.parametrize("shape", [(2, 6, 6, 8), (1, 7, 5, 3)])  # Odd sizes: Winograd's padded edge tiles.
+def test_conv_impls_match_xla_conv_values_and_gradients(impl, shape):
+  kx, kk, kd = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, shape)
+  k = jax.random.normal(kk, (3, 3, shape[-1], 4))
+  dy = jax.random.normal(kd, (*shape[:3], 4))
+  ref_y, ref_vjp = jax.vjp(vgg._direct_conv, x, k)
+  y, vjp = jax.vjp(vgg._CONVS[impl], x, k)
+  np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+  for g, ref_g in zip(vjp(dy), ref_vjp(dy)):
+    np.testing.assert_allclose(g, ref_g, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_conv_impl_by_shape_and_platform():
+  assert vgg.conv_impl_for(2, 2, 512, "cpu") == "im2col"
+  assert vgg.conv_impl_for(4, 4, 512, "cpu") == "im2col"
+  assert vgg.conv_impl_for(224, 224, 64, "cpu") == "direct"  # Few input channels.
+  assert vgg.conv_impl_for(112, 112, 128, "cpu") == "winograd"
+  assert vgg.conv_impl_for(32, 32, 128, "cpu") == "direct"  # 64x64 input's block2: measured slower.
+  assert vgg.conv_impl_for(28, 28, 512, "cpu") == "winograd"
+  assert vgg.conv_impl_for(14, 14, 512, "cpu") == "direct"
+  assert vgg.conv_impl_for(112, 112, 128, "gpu") == "direct"  # cuDNN picks its own algorithm.
+  assert vgg.conv_impl_for(2, 2, 512, "tpu") == "direct"
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2)])  # Odd sizes drop the last row/column.
@@ -87,6 +114,7 @@ def test_max_pool_2x2_matches_flax_max_pool_and_its_gradient(shape):
         ({"include_top": False}, (1, 64, 64, 1), "width, 3"),
         ({"include_top": False, "pooling": "sum"}, (1, 64, 64, 3), "pooling"),
         ({"include_top": False, "output_layer": "fc1"}, (1, 64, 64, 3), "output_layer"),
+        ({"include_top": False, "conv_impl": "fft"}, (1, 64, 64, 3), "conv_impl"),
     ],
 )
 def test_bad_shapes_and_options_are_clear_errors(kwargs, shape, msg):

@@ -22,20 +22,28 @@ def _trainable(first_layers: int) -> list[str]:
   return [p for p, state, _ in plan.rows if state == freeze.TRAINABLE]
 
 
-@pytest.mark.parametrize("first_layers,expected", [(0, YNN_OFF), (2, YNN_OFF), (3, None), (8, None), (19, None)])
-def test_auto_turns_ynnpack_off_while_block1_trains(first_layers, expected):
-  # first_layers=2 freezes block1_conv1 only; 3 freezes both block1 convs.
-  assert runtime.train_compiler_options("auto", _trainable(first_layers), platform="cpu") == expected
+@pytest.mark.parametrize("first_layers,size,expected", [
+    (0, 64, YNN_OFF), (2, 64, YNN_OFF), (3, 64, None), (8, 64, None), (19, 64, None),
+    (8, 128, YNN_OFF), (8, 224, YNN_OFF), (19, 224, YNN_OFF),
+])
+def test_auto_turns_ynnpack_off_for_large_images_or_while_block1_trains(first_layers, size, expected):
+  # first_layers=2 freezes block1_conv1 only, 3 both block1 convs, 19 every conv (head only).
+  assert runtime.compiler_options("auto", size, _trainable(first_layers), platform="cpu") == expected
+
+
+def test_forward_passes_follow_the_image_size():
+  assert runtime.compiler_options("auto", 64, platform="cpu") is None
+  assert runtime.compiler_options("auto", 224, platform="cpu") == YNN_OFF
 
 
 def test_explicit_settings_and_other_platforms():
   full, freeze8 = _trainable(0), _trainable(8)
-  assert runtime.train_compiler_options("off", freeze8, platform="cpu") == YNN_OFF
-  assert runtime.train_compiler_options("on", full, platform="cpu") is None
-  assert runtime.train_compiler_options("auto", full, platform="gpu") is None
-  assert runtime.train_compiler_options("off", full, platform="tpu") is None
+  assert runtime.compiler_options("off", 64, freeze8, platform="cpu") == YNN_OFF
+  assert runtime.compiler_options("on", 224, full, platform="cpu") is None
+  assert runtime.compiler_options("auto", 224, full, platform="gpu") is None
+  assert runtime.compiler_options("off", 64, full, platform="tpu") is None
   with pytest.raises(ValueError, match="ynn must be one of"):
-    runtime.train_compiler_options("fast", full, platform="cpu")
+    runtime.compiler_options("fast", 64, full, platform="cpu")
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU option")
