@@ -24,6 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 COLOURS = {"flaxtl": "#1f77b4", "flaxtl_tuned": "#17becf", "torch": "#d62728", "torch_tuned": "#ff9896",
            "keras": "#7f7f7f", "keras_tuned": "#c7c7c7"}
+LABELS = {"flaxtl": "flaxtl (XLA + glibc defaults)", "flaxtl_tuned": "flaxtl_tuned (as launch.py runs it)",
+          "torch_tuned": "torch_tuned (glibc tuned)", "keras_tuned": "keras_tuned (glibc tuned)"}
 
 
 def _load(name: str) -> dict:
@@ -37,7 +39,7 @@ def _bars(ax, groups: list[str], values: dict[str, list], log: bool, title: str,
   for i, fw in enumerate(fws):
     xs = [g + (i - (len(fws) - 1) / 2) * width for g in range(len(groups))]
     ys = [v or 0 for v in values[fw]]
-    ax.bar(xs, ys, width, label=fw, color=COLOURS[fw])
+    ax.bar(xs, ys, width, label=LABELS.get(fw, fw), color=COLOURS[fw])
     torch_fw = fw.replace("flaxtl", "torch")  # Like for like: stock vs stock, tuned vs tuned.
     if fw.startswith("flaxtl") and torch_fw in values:
       for x, y, t in zip(xs, ys, values[torch_fw]):

@@ -189,7 +189,7 @@ def write_json(name: str, payload: dict) -> Path:
 
 # (numerator, denominator) framework pairs shown as ratio columns: stock against stock, and
 # malloc-tuned against malloc-tuned (same process settings on both sides). "_tuned" = tune_malloc()
-# in that process, plus forward.TUNED_OPTIONS for flaxtl.
+# in that process; flaxtl_tuned also compiles with flaxtl's own XLA options (flaxtl as launch.py runs it).
 PAIRS = (("flaxtl", "torch"), ("flaxtl", "keras"), ("flaxtl_tuned", "torch_tuned"), ("flaxtl_tuned", "keras_tuned"),
          ("flaxtl_tuned", "torch"), ("flaxtl_tuned", "flaxtl"), ("flaxtl_xla", "flaxtl"))
 

@@ -10,8 +10,9 @@ warm-up call (compilation) and then the median of up to 5 calls within a ~4 s bu
 
 - flaxtl: `VGG16(include_top=False, dtype=...)` under `jax.jit`, params float32 (bf16 casts them inside).
 - *_tuned: the same, in a process that first calls `common.tune_malloc()` (glibc keeps freed memory
-  instead of unmapping it, so big activations are not page-faulted in again every call); flaxtl_tuned
-  also compiles with `TUNED_OPTIONS` (per-executable XLA options; currently none).
+  instead of unmapping it, so big activations are not page-faulted in again every call; flaxtl's
+  train_and_evaluate does this itself); flaxtl_tuned also compiles with flaxtl's own XLA options for
+  the image size (`runtime.compiler_options`, as features.extract and predict do): flaxtl as it runs.
 - torch: the same 13-conv stack written in plain torch.nn, channels_last, `torch.inference_mode`; bf16
   via `torch.autocast('cpu', dtype=torch.bfloat16)`.
 - keras: `keras.applications.VGG16(weights=None, include_top=False)` on the JAX backend,
@@ -26,6 +27,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -36,14 +38,6 @@ EXTRA_FRAMEWORKS = ("flaxtl_xla",)
 CASES = ("224x8", "64x32", "32x64")  # "{size}x{batch}"
 DTYPES = ("fp32", "bf16")
 BLOCKS, WIDTHS = (2, 2, 3, 3, 3), (64, 128, 256, 512, 512)
-
-# Extra XLA:CPU options for the flaxtl_tuned rows (on top of common.tune_malloc, which is what "tuned"
-# means for every framework). Empty: emptying the YNNPACK fusion list
-# ({"xla_cpu_experimental_ynn_fusion_type": ""}, XLA's Eigen convolutions instead) wins 10-20% on the
-# fp32 forward without tune_malloc but is a wash with it, and with it costs 12% on the freeze-8 step
-# while gaining 10% on the full step (PERF.md, "What was tried"). Pass --options to try others.
-TUNED_OPTIONS: dict = {}
-
 
 def parse_case(case: str) -> tuple[int, int]:
   size, batch = case.split("x")
@@ -59,23 +53,28 @@ def _images(size: int, batch: int):
 # --- workers: one framework per process -----------------------------------------------------------
 
 
-def flaxtl_cases(cases, dtypes, budget: float, options: dict) -> None:
+def flaxtl_cases(cases, dtypes, budget: float, options: Optional[dict], conv_impl: str) -> None:
+  """options: XLA compile options; None = flaxtl's own choice for the image size (runtime.compiler_options)."""
   import jax
   import jax.numpy as jnp
 
+  from flaxtl import runtime
   from flaxtl.models import vgg
 
   for case in cases:
     size, batch = parse_case(case)
     params = vgg.init_params(vgg.VGG16(include_top=False), size)
     x = jnp.asarray(_images(size, batch))
+    opts = runtime.compiler_options("auto", size) if options is None else options
     for dt in dtypes:
-      model = vgg.VGG16(include_top=False, dtype=jnp.bfloat16 if dt == "bf16" else jnp.float32)
+      model = vgg.VGG16(include_top=False, dtype=jnp.bfloat16 if dt == "bf16" else jnp.float32,
+                        conv_impl=conv_impl)
       t0 = time.perf_counter()
-      fn = jax.jit(lambda p, x, model=model: model.apply({"params": p}, x)).lower(params, x).compile(options or None)
+      fn = jax.jit(lambda p, x, model=model: model.apply({"params": p}, x)).lower(params, x).compile(opts or None)
       compile_s = time.perf_counter() - t0
       res = common.time_fn(lambda: fn(params, x).block_until_ready(), budget_s=budget)
       common.emit({"case": case, "dtype": dt, "img_s": batch / res["median_s"], "compile_s": compile_s,
+                   "xla_options": opts or {}, "conv_impl": conv_impl,
                    "im2col_max_pixels": vgg._IM2COL_MAX_PIXELS, **res})
 
 
@@ -123,14 +122,14 @@ def keras_cases(cases, dtypes, budget: float) -> None:
       keras.backend.clear_session()
 
 
-def worker(name: str, cases, dtypes, budget: float, options: dict) -> None:
+def worker(name: str, cases, dtypes, budget: float, options: Optional[dict], conv_impl: str) -> None:
   base, tuned = name.removesuffix("_tuned"), name.endswith("_tuned")
   if tuned:
     common.tune_malloc()  # Before the framework's first allocation.
   if base == "flaxtl":
-    flaxtl_cases(cases, dtypes, budget, options if tuned else {})
+    flaxtl_cases(cases, dtypes, budget, options if tuned else {}, conv_impl)
   elif base == "flaxtl_xla":
-    flaxtl_cases(cases, dtypes, budget, options)
+    flaxtl_cases(cases, dtypes, budget, options, conv_impl)
   elif base == "torch":
     torch_cases(cases, dtypes, budget)
   elif base == "keras":
@@ -203,7 +202,9 @@ def main() -> None:
   ap.add_argument("--cases", default=",".join(CASES))
   ap.add_argument("--dtypes", default=",".join(DTYPES))
   ap.add_argument("--budget", type=float, default=4.0, help="seconds of timed calls per measurement")
-  ap.add_argument("--options", default=json.dumps(TUNED_OPTIONS), help="XLA options (JSON) for flaxtl_tuned")
+  ap.add_argument("--options", default="null",
+                  help="XLA options (JSON) for flaxtl_tuned; default: flaxtl's own choice per image size")
+  ap.add_argument("--conv-impl", default="auto", help="experiment: VGG16(conv_impl=...) in the flaxtl workers")
   ap.add_argument("--im2col-max-pixels", type=int, default=None,
                   help="experiment: override flaxtl.models.vgg._IM2COL_MAX_PIXELS in the flaxtl workers")
   ap.add_argument("--out", default="forward.json")
@@ -215,9 +216,10 @@ def main() -> None:
       from flaxtl.models import vgg
 
       vgg._IM2COL_MAX_PIXELS = args.im2col_max_pixels
-    worker(args.worker, cases, dtypes, args.budget, json.loads(args.options))
+    worker(args.worker, cases, dtypes, args.budget, json.loads(args.options), args.conv_impl)
     return
-  extra = [] if args.im2col_max_pixels is None else ["--im2col-max-pixels", str(args.im2col_max_pixels)]
+  extra = ["--conv-impl", args.conv_impl]
+  extra += [] if args.im2col_max_pixels is None else ["--im2col-max-pixels", str(args.im2col_max_pixels)]
 
   results: dict[str, dict] = {}
   for fw in args.frameworks.split(","):

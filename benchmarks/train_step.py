@@ -1,4 +1,4 @@
-"""VGG16 train step at 64x64, batch 16, fp32, SGD nesterov 0.9: flaxtl vs PyTorch vs Keras 3.
+"""VGG16 train step (default 64x64, batch 16), fp32, SGD nesterov 0.9: flaxtl vs PyTorch vs Keras 3.
 
     python benchmarks/train_step.py                 # ~4 minutes on 2 CPU cores
     python benchmarks/train_step.py --cases freeze8,full --frameworks flaxtl,torch
@@ -17,8 +17,10 @@ Cases:
   `optim.make_optimizer` (multi_transform + masked clipping), `steps.make_train_step` with grad-norm
   logging ON, `jax.jit(..., donate_argnums=0)` as flaxtl.train does. Also reports lower/compile seconds
   and the convolutions left in the compiled step.
-- *_tuned: the same in a process that first calls `common.tune_malloc()` (flaxtl_tuned also compiles
-  with forward.TUNED_OPTIONS), so each framework is compared both stock and with the same settings.
+- *_tuned: the same in a process that first calls `common.tune_malloc()`, so each framework is compared
+  both stock and with the same settings. flaxtl_tuned is the step as `launch.py` runs it: malloc tuned
+  (config.tune_malloc) and compiled with flaxtl.runtime.train_compiler_options (config.xla_cpu_ynn='auto':
+  YNNPACK off while block1 trains).
 - torch: the same layers in plain torch.nn (channels_last), `requires_grad_(False)` on frozen layers,
   `clip_grad_norm_` over the trainable params (its return value is the logged norm), `.item()` on
   loss and norm every step (what a logging loop does).
@@ -54,7 +56,8 @@ SIZE, BATCH, CLASSES, HIDDEN = 64, 16, 10, 256
 LR, MOMENTUM, CLIP = 1e-3, 0.9, 1.0
 
 
-def _batch(n: int = BATCH, seed: int = 0):
+def _batch(n: Optional[int] = None, seed: int = 0):
+  n = n or BATCH
   import numpy as np
 
   rng = np.random.default_rng(seed)
@@ -116,8 +119,8 @@ def flaxtl_case(case: str, budget: float, options: Optional[dict]) -> dict:
   if options is None:
     from flaxtl import runtime
 
-    options = runtime.train_compiler_options(
-        "auto", [p for p, state_, _ in plan.rows if state_ == freeze.TRAINABLE]) or {}
+    options = runtime.compiler_options(
+        "auto", SIZE, [p for p, state_, _ in plan.rows if state_ == freeze.TRAINABLE]) or {}
   out["xla_options"] = options
   compiled = lowered.compile(options or None)
   t2 = time.perf_counter()
@@ -349,7 +352,7 @@ def summarise(results: dict) -> tuple[str, dict]:
       rows4.append([f, f"{epochs} epochs incl. the one-off extraction (s per 1000 images)",
                     f"{1000 * cached_t:.1f}", f"{1000 * plain_t:.1f}", common.fmt_ratio(plain_t / cached_t)])
   if rows4:
-    out.append("Cached features (head-only step, batch 16) vs running the backbone every step:\n\n"
+    out.append(f"Cached features (head-only step, batch {BATCH}) vs running the backbone every step:\n\n"
                + common.markdown_table(["framework", "comparison", "cached", "backbone", "speed-up"], rows4))
   out.append("`*`: other processes used > 15% of the machine during that measurement (retried, least contended kept).")
   return "\n\n".join(out), derived
@@ -359,7 +362,7 @@ EXPERIMENTS: dict = {}  # Recorded with each result so a what-if run is never mi
 
 
 def _experiments(im2col_max_pixels) -> None:
-  """What-if switch for the flaxtl workers (see PERF.md); off by default."""
+  """What-if switch for the flaxtl workers (see README.md); off by default."""
   if im2col_max_pixels is None:
     return
   from flaxtl.models import vgg
@@ -369,6 +372,7 @@ def _experiments(im2col_max_pixels) -> None:
 
 
 def main() -> None:
+  global SIZE, BATCH  # --size/--batch; workers get them on their command line.
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--frameworks", default=",".join(FRAMEWORKS))
   ap.add_argument("--cases", default=",".join(CASES))
@@ -377,15 +381,19 @@ def main() -> None:
                   help="XLA options (JSON) for flaxtl_tuned; default: flaxtl.train's own per-phase choice")
   ap.add_argument("--im2col-max-pixels", type=int, default=None,
                   help="experiment: override flaxtl.models.vgg._IM2COL_MAX_PIXELS in the flaxtl workers")
+  ap.add_argument("--size", type=int, default=SIZE, help="input size (the tutorial's is 224)")
+  ap.add_argument("--batch", type=int, default=BATCH)
   ap.add_argument("--out", default="train_step.json")
   ap.add_argument("--worker", help=argparse.SUPPRESS)
   ap.add_argument("--case", help=argparse.SUPPRESS)
   args = ap.parse_args()
+  SIZE, BATCH = args.size, args.batch
   if args.worker:
     _experiments(args.im2col_max_pixels)
     worker(args.worker, args.case, args.budget, json.loads(args.options))
     return
-  extra = [] if args.im2col_max_pixels is None else ["--im2col-max-pixels", str(args.im2col_max_pixels)]
+  extra = ["--size", str(SIZE), "--batch", str(BATCH)]
+  extra += [] if args.im2col_max_pixels is None else ["--im2col-max-pixels", str(args.im2col_max_pixels)]
 
   results: dict[str, dict] = {}
   for fw in args.frameworks.split(","):
