@@ -25,6 +25,7 @@ def get_base() -> ml_collections.ConfigDict:
   c.model.head_init = "glorot_uniform"  # Head kernel init: 'glorot_uniform' or Keras 'uniform'.
   c.model.weights = "imagenet"  # 'imagenet', 'hed', a converted checkpoint dir, a Keras file, or 'none'.
   c.model.dtype = "float32"  # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
+  c.model.conv_impl = "auto"  # 3x3 convs: 'auto' (per layer), 'direct', 'im2col', 'winograd' (CPU speed).
   c.model.cache_features = False  # mlp/linear head on a frozen backbone: extract features once, train the head.
   c.model.features_cache_dir = "workdirs/feature_cache"  # Where cached features live (shared across runs).
 

@@ -47,7 +47,8 @@ def predict_probs(workdir: Path, data_spec: str, batch_size: int = 64):
   if data_spec == "mnist_sample":
     ds = held_out
   fn = jax.jit(steps.make_predict_fn(model, prepare=steps.image_prep(config.image_size, config.preprocess)),
-               compiler_options=runtime.compiler_options(config.get("xla_cpu_ynn", "auto"), config.image_size))
+               compiler_options=runtime.compiler_options(config.get("xla_cpu_ynn", "auto"), config.image_size,
+                                                         dtype=config.model.dtype))
   probs = np.concatenate([np.asarray(fn(params, b["image"]))[b["mask"]] for b in eval_batches(ds, batch_size)])
   return ds, class_names, probs
 

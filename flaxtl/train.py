@@ -65,6 +65,8 @@ def validate(config: ml_collections.ConfigDict, devices: bool = True) -> None:
   if m.name == "vgg":
     if m.arch not in vgg.BLOCKS:
       raise UserError(f"model.arch must be one of {sorted(vgg.BLOCKS)}, got {m.arch!r}")
+    if m.conv_impl not in vgg.CONV_IMPLS:
+      raise UserError(f"model.conv_impl must be one of {vgg.CONV_IMPLS}, got {m.conv_impl!r}")
     if m.head not in ("keras_top", "mlp", "linear"):
       raise UserError(f"model.head must be 'keras_top', 'mlp' or 'linear', got {m.head!r}")
     if m.head == "keras_top" and config.image_size != vgg.TOP_SIZE:
@@ -104,7 +106,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modul
   return TransferModel(
       arch=m.arch, head=m.head, num_classes=num_classes, feature_layer=m.feature_layer,
       pooling=m.pooling, hidden=tuple(m.hidden), activations=tuple(m.activations),
-      dropout=tuple(m.dropout), head_init=m.head_init, dtype=dtype,
+      dropout=tuple(m.dropout), head_init=m.head_init, dtype=dtype, conv_impl=m.get("conv_impl", "auto"),
   )
 
 
@@ -361,7 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         model, tx_, plan_.trainable_mask(), schedule_, prepare=run.prepare, nan_policy=config.nan_policy,
         log_grad_norm=config.log_grad_norm, augment=data_lib.augment if config.data.augment else None)
     trainable = [path for path, state_, _ in plan_.rows if state_ == freeze.TRAINABLE]
-    options = runtime.compiler_options(config.xla_cpu_ynn, config.image_size, trainable)
+    options = runtime.compiler_options(config.xla_cpu_ynn, config.image_size, trainable, config.model.dtype)
     if options:
       log.info("train step compiled with %s", options)
     return tx_, jax.jit(fn, donate_argnums=0, out_shardings=(replicated, replicated),
@@ -388,7 +390,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                  f"{config.model.features_cache_dir})")
 
   eval_fn = jax.jit(steps.make_eval_step(model, num_classes, prepare=run.prepare),
-                    compiler_options=runtime.compiler_options(config.xla_cpu_ynn, config.image_size))
+                    compiler_options=runtime.compiler_options(config.xla_cpu_ynn, config.image_size,
+                                                              dtype=config.model.dtype))
 
   def save(step: int) -> None:
     manager.save(step, args=ocp.args.Composite(

@@ -90,6 +90,7 @@ def test_auto_conv_impl_by_shape_and_platform():
   assert vgg.conv_impl_for(32, 32, 128, "cpu") == "direct"  # 64x64 input's block2: measured slower.
   assert vgg.conv_impl_for(28, 28, 512, "cpu") == "winograd"
   assert vgg.conv_impl_for(14, 14, 512, "cpu") == "direct"
+  assert vgg.conv_impl_for(28, 28, 512, "cpu", jnp.bfloat16) == "direct"  # Slower in bf16 on XLA:CPU.
   assert vgg.conv_impl_for(112, 112, 128, "gpu") == "direct"  # cuDNN picks its own algorithm.
   assert vgg.conv_impl_for(2, 2, 512, "tpu") == "direct"
 

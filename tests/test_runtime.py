@@ -34,6 +34,7 @@ def test_auto_turns_ynnpack_off_for_large_images_or_while_block1_trains(first_la
 def test_forward_passes_follow_the_image_size():
   assert runtime.compiler_options("auto", 64, platform="cpu") is None
   assert runtime.compiler_options("auto", 224, platform="cpu") == YNN_OFF
+  assert runtime.compiler_options("auto", 224, dtype="bfloat16", platform="cpu") is None
 
 
 def test_explicit_settings_and_other_platforms():
@@ -66,8 +67,11 @@ def test_tune_malloc_applies_on_glibc():
   assert runtime.tune_malloc() is True
 
 
-def test_bad_ynn_setting_is_a_config_error():
+@pytest.mark.parametrize("key,value,msg", [("xla_cpu_ynn", "fastest", "xla_cpu_ynn must be one of"),
+                                           ("model.conv_impl", "fft", "model.conv_impl must be one of")])
+def test_bad_speed_settings_are_config_errors(key, value, msg):
   config = base.get_base()
-  config.xla_cpu_ynn = "fastest"
-  with pytest.raises(UserError, match="xla_cpu_ynn must be one of"):
+  section, _, name = key.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(UserError, match=msg):
     train.validate(config, devices=False)

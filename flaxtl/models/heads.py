@@ -65,16 +65,17 @@ class TransferModel(nn.Module):
   dropout: Sequence[float] = ()
   head_init: str = "glorot_uniform"
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"  # VGG's conv_impl.
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if self.head == "keras_top":
       return VGG(arch=self.arch, include_top=True, num_classes=self.num_classes, dtype=self.dtype,
-                 name="backbone")(x)
+                 conv_impl=self.conv_impl, name="backbone")(x)
     if self.head not in ("mlp", "linear"):
       raise UserError(f"model.head must be 'keras_top', 'mlp' or 'linear', got {self.head!r}")
     feats = VGG(arch=self.arch, include_top=False, output_layer=self.feature_layer, dtype=self.dtype,
-                name="backbone")(x)
+                conv_impl=self.conv_impl, name="backbone")(x)
     return self.apply_head(feats, train)
 
   def apply_head(self, feats: jax.Array, train: bool = False) -> jax.Array:

@@ -37,7 +37,7 @@ bias_init = nn.initializers.zeros_init()
 # benchmarks/conv_forms.py:
 # - maps of at most 16 pixels (4x4, 2x2): one matmul over im2col patches. XLA:CPU's
 #   convolution runs 2x2 maps at ~2 GFLOP/s; a matmul of the same FLOPs does not.
-# - maps of 28x28 and up with >= 128 input channels (56x56 and up at 128): Winograd
+# - float32 maps of 28x28 and up with >= 128 input channels (56x56 and up at 128): Winograd
 #   F(2x2, 3x3), 2.25x fewer multiplies, 1.2-1.7x faster than XLA:CPU's convolution on
 #   these shapes (VGG16 forward at 224x224: 13.6 -> 17.1 img/s); its results differ from
 #   the direct convolution at the 1e-6 relative level.
@@ -46,13 +46,14 @@ _IM2COL_MAX_PIXELS = 16
 CONV_IMPLS = ("auto", "direct", "im2col", "winograd")
 
 
-def conv_impl_for(h: int, w: int, cin: int, platform: Optional[str] = None) -> str:
-  """The "auto" choice for a 3x3 conv on an (h, w, cin) map."""
+def conv_impl_for(h: int, w: int, cin: int, platform: Optional[str] = None, dtype: Any = jnp.float32) -> str:
+  """The "auto" choice for a 3x3 conv on an (h, w, cin) map computed in `dtype`."""
   if (platform or jax.default_backend()) != "cpu":
     return "direct"
   if h * w <= _IM2COL_MAX_PIXELS:
     return "im2col"
-  if min(h, w) >= 28 and cin >= 128 and (cin >= 256 or min(h, w) >= 56):
+  # float32 only: XLA:CPU runs Winograd's bfloat16 matmuls and transforms at half the speed.
+  if jnp.dtype(dtype) == jnp.float32 and min(h, w) >= 28 and cin >= 128 and (cin >= 256 or min(h, w) >= 56):
     return "winograd"
   return "direct"
 
@@ -195,7 +196,7 @@ class Conv3x3(nn.Module):
     bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
     x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
     _, h, w, _ = x.shape
-    impl = conv_impl_for(h, w, cin) if self.impl == "auto" else self.impl
+    impl = conv_impl_for(h, w, cin, dtype=self.dtype) if self.impl == "auto" else self.impl
     return _CONVS[impl](x, kernel) + bias
 
 
