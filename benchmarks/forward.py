@@ -65,8 +65,9 @@ def flaxtl_cases(cases, dtypes, budget: float, options: Optional[dict], conv_imp
     size, batch = parse_case(case)
     params = vgg.init_params(vgg.VGG16(include_top=False), size)
     x = jnp.asarray(_images(size, batch))
-    opts = runtime.compiler_options("auto", size) if options is None else options
     for dt in dtypes:
+      opts = options if options is not None else runtime.compiler_options(
+          "auto", size, dtype="bfloat16" if dt == "bf16" else "float32")
       model = vgg.VGG16(include_top=False, dtype=jnp.bfloat16 if dt == "bf16" else jnp.float32,
                         conv_impl=conv_impl)
       t0 = time.perf_counter()

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# All performance benchmarks in one go (~12 minutes on 2 CPU cores), results in benchmarks/results/:
+# All performance benchmarks in one go (~6 minutes on 2 CPU cores), results in benchmarks/results/:
 #   forward.json     VGG16 forward, flaxtl / flaxtl_tuned / PyTorch / Keras 3, fp32 + bf16, 224/64/32 px
 #   train_step.json  train step 64x64 batch 16: freeze-8, full, frozen backbone, cached-features head
 #   gpu_check_smoke.json  the accelerator check in --smoke mode (proves it runs; not a GPU number)
 #   chart.png        both of the above as bar charts
 #
 #   bash benchmarks/run_all.sh            # everything
-#   FAST=1 bash benchmarks/run_all.sh     # shorter timing budget (noisier), ~6 minutes
+#   FAST=1 bash benchmarks/run_all.sh     # shorter timing budget (noisier), ~4 minutes
 #
 # Needs: the flaxtl venv, torch==2.13.0 (CPU), keras 3 (run on the JAX backend), matplotlib.
 # Runs the sections one after the other: on 2 cores two heavy benchmarks at once would measure
