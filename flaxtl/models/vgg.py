@@ -104,11 +104,11 @@ def _winograd_f23(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def winograd_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """3x3 'same' conv, forward by Winograd F(2x2, 3x3), gradients by XLA's convolution.
+  """3x3 'same' conv by Winograd F(2x2, 3x3), forward and input gradient.
 
-  The autodiff gradient through the tile transforms is slower than XLA's own conv
-  gradients, and the gradient of a convolution does not depend on how its forward
-  was computed, so the backward pass is the direct convolution's.
+  The input gradient is itself a 3x3 'same' conv (of dy with the kernel flipped and
+  its channel axes swapped), so it runs as Winograd too. The kernel gradient is XLA's
+  convolution: autodiff through the tile transforms is slower.
   """
   return _winograd_f23(x, kernel)
 
@@ -119,7 +119,9 @@ def _winograd_fwd(x, kernel):
 
 def _winograd_bwd(residuals, dy):
   x, kernel = residuals
-  return jax.vjp(_direct_conv, x, kernel)[1](dy)
+  dx = _winograd_f23(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+  dkernel = jax.vjp(lambda k: _direct_conv(x, k), kernel)[1](dy)[0]
+  return dx, dkernel
 
 
 winograd_conv.defvjp(_winograd_fwd, _winograd_bwd)
