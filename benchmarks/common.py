@@ -202,6 +202,15 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
   return a / b if a and b else None
 
 
+def ratio_cells(pairs, value: Callable[[str], Optional[float]], tag: str, derived: dict) -> list[str]:
+  """One table cell per (a, b) pair: value(a) / value(b); each ratio also goes to derived["a/b@tag"]."""
+  cells = []
+  for a, b in pairs:
+    r = derived[f"{a}/{b}@{tag}"] = ratio(value(a), value(b))
+    cells.append(fmt_ratio(r))
+  return cells
+
+
 def fmt(x: Optional[float], digits: int = 1) -> str:
   if x is None:
     return "-"

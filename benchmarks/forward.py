@@ -166,10 +166,7 @@ def summarise(results: dict) -> tuple[str, dict]:
         continue
       row = [case.replace("x", "x" + case.split("x")[0] + ", batch ", 1), dt]
       row += [common.fmt(ips(f, case, dt)) + mark(f, case, dt) for f in fws]
-      for a, b in pairs:
-        r = common.ratio(ips(a, case, dt), ips(b, case, dt))
-        derived[f"{a}/{b}@{case}/{dt}"] = r
-        row.append(common.fmt_ratio(r))
+      row += common.ratio_cells(pairs, lambda f: ips(f, case, dt), f"{case}/{dt}", derived)
       rows.append(row)
   out = [common.markdown_table(header, rows)]
 

@@ -120,7 +120,7 @@ def flaxtl_case(case: str, budget: float, options: Optional[dict]) -> dict:
     from flaxtl import runtime
 
     options = runtime.compiler_options(
-        "auto", SIZE, [p for p, state_, _ in plan.rows if state_ == freeze.TRAINABLE]) or {}
+        "auto", SIZE, plan.trainable_paths()) or {}
   out["xla_options"] = options
   compiled = lowered.compile(options or None)
   t2 = time.perf_counter()
@@ -296,10 +296,7 @@ def summarise(results: dict) -> tuple[str, dict]:
   rows = []
   for case in cases:
     row = [case, *[cell(f, case) for f in fws]]
-    for a, b in pairs:
-      r = common.ratio(get(a, case), get(b, case))
-      derived[f"{a}/{b}@{case}"] = r
-      row.append(common.fmt_ratio(r))
+    row += common.ratio_cells(pairs, lambda f: get(f, case), case, derived)
     rows.append(row)
   out = [common.markdown_table(header, rows)]
 

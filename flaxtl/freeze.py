@@ -77,6 +77,9 @@ class Plan:
   def trainable_mask(self):
     return jax.tree.map(lambda l: l != FROZEN, self.labels)
 
+  def trainable_paths(self) -> list[str]:
+    return [path for path, state, _ in self.rows if state == TRAINABLE]
+
   @property
   def label_set(self) -> list[str]:
     return sorted(set(jax.tree.leaves(self.labels)))

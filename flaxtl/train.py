@@ -362,8 +362,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     fn = steps.make_train_step(
         model, tx_, plan_.trainable_mask(), schedule_, prepare=run.prepare, nan_policy=config.nan_policy,
         log_grad_norm=config.log_grad_norm, augment=data_lib.augment if config.data.augment else None)
-    trainable = [path for path, state_, _ in plan_.rows if state_ == freeze.TRAINABLE]
-    options = runtime.compiler_options(config.xla_cpu_ynn, config.image_size, trainable, config.model.dtype)
+    options = runtime.compiler_options(config.xla_cpu_ynn, config.image_size, plan_.trainable_paths(),
+                                       config.model.dtype)
     if options:
       log.info("train step compiled with %s", options)
     return tx_, jax.jit(fn, donate_argnums=0, out_shardings=(replicated, replicated),

@@ -19,7 +19,7 @@ def _trainable(first_layers: int) -> list[str]:
   params = {"backbone": vgg.param_shapes(vgg.VGG16(include_top=False), 32), "head": {"dense1": {"kernel": 0}}}
   plan = freeze.plan(params, freeze.first_layers_rules(first_layers, params, arch="vgg16", include_top=False),
                      log_matches=False)
-  return [p for p, state, _ in plan.rows if state == freeze.TRAINABLE]
+  return plan.trainable_paths()
 
 
 @pytest.mark.parametrize("first_layers,size,expected", [
