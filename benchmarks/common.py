@@ -12,20 +12,23 @@ per-process high-water mark.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import json
 import os
+from pathlib import Path
 import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
-MAX_OTHER = 0.15  # Fraction of all cores used by other processes above which we retry.
+MAX_OTHER = (
+  0.15  # Fraction of all cores used by other processes above which we retry.
+)
 
 # The scripts run as `python benchmarks/x.py` (sys.path[0] is benchmarks/): make flaxtl and configs
 # importable from the checkout without requiring an install.
@@ -54,8 +57,12 @@ def _own_cpu_s() -> float:
 class CpuProbe:
   """`with CpuProbe() as p: ...` then p.own / p.other: fractions of all cores used during the block."""
 
-  def __enter__(self) -> "CpuProbe":
-    self._busy, self._own, self._wall = _machine_busy_s(), _own_cpu_s(), time.perf_counter()
+  def __enter__(self) -> CpuProbe:
+    self._busy, self._own, self._wall = (
+      _machine_busy_s(),
+      _own_cpu_s(),
+      time.perf_counter(),
+    )
     return self
 
   def __exit__(self, *exc) -> None:
@@ -83,8 +90,16 @@ def peak_rss_mb() -> float:
 # --- timing ---------------------------------------------------------------------------------------
 
 
-def time_fn(fn: Callable[[], Any], *, warmup: int = 1, reps: int = 5, min_reps: int = 3,
-            budget_s: float = 4.0, retries: int = 2, pause_s: float = 3.0) -> dict:
+def time_fn(
+  fn: Callable[[], Any],
+  *,
+  warmup: int = 1,
+  reps: int = 5,
+  min_reps: int = 3,
+  budget_s: float = 4.0,
+  retries: int = 2,
+  pause_s: float = 3.0,
+) -> dict:
   """Median wall time of `fn()` (which must block until its result is ready).
 
   `warmup` untimed calls first (compilation, caches, allocator), then up to `reps` timed calls, stopping
@@ -93,17 +108,25 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 1, reps: int = 5, min_reps: 
   """
   for _ in range(warmup):
     fn()
-  best: Optional[dict] = None
+  best: dict | None = None
   for attempt in range(retries + 1):
     times: list[float] = []
     with CpuProbe() as probe:
       start = time.perf_counter()
-      while len(times) < reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
+      while len(times) < reps and (
+        len(times) < min_reps or time.perf_counter() - start < budget_s
+      ):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    res = {"median_s": statistics.median(times), "min_s": min(times), "times_s": times,
-           "own_cpu": round(probe.own, 3), "other_cpu": round(probe.other, 3), "attempts": attempt + 1}
+    res = {
+      "median_s": statistics.median(times),
+      "min_s": min(times),
+      "times_s": times,
+      "own_cpu": round(probe.own, 3),
+      "other_cpu": round(probe.other, 3),
+      "attempts": attempt + 1,
+    }
     if best is None or res["other_cpu"] < best["other_cpu"]:
       best = res
     if res["other_cpu"] <= MAX_OTHER:
@@ -117,7 +140,9 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 1, reps: int = 5, min_reps: 
   return best
 
 
-def wait_for_quiet(max_wait_s: Optional[float] = None, window_s: float = 2.0) -> float:
+def wait_for_quiet(
+  max_wait_s: float | None = None, window_s: float = 2.0
+) -> float:
   """Waits (up to `max_wait_s`, env BENCH_QUIET_WAIT, default 20 s) until other processes use under
   MAX_OTHER of the machine; returns the last reading. Bounded so run_all.sh keeps its time budget."""
   if max_wait_s is None:
@@ -136,8 +161,10 @@ def wait_for_quiet(max_wait_s: Optional[float] = None, window_s: float = 2.0) ->
 def env_info() -> dict:
   """What the numbers depend on: versions, CPU, thread settings, XLA flags."""
   info: dict[str, Any] = {
-      "python": platform.python_version(), "machine": platform.machine(), "cores": os.cpu_count(),
-      "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+    "python": platform.python_version(),
+    "machine": platform.machine(),
+    "cores": os.cpu_count(),
+    "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
   }
   from importlib import metadata
 
@@ -149,29 +176,65 @@ def env_info() -> dict:
   try:
     with open("/proc/cpuinfo") as f:
       text = f.read()
-    info["cpu"] = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), "?")
-    flags = next((l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith("flags")), [])
-    info["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx512", "amx")))
+    info["cpu"] = next(
+      (
+        l.split(":", 1)[1].strip()
+        for l in text.splitlines()
+        if l.startswith("model name")
+      ),
+      "?",
+    )
+    flags = next(
+      (
+        l.split(":", 1)[1].split()
+        for l in text.splitlines()
+        if l.startswith("flags")
+      ),
+      [],
+    )
+    info["cpu_flags"] = sorted(
+      f for f in flags if f.startswith(("avx512", "amx"))
+    )
   except OSError:
     pass
   return info
 
 
-def run_worker(script: Path, args: list[str], *, env: Optional[dict] = None, timeout_s: float = 900) -> list[dict]:
+def run_worker(
+  script: Path,
+  args: list[str],
+  *,
+  env: dict | None = None,
+  timeout_s: float = 900,
+) -> list[dict]:
   """Runs `python script *args` in a fresh process and returns the JSON records it printed.
 
   Workers print one `@@{json}` line per result; everything else (warnings, logs) passes through to
   stderr so a failing worker is still readable.
   """
   full_env = {**os.environ, **(env or {})}
-  full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), full_env.get("PYTHONPATH", "")) if p)
-  proc = subprocess.run([sys.executable, str(script), *args], env=full_env, text=True,
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout_s)
-  records = [json.loads(l[2:]) for l in proc.stdout.splitlines() if l.startswith("@@")]
+  full_env["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(ROOT), full_env.get("PYTHONPATH", "")) if p
+  )
+  proc = subprocess.run(
+    [sys.executable, str(script), *args],
+    env=full_env,
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    timeout=timeout_s,
+  )
+  records = [
+    json.loads(l[2:]) for l in proc.stdout.splitlines() if l.startswith("@@")
+  ]
   if proc.returncode != 0:
     sys.stderr.write(proc.stderr[-4000:])
-    records.append({"error": f"worker {script.name} {' '.join(args)} exited {proc.returncode}",
-                    "stderr_tail": proc.stderr[-1500:]})
+    records.append(
+      {
+        "error": f"worker {script.name} {' '.join(args)} exited {proc.returncode}",
+        "stderr_tail": proc.stderr[-1500:],
+      }
+    )
   return records
 
 
@@ -190,19 +253,28 @@ def write_json(name: str, payload: dict) -> Path:
 # (numerator, denominator) framework pairs shown as ratio columns: stock against stock, and
 # malloc-tuned against malloc-tuned (same process settings on both sides). "_tuned" = tune_malloc()
 # in that process; flaxtl_tuned also compiles with flaxtl's own XLA options (flaxtl as launch.py runs it).
-PAIRS = (("flaxtl", "torch"), ("flaxtl", "keras"), ("flaxtl_tuned", "torch_tuned"), ("flaxtl_tuned", "keras_tuned"),
-         ("flaxtl_tuned", "torch"), ("flaxtl_tuned", "flaxtl"), ("flaxtl_xla", "flaxtl"))
+PAIRS = (
+  ("flaxtl", "torch"),
+  ("flaxtl", "keras"),
+  ("flaxtl_tuned", "torch_tuned"),
+  ("flaxtl_tuned", "keras_tuned"),
+  ("flaxtl_tuned", "torch"),
+  ("flaxtl_tuned", "flaxtl"),
+  ("flaxtl_xla", "flaxtl"),
+)
 
 
 def present_pairs(fws: list[str]) -> list[tuple[str, str]]:
   return [(a, b) for a, b in PAIRS if a in fws and b in fws]
 
 
-def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+def ratio(a: float | None, b: float | None) -> float | None:
   return a / b if a and b else None
 
 
-def ratio_cells(pairs, value: Callable[[str], Optional[float]], tag: str, derived: dict) -> list[str]:
+def ratio_cells(
+  pairs, value: Callable[[str], float | None], tag: str, derived: dict
+) -> list[str]:
   """One table cell per (a, b) pair: value(a) / value(b); each ratio also goes to derived["a/b@tag"]."""
   cells = []
   for a, b in pairs:
@@ -211,7 +283,7 @@ def ratio_cells(pairs, value: Callable[[str], Optional[float]], tag: str, derive
   return cells
 
 
-def fmt(x: Optional[float], digits: int = 1) -> str:
+def fmt(x: float | None, digits: int = 1) -> str:
   if x is None:
     return "-"
   if x >= 1000:
@@ -219,7 +291,7 @@ def fmt(x: Optional[float], digits: int = 1) -> str:
   return f"{x:.{digits}f}"
 
 
-def fmt_ratio(x: Optional[float]) -> str:
+def fmt_ratio(x: float | None) -> str:
   return "-" if x is None else f"{x:.2f}x"
 
 

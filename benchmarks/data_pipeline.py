@@ -31,7 +31,9 @@ from flaxtl.preprocess import prepare_images
 
 
 def peak_rss_mb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB.
+  return (
+    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  )  # Linux reports KiB.
 
 
 def mnist_like(n: int, seed: int = 0) -> data.Dataset:
@@ -43,10 +45,17 @@ def mnist_like(n: int, seed: int = 0) -> data.Dataset:
   copies, label_copies = [], []
   for _ in range(-(-n // len(base))):
     dy, dx = rng.integers(-2, 3, size=2)
-    shifted = np.roll(base, (dy, dx), axis=(1, 2)).astype(np.int16) + rng.integers(-8, 9, base.shape, np.int16)
+    shifted = np.roll(base, (dy, dx), axis=(1, 2)).astype(
+      np.int16
+    ) + rng.integers(-8, 9, base.shape, np.int16)
     copies.append(np.clip(shifted, 0, 255).astype(np.uint8))
     label_copies.append(labels)
-  return data.Dataset(np.concatenate(copies)[:n], np.concatenate(label_copies)[:n], None, pool.class_names)
+  return data.Dataset(
+    np.concatenate(copies)[:n],
+    np.concatenate(label_copies)[:n],
+    None,
+    pool.class_names,
+  )
 
 
 def memory_epoch(ds: data.Dataset, batch: int, size: int) -> dict:
@@ -57,13 +66,19 @@ def memory_epoch(ds: data.Dataset, batch: int, size: int) -> dict:
   checksum = 0.0
   with data.prefetch(it, size=2, put=jax.device_put) as batches:
     for _ in range(it.steps_per_epoch):
-      out = prep(next(batches)["image"])  # The full (batch, size, size, 3) float32 array is materialised.
+      out = prep(
+        next(batches)["image"]
+      )  # The full (batch, size, size, 3) float32 array is materialised.
       out.block_until_ready()
       checksum += float(out[0, 0, 0, 0])
   seconds = time.perf_counter() - t0
   return {
-      "images": it.steps_per_epoch * batch, "seconds": seconds, "rss_before_mb": before, "peak_rss_mb": peak_rss_mb(),
-      "batch_mb": batch * size * size * 3 * 4 / 2**20, "whole_set_gb": len(ds) * size * size * 3 * 4 / 1e9,
+    "images": it.steps_per_epoch * batch,
+    "seconds": seconds,
+    "rss_before_mb": before,
+    "peak_rss_mb": peak_rss_mb(),
+    "batch_mb": batch * size * size * 3 * 4 / 2**20,
+    "whole_set_gb": len(ds) * size * size * 3 * 4 / 1e9,
   }
 
 
@@ -77,18 +92,26 @@ def host_throughput(ds: data.Dataset, batch: int, steps: int) -> float:
     return steps * batch / (time.perf_counter() - t0)
 
 
-def forward_throughput(ds: data.Dataset, batch: int, size: int, steps: int) -> tuple[float, float]:
+def forward_throughput(
+  ds: data.Dataset, batch: int, size: int, steps: int
+) -> tuple[float, float]:
   """(images/s on one resident batch, images/s fed by TrainIterator + prefetch + device_put)."""
   model = VGG16(include_top=False)
   params = init_params(model, size)
-  fwd = jax.jit(lambda p, x: model.apply({"params": p}, prepare_images(x, size, "caffe")).sum())
+  fwd = jax.jit(
+    lambda p, x: model.apply(
+      {"params": p}, prepare_images(x, size, "caffe")
+    ).sum()
+  )
   x = jax.device_put(ds.images[:batch])
   fwd(params, x).block_until_ready()  # Compile.
   t0 = time.perf_counter()
   for _ in range(steps):
     fwd(params, x).block_until_ready()
   resident = steps * batch / (time.perf_counter() - t0)
-  with data.prefetch(data.TrainIterator(ds, batch, seed=2), size=2, put=jax.device_put) as batches:
+  with data.prefetch(
+    data.TrainIterator(ds, batch, seed=2), size=2, put=jax.device_put
+  ) as batches:
     next(batches)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -100,15 +123,24 @@ def forward_throughput(ds: data.Dataset, batch: int, size: int, steps: int) -> t
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--images", type=int, default=60_000)
-  ap.add_argument("--batch", type=int, default=128, help="batch of the 224x224 memory epoch")
+  ap.add_argument(
+    "--batch", type=int, default=128, help="batch of the 224x224 memory epoch"
+  )
   ap.add_argument("--size", type=int, default=224)
-  ap.add_argument("--host-steps", type=int, default=3_000, help="batches of 16 timed for the host pipeline")
+  ap.add_argument(
+    "--host-steps",
+    type=int,
+    default=3_000,
+    help="batches of 16 timed for the host pipeline",
+  )
   ap.add_argument("--forward-steps", type=int, default=30)
   args = ap.parse_args()
 
   ds = mnist_like(args.images)
-  print(f"dataset: {len(ds)} x {ds.image_shape} uint8 = {ds.images.nbytes / 2**20:.0f} MiB; "
-        f"jax {jax.__version__} on {jax.devices()[0].platform}")
+  print(
+    f"dataset: {len(ds)} x {ds.image_shape} uint8 = {ds.images.nbytes / 2**20:.0f} MiB; "
+    f"jax {jax.__version__} on {jax.devices()[0].platform}"
+  )
   mem = memory_epoch(ds, args.batch, args.size)
   host = host_throughput(ds, 16, args.host_steps)
   resident, fed = forward_throughput(ds, 16, 64, args.forward_steps)
@@ -116,15 +148,27 @@ def main() -> None:
   print()
   print("| measure | value |")
   print("|---|---|")
-  print(f"| epoch of {mem['images']:,} images at {args.size}x{args.size} (batch {args.batch}, jitted prepare_images) "
-        f"| {mem['seconds']:.0f} s, {mem['images'] / mem['seconds']:,.0f} img/s |")
-  print(f"| peak RSS (max RSS of the process) | {mem['peak_rss_mb']:,.0f} MB "
-        f"(before the epoch: {mem['rss_before_mb']:,.0f} MB) |")
-  print(f"| one {args.size}x{args.size}x3 float32 batch / the whole set | {mem['batch_mb']:.0f} MiB / "
-        f"{mem['whole_set_gb']:.1f} GB |")
-  print(f"| host pipeline (TrainIterator + prefetch, batch 16) | {host:,.0f} img/s |")
-  print(f"| VGG16 forward 64x64 batch 16 (jit, resident batch) | {resident:.1f} img/s |")
-  print(f"| same forward fed by TrainIterator + prefetch(device_put) | {fed:.1f} img/s |")
+  print(
+    f"| epoch of {mem['images']:,} images at {args.size}x{args.size} (batch {args.batch}, jitted prepare_images) "
+    f"| {mem['seconds']:.0f} s, {mem['images'] / mem['seconds']:,.0f} img/s |"
+  )
+  print(
+    f"| peak RSS (max RSS of the process) | {mem['peak_rss_mb']:,.0f} MB "
+    f"(before the epoch: {mem['rss_before_mb']:,.0f} MB) |"
+  )
+  print(
+    f"| one {args.size}x{args.size}x3 float32 batch / the whole set | {mem['batch_mb']:.0f} MiB / "
+    f"{mem['whole_set_gb']:.1f} GB |"
+  )
+  print(
+    f"| host pipeline (TrainIterator + prefetch, batch 16) | {host:,.0f} img/s |"
+  )
+  print(
+    f"| VGG16 forward 64x64 batch 16 (jit, resident batch) | {resident:.1f} img/s |"
+  )
+  print(
+    f"| same forward fed by TrainIterator + prefetch(device_put) | {fed:.1f} img/s |"
+  )
   print(f"| host pipeline / forward | {host / resident:,.0f}x |")
   ok = mem["peak_rss_mb"] < 1024
   print(f"\npeak RSS under 1 GB: {'yes' if ok else 'NO'}")

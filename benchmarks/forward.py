@@ -24,20 +24,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 import sys
 import time
-from pathlib import Path
-from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
-FRAMEWORKS = ("flaxtl", "flaxtl_tuned", "torch", "torch_tuned", "keras", "keras_tuned")
+FRAMEWORKS = (
+  "flaxtl",
+  "flaxtl_tuned",
+  "torch",
+  "torch_tuned",
+  "keras",
+  "keras_tuned",
+)
 # Not run by default: flaxtl with --options but without tune_malloc (isolates the XLA options).
 EXTRA_FRAMEWORKS = ("flaxtl_xla",)
 CASES = ("224x8", "64x32", "32x64")  # "{size}x{batch}"
 DTYPES = ("fp32", "bf16")
 BLOCKS, WIDTHS = (2, 2, 3, 3, 3), (64, 128, 256, 512, 512)
+
 
 def parse_case(case: str) -> tuple[int, int]:
   size, batch = case.split("x")
@@ -47,13 +54,19 @@ def parse_case(case: str) -> tuple[int, int]:
 def _images(size: int, batch: int):
   import numpy as np
 
-  return np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+  return (
+    np.random.default_rng(0)
+    .uniform(0, 255, (batch, size, size, 3))
+    .astype(np.float32)
+  )
 
 
 # --- workers: one framework per process -----------------------------------------------------------
 
 
-def flaxtl_cases(cases, dtypes, budget: float, options: Optional[dict], conv_impl: str) -> None:
+def flaxtl_cases(
+  cases, dtypes, budget: float, options: dict | None, conv_impl: str
+) -> None:
   """options: XLA compile options; None = flaxtl's own choice for the image size (runtime.compiler_options)."""
   import jax
   import jax.numpy as jnp
@@ -66,24 +79,50 @@ def flaxtl_cases(cases, dtypes, budget: float, options: Optional[dict], conv_imp
     params = vgg.init_params(vgg.VGG16(include_top=False), size)
     x = jnp.asarray(_images(size, batch))
     for dt in dtypes:
-      opts = options if options is not None else runtime.compiler_options(
-          "auto", size, dtype="bfloat16" if dt == "bf16" else "float32")
-      model = vgg.VGG16(include_top=False, dtype=jnp.bfloat16 if dt == "bf16" else jnp.float32,
-                        conv_impl=conv_impl)
+      opts = (
+        options
+        if options is not None
+        else runtime.compiler_options(
+          "auto", size, dtype="bfloat16" if dt == "bf16" else "float32"
+        )
+      )
+      model = vgg.VGG16(
+        include_top=False,
+        dtype=jnp.bfloat16 if dt == "bf16" else jnp.float32,
+        conv_impl=conv_impl,
+      )
       t0 = time.perf_counter()
-      fn = jax.jit(lambda p, x, model=model: model.apply({"params": p}, x)).lower(params, x).compile(opts or None)
+      fn = (
+        jax.jit(lambda p, x, model=model: model.apply({"params": p}, x))
+        .lower(params, x)
+        .compile(opts or None)
+      )
       compile_s = time.perf_counter() - t0
-      res = common.time_fn(lambda: fn(params, x).block_until_ready(), budget_s=budget)
-      common.emit({"case": case, "dtype": dt, "img_s": batch / res["median_s"], "compile_s": compile_s,
-                   "xla_options": opts or {}, "conv_impl": conv_impl,
-                   "im2col_max_pixels": vgg._IM2COL_MAX_PIXELS, **res})
+      res = common.time_fn(
+        lambda: fn(params, x).block_until_ready(), budget_s=budget
+      )
+      common.emit(
+        {
+          "case": case,
+          "dtype": dt,
+          "img_s": batch / res["median_s"],
+          "compile_s": compile_s,
+          "xla_options": opts or {},
+          "conv_impl": conv_impl,
+          "im2col_max_pixels": vgg._IM2COL_MAX_PIXELS,
+          **res,
+        }
+      )
 
 
 def torch_vgg16_features(torch):
   layers, cin = [], 3
   for n, width in zip(BLOCKS, WIDTHS):
     for _ in range(n):
-      layers += [torch.nn.Conv2d(cin, width, 3, padding=1), torch.nn.ReLU(inplace=True)]
+      layers += [
+        torch.nn.Conv2d(cin, width, 3, padding=1),
+        torch.nn.ReLU(inplace=True),
+      ]
       cin = width
     layers.append(torch.nn.MaxPool2d(2))
   return torch.nn.Sequential(*layers)
@@ -92,17 +131,37 @@ def torch_vgg16_features(torch):
 def torch_cases(cases, dtypes, budget: float) -> None:
   import torch
 
-  model = torch_vgg16_features(torch).eval().to(memory_format=torch.channels_last)
+  model = (
+    torch_vgg16_features(torch).eval().to(memory_format=torch.channels_last)
+  )
   for case in cases:
     size, batch = parse_case(case)
-    x = torch.from_numpy(_images(size, batch)).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    x = (
+      torch.from_numpy(_images(size, batch))
+      .permute(0, 3, 1, 2)
+      .contiguous(memory_format=torch.channels_last)
+    )
     for dt in dtypes:
+
       def run(dt=dt, x=x):
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dt == "bf16"):
+        with (
+          torch.inference_mode(),
+          torch.autocast("cpu", dtype=torch.bfloat16, enabled=dt == "bf16"),
+        ):
           return model(x)
-      res = common.time_fn(run, warmup=2, budget_s=budget)  # 2: oneDNN picks kernels on the first call.
-      common.emit({"case": case, "dtype": dt, "img_s": batch / res["median_s"], "threads": torch.get_num_threads(),
-                   **res})
+
+      res = common.time_fn(
+        run, warmup=2, budget_s=budget
+      )  # 2: oneDNN picks kernels on the first call.
+      common.emit(
+        {
+          "case": case,
+          "dtype": dt,
+          "img_s": batch / res["median_s"],
+          "threads": torch.get_num_threads(),
+          **res,
+        }
+      )
 
 
 def keras_cases(cases, dtypes, budget: float) -> None:
@@ -110,20 +169,41 @@ def keras_cases(cases, dtypes, budget: float) -> None:
   import keras
 
   for dt in dtypes:
-    keras.config.set_dtype_policy("mixed_bfloat16" if dt == "bf16" else "float32")
+    keras.config.set_dtype_policy(
+      "mixed_bfloat16" if dt == "bf16" else "float32"
+    )
     for case in cases:
       size, batch = parse_case(case)
-      model = keras.applications.VGG16(weights=None, include_top=False, input_shape=(size, size, 3))
+      model = keras.applications.VGG16(
+        weights=None, include_top=False, input_shape=(size, size, 3)
+      )
       x = _images(size, batch)
       t0 = time.perf_counter()
       model.predict_on_batch(x)  # Traces and compiles the predict step.
       compile_s = time.perf_counter() - t0
-      res = common.time_fn(lambda: model.predict_on_batch(x), warmup=1, budget_s=budget)
-      common.emit({"case": case, "dtype": dt, "img_s": batch / res["median_s"], "first_call_s": compile_s, **res})
+      res = common.time_fn(
+        lambda: model.predict_on_batch(x), warmup=1, budget_s=budget
+      )
+      common.emit(
+        {
+          "case": case,
+          "dtype": dt,
+          "img_s": batch / res["median_s"],
+          "first_call_s": compile_s,
+          **res,
+        }
+      )
       keras.backend.clear_session()
 
 
-def worker(name: str, cases, dtypes, budget: float, options: Optional[dict], conv_impl: str) -> None:
+def worker(
+  name: str,
+  cases,
+  dtypes,
+  budget: float,
+  options: dict | None,
+  conv_impl: str,
+) -> None:
   base, tuned = name.removesuffix("_tuned"), name.endswith("_tuned")
   if tuned:
     common.tune_malloc()  # Before the framework's first allocation.
@@ -145,6 +225,7 @@ def worker(name: str, cases, dtypes, budget: float, options: Optional[dict], con
 
 def summarise(results: dict) -> tuple[str, dict]:
   """Markdown tables and the derived ratios."""
+
   def ips(fw, case, dt):
     r = results.get(fw, {}).get(f"{case}/{dt}")
     return r["img_s"] if r else None
@@ -153,8 +234,10 @@ def summarise(results: dict) -> tuple[str, dict]:
     r = results.get(fw, {}).get(f"{case}/{dt}")
     return "*" if r and r.get("contended") else ""
 
-  cases = sorted({k.split("/")[0] for fw in results.values() for k in fw if "/" in k},
-                 key=lambda c: -parse_case(c)[0])
+  cases = sorted(
+    {k.split("/")[0] for fw in results.values() for k in fw if "/" in k},
+    key=lambda c: -parse_case(c)[0],
+  )
   fws = [f for f in FRAMEWORKS + EXTRA_FRAMEWORKS if f in results]
   header = ["input, batch", "dtype", *[f"{f} img/s" for f in fws]]
   pairs = common.present_pairs(fws)
@@ -166,7 +249,9 @@ def summarise(results: dict) -> tuple[str, dict]:
         continue
       row = [case.replace("x", "x" + case.split("x")[0] + ", batch ", 1), dt]
       row += [common.fmt(ips(f, case, dt)) + mark(f, case, dt) for f in fws]
-      row += common.ratio_cells(pairs, lambda f: ips(f, case, dt), f"{case}/{dt}", derived)
+      row += common.ratio_cells(
+        pairs, lambda f: ips(f, case, dt), f"{case}/{dt}", derived
+      )
       rows.append(row)
   out = [common.markdown_table(header, rows)]
 
@@ -179,7 +264,10 @@ def summarise(results: dict) -> tuple[str, dict]:
         derived[f"bf16_speedup/{f}@{case}"] = r
         rows2.append([f, case, common.fmt_ratio(r)])
   if rows2:
-    out.append("bf16 / fp32 images/s:\n\n" + common.markdown_table(["framework", "case", "bf16 / fp32"], rows2))
+    out.append(
+      "bf16 / fp32 images/s:\n\n"
+      + common.markdown_table(["framework", "case", "bf16 / fp32"], rows2)
+    )
   rows3 = []
   for f in fws:
     for dt in DTYPES:
@@ -188,9 +276,13 @@ def summarise(results: dict) -> tuple[str, dict]:
         derived[f"32_over_64/{f}/{dt}"] = r
         rows3.append([f, dt, common.fmt_ratio(r)])
   if rows3:
-    out.append("images/s at 32x32 (batch 64) / images/s at 64x64 (batch 32):\n\n"
-               + common.markdown_table(["framework", "dtype", "32x32 / 64x64"], rows3))
-  out.append("`*`: other processes used > 15% of the machine during that measurement (retried, least contended kept).")
+    out.append(
+      "images/s at 32x32 (batch 64) / images/s at 64x64 (batch 32):\n\n"
+      + common.markdown_table(["framework", "dtype", "32x32 / 64x64"], rows3)
+    )
+  out.append(
+    "`*`: other processes used > 15% of the machine during that measurement (retried, least contended kept)."
+  )
   return "\n\n".join(out), derived
 
 
@@ -199,12 +291,28 @@ def main() -> None:
   ap.add_argument("--frameworks", default=",".join(FRAMEWORKS))
   ap.add_argument("--cases", default=",".join(CASES))
   ap.add_argument("--dtypes", default=",".join(DTYPES))
-  ap.add_argument("--budget", type=float, default=4.0, help="seconds of timed calls per measurement")
-  ap.add_argument("--options", default="null",
-                  help="XLA options (JSON) for flaxtl_tuned; default: flaxtl's own choice per image size")
-  ap.add_argument("--conv-impl", default="auto", help="experiment: VGG16(conv_impl=...) in the flaxtl workers")
-  ap.add_argument("--im2col-max-pixels", type=int, default=None,
-                  help="experiment: override flaxtl.models.vgg._IM2COL_MAX_PIXELS in the flaxtl workers")
+  ap.add_argument(
+    "--budget",
+    type=float,
+    default=4.0,
+    help="seconds of timed calls per measurement",
+  )
+  ap.add_argument(
+    "--options",
+    default="null",
+    help="XLA options (JSON) for flaxtl_tuned; default: flaxtl's own choice per image size",
+  )
+  ap.add_argument(
+    "--conv-impl",
+    default="auto",
+    help="experiment: VGG16(conv_impl=...) in the flaxtl workers",
+  )
+  ap.add_argument(
+    "--im2col-max-pixels",
+    type=int,
+    default=None,
+    help="experiment: override flaxtl.models.vgg._IM2COL_MAX_PIXELS in the flaxtl workers",
+  )
   ap.add_argument("--out", default="forward.json")
   ap.add_argument("--worker", help=argparse.SUPPRESS)
   args = ap.parse_args()
@@ -214,24 +322,59 @@ def main() -> None:
       from flaxtl.models import vgg
 
       vgg._IM2COL_MAX_PIXELS = args.im2col_max_pixels
-    worker(args.worker, cases, dtypes, args.budget, json.loads(args.options), args.conv_impl)
+    worker(
+      args.worker,
+      cases,
+      dtypes,
+      args.budget,
+      json.loads(args.options),
+      args.conv_impl,
+    )
     return
   extra = ["--conv-impl", args.conv_impl]
-  extra += [] if args.im2col_max_pixels is None else ["--im2col-max-pixels", str(args.im2col_max_pixels)]
+  extra += (
+    []
+    if args.im2col_max_pixels is None
+    else ["--im2col-max-pixels", str(args.im2col_max_pixels)]
+  )
 
   results: dict[str, dict] = {}
   for fw in args.frameworks.split(","):
     common.wait_for_quiet()
     print(f"[forward] {fw} ...", file=sys.stderr, flush=True)
     t = time.perf_counter()
-    recs = common.run_worker(Path(__file__), ["--worker", fw, "--cases", args.cases, "--dtypes", args.dtypes,
-                                              "--budget", str(args.budget), "--options", args.options, *extra])
+    recs = common.run_worker(
+      Path(__file__),
+      [
+        "--worker",
+        fw,
+        "--cases",
+        args.cases,
+        "--dtypes",
+        args.dtypes,
+        "--budget",
+        str(args.budget),
+        "--options",
+        args.options,
+        *extra,
+      ],
+    )
     results[fw] = {f"{r['case']}/{r['dtype']}": r for r in recs if "case" in r}
-    results[fw]["_meta"] = {"wall_s": time.perf_counter() - t,
-                            **{k: v for r in recs if "case" not in r for k, v in r.items()}}
+    results[fw]["_meta"] = {
+      "wall_s": time.perf_counter() - t,
+      **{k: v for r in recs if "case" not in r for k, v in r.items()},
+    }
   table, derived = summarise(results)
-  path = common.write_json(args.out, {"env": common.env_info(), "tuned_options": json.loads(args.options),
-                                      "results": results, "derived": derived, "table": table})
+  path = common.write_json(
+    args.out,
+    {
+      "env": common.env_info(),
+      "tuned_options": json.loads(args.options),
+      "results": results,
+      "derived": derived,
+      "table": table,
+    },
+  )
   print(table)
   print(f"\nwrote {path}")
 

@@ -36,32 +36,44 @@ import argparse
 import inspect
 import json
 import os
+from pathlib import Path
 import re
 import sys
 import time
-from pathlib import Path
-from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from forward import torch_vgg16_features  # noqa: E402
+import common
+from forward import torch_vgg16_features
 
-FRAMEWORKS = ("flaxtl", "flaxtl_tuned", "torch", "torch_tuned", "keras", "keras_tuned")
+FRAMEWORKS = (
+  "flaxtl",
+  "flaxtl_tuned",
+  "torch",
+  "torch_tuned",
+  "keras",
+  "keras_tuned",
+)
 # Not run by default: flaxtl with --options but without tune_malloc (isolates the XLA options).
 EXTRA_FRAMEWORKS = ("flaxtl_xla",)
 CASES = ("freeze8", "full", "frozen_backbone", "head_cached")
-FIRST_LAYERS = {"freeze8": 8, "full": 0, "frozen_backbone": 19,  # 19 = every layer of VGG16 no-top.
-                "freeze4": 4}  # Not run by default: block1 frozen (used to choose the XLA:CPU options).
+FIRST_LAYERS = {
+  "freeze8": 8,
+  "full": 0,
+  "frozen_backbone": 19,  # 19 = every layer of VGG16 no-top.
+  "freeze4": 4,
+}  # Not run by default: block1 frozen (used to choose the XLA:CPU options).
 SIZE, BATCH, CLASSES, HIDDEN = 64, 16, 10, 256
 LR, MOMENTUM, CLIP = 1e-3, 0.9, 1.0
 
 
-def _batch(n: Optional[int] = None, seed: int = 0):
+def _batch(n: int | None = None, seed: int = 0):
   n = n or BATCH
   import numpy as np
 
   rng = np.random.default_rng(seed)
-  x = rng.uniform(-120, 140, (n, SIZE, SIZE, 3)).astype(np.float32)  # Like caffe-preprocessed pixels.
+  x = rng.uniform(-120, 140, (n, SIZE, SIZE, 3)).astype(
+    np.float32
+  )  # Like caffe-preprocessed pixels.
   y = rng.integers(0, CLASSES, n).astype(np.int32)
   return x, y
 
@@ -85,11 +97,20 @@ def _optim_cfg():
   from configs import base
 
   cfg = base.get_base().optim
-  cfg.update(dict(name="sgd", lr=LR, momentum=MOMENTUM, nesterov=True, clip_norm=CLIP, schedule="constant"))
+  cfg.update(
+    dict(
+      name="sgd",
+      lr=LR,
+      momentum=MOMENTUM,
+      nesterov=True,
+      clip_norm=CLIP,
+      schedule="constant",
+    )
+  )
   return cfg
 
 
-def flaxtl_case(case: str, budget: float, options: Optional[dict]) -> dict:
+def flaxtl_case(case: str, budget: float, options: dict | None) -> dict:
   """options: XLA compile options; None = what flaxtl.train picks (config.xla_cpu_ynn='auto')."""
   import jax
   import jax.numpy as jnp
@@ -98,20 +119,44 @@ def flaxtl_case(case: str, budget: float, options: Optional[dict]) -> dict:
   from flaxtl import freeze, optim, steps
   from flaxtl.models.heads import TransferModel
 
-  model = TransferModel(arch="vgg16", head="mlp", hidden=(HIDDEN,), activations=("relu",), dropout=(0.0,),
-                        num_classes=CLASSES)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)))["params"]
+  model = TransferModel(
+    arch="vgg16",
+    head="mlp",
+    hidden=(HIDDEN,),
+    activations=("relu",),
+    dropout=(0.0,),
+    num_classes=CLASSES,
+  )
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)))[
+    "params"
+  ]
   out: dict = {}
   if case == "head_cached":
     return _head_cached(model, params, budget, options)
 
-  plan = freeze.plan(params, freeze.first_layers_rules(FIRST_LAYERS[case], params, arch="vgg16",
-                                                       include_top=False))
+  plan = freeze.plan(
+    params,
+    freeze.first_layers_rules(
+      FIRST_LAYERS[case], params, arch="vgg16", include_top=False
+    ),
+  )
   tx, schedule = optim.make_optimizer(_optim_cfg(), plan, 10_000)
-  step = _make_step(model, tx, plan.trainable_mask(), schedule, lambda x: x.astype(jnp.float32), SIZE)
-  state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(1))
+  step = _make_step(
+    model,
+    tx,
+    plan.trainable_mask(),
+    schedule,
+    lambda x: x.astype(jnp.float32),
+    SIZE,
+  )
+  state = steps.TrainState(
+    jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(1)
+  )
   x, y = _batch()
-  batch = {"image": x, "label": y}  # Host arrays: each call transfers them, as the training loop does.
+  batch = {
+    "image": x,
+    "label": y,
+  }  # Host arrays: each call transfers them, as the training loop does.
 
   t0 = time.perf_counter()
   lowered = jax.jit(step, donate_argnums=0).lower(state, batch)
@@ -119,15 +164,19 @@ def flaxtl_case(case: str, budget: float, options: Optional[dict]) -> dict:
   if options is None:
     from flaxtl import runtime
 
-    options = runtime.compiler_options(
-        "auto", SIZE, plan.trainable_paths()) or {}
+    options = (
+      runtime.compiler_options("auto", SIZE, plan.trainable_paths()) or {}
+    )
   out["xla_options"] = options
   compiled = lowered.compile(options or None)
   t2 = time.perf_counter()
   hlo = compiled.as_text()
-  out.update(lower_s=t1 - t0, compile_s=t2 - t1,
-             convolutions=len(re.findall(r"= \S+ convolution\(", hlo))
-             + len(re.findall(r'custom_call_target="__onednn\$convolution', hlo)))
+  out.update(
+    lower_s=t1 - t0,
+    compile_s=t2 - t1,
+    convolutions=len(re.findall(r"= \S+ convolution\(", hlo))
+    + len(re.findall(r'custom_call_target="__onednn\$convolution', hlo)),
+  )
   holder = [state]
 
   def run(n: int = 1):
@@ -141,7 +190,9 @@ def flaxtl_case(case: str, budget: float, options: Optional[dict]) -> dict:
   t3 = time.perf_counter()
   metrics = run()
   out["first_step_s"] = time.perf_counter() - t3
-  out["grad_norm_logged"] = "grad_norm" in metrics and bool(np.isfinite(metrics["grad_norm"]))
+  out["grad_norm_logged"] = "grad_norm" in metrics and bool(
+    np.isfinite(metrics["grad_norm"])
+  )
   res = common.time_fn(run, warmup=1, reps=7, budget_s=budget)
   out.update(img_s=BATCH / res["median_s"], **res)
   return out
@@ -160,24 +211,50 @@ def _head_cached(model, params, budget: float, options: dict) -> dict:
   # What the cache holds: block5_pool features of every image, computed once (batch 32 as features.py).
   extract_batch = 32
   backbone = VGG(arch="vgg16", include_top=False, output_layer="block5_pool")
-  fwd = jax.jit(lambda p, x: backbone.apply({"params": p}, x)).lower(
-      params["backbone"], jnp.zeros((extract_batch, SIZE, SIZE, 3))).compile(options or None)
+  fwd = (
+    jax.jit(lambda p, x: backbone.apply({"params": p}, x))
+    .lower(params["backbone"], jnp.zeros((extract_batch, SIZE, SIZE, 3)))
+    .compile(options or None)
+  )
   xe, _ = _batch(extract_batch, seed=1)
-  ext = common.time_fn(lambda: fwd(params["backbone"], xe).block_until_ready(), budget_s=budget)
+  ext = common.time_fn(
+    lambda: fwd(params["backbone"], xe).block_until_ready(), budget_s=budget
+  )
   n_cached = 4096
   feats = np.asarray(fwd(params["backbone"], xe))
-  feats = np.concatenate([feats] * (n_cached // extract_batch))  # (4096, 2, 2, 512) float32 on the host.
-  labels = np.random.default_rng(0).integers(0, CLASSES, n_cached).astype(np.int32)
+  feats = np.concatenate(
+    [feats] * (n_cached // extract_batch)
+  )  # (4096, 2, 2, 512) float32 on the host.
+  labels = (
+    np.random.default_rng(0).integers(0, CLASSES, n_cached).astype(np.int32)
+  )
 
   # Built directly (not model.make_head()): outside apply a submodule made in an unbound method has no scope.
-  head_model = heads.HeadOnly(heads.MLPHead((HIDDEN,), ("relu",), (0.0,), CLASSES), pooling=None)
+  head_model = heads.HeadOnly(
+    heads.MLPHead((HIDDEN,), ("relu",), (0.0,), CLASSES), pooling=None
+  )
   head_params = {"head": params["head"]}
   plan = freeze.plan(head_params)
   tx, schedule = optim.make_optimizer(_optim_cfg(), plan, 10_000)
-  step = _make_step(head_model, tx, plan.trainable_mask(), schedule, lambda f: f.astype(jnp.float32), SIZE)
-  state = steps.TrainState(jnp.zeros((), jnp.int32), head_params, tx.init(head_params), jax.random.PRNGKey(1))
-  compiled = jax.jit(step, donate_argnums=0).lower(
-      state, {"image": feats[:BATCH], "label": labels[:BATCH]}).compile(options or None)
+  step = _make_step(
+    head_model,
+    tx,
+    plan.trainable_mask(),
+    schedule,
+    lambda f: f.astype(jnp.float32),
+    SIZE,
+  )
+  state = steps.TrainState(
+    jnp.zeros((), jnp.int32),
+    head_params,
+    tx.init(head_params),
+    jax.random.PRNGKey(1),
+  )
+  compiled = (
+    jax.jit(step, donate_argnums=0)
+    .lower(state, {"image": feats[:BATCH], "label": labels[:BATCH]})
+    .compile(options or None)
+  )
   steps_per_call = 256  # One step is tens of microseconds: time many, slicing host batches like an epoch.
   holder = [state, 0]
 
@@ -185,14 +262,20 @@ def _head_cached(model, params, budget: float, options: dict) -> dict:
     s, i = holder
     for _ in range(steps_per_call):
       j = (i % (n_cached // BATCH)) * BATCH
-      s, metrics = compiled(s, {"image": feats[j:j + BATCH], "label": labels[j:j + BATCH]})
+      s, metrics = compiled(
+        s, {"image": feats[j : j + BATCH], "label": labels[j : j + BATCH]}
+      )
       i += 1
     jax.block_until_ready((s, metrics))
     holder[:] = [s, i]
 
   res = common.time_fn(run, warmup=1, reps=7, budget_s=budget)
-  return {"img_s": steps_per_call * BATCH / res["median_s"], "extract_img_s": extract_batch / ext["median_s"],
-          "extract_batch": extract_batch, **res}
+  return {
+    "img_s": steps_per_call * BATCH / res["median_s"],
+    "extract_img_s": extract_batch / ext["median_s"],
+    "extract_batch": extract_batch,
+    **res,
+  }
 
 
 # --- PyTorch --------------------------------------------------------------------------------------
@@ -203,8 +286,13 @@ def torch_case(case: str, budget: float) -> dict:
 
   torch.manual_seed(0)
   features = torch_vgg16_features(torch)
-  model = torch.nn.Sequential(features, torch.nn.Flatten(), torch.nn.Linear(512 * (SIZE // 32) ** 2, HIDDEN),
-                              torch.nn.ReLU(), torch.nn.Linear(HIDDEN, CLASSES))
+  model = torch.nn.Sequential(
+    features,
+    torch.nn.Flatten(),
+    torch.nn.Linear(512 * (SIZE // 32) ** 2, HIDDEN),
+    torch.nn.ReLU(),
+    torch.nn.Linear(HIDDEN, CLASSES),
+  )
   model = model.to(memory_format=torch.channels_last).train()
   convs = [m for m in features if isinstance(m, torch.nn.Conv2d)]
   n_frozen = {"freeze8": 5, "full": 0, "frozen_backbone": len(convs)}[case]
@@ -213,7 +301,11 @@ def torch_case(case: str, budget: float) -> dict:
   trainable = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.SGD(trainable, lr=LR, momentum=MOMENTUM, nesterov=True)
   x, y = _batch()
-  x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+  x = (
+    torch.from_numpy(x)
+    .permute(0, 3, 1, 2)
+    .contiguous(memory_format=torch.channels_last)
+  )
   y = torch.from_numpy(y).long()
 
   def run():
@@ -228,7 +320,12 @@ def torch_case(case: str, budget: float) -> dict:
   run()
   first = time.perf_counter() - t0
   res = common.time_fn(run, warmup=2, reps=7, budget_s=budget)
-  return {"img_s": BATCH / res["median_s"], "first_step_s": first, "threads": torch.get_num_threads(), **res}
+  return {
+    "img_s": BATCH / res["median_s"],
+    "first_step_s": first,
+    "threads": torch.get_num_threads(),
+    **res,
+  }
 
 
 # --- Keras 3 --------------------------------------------------------------------------------------
@@ -239,24 +336,38 @@ def keras_case(case: str, budget: float) -> dict:
   import keras
 
   keras.utils.set_random_seed(0)
-  base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(SIZE, SIZE, 3))
+  base = keras.applications.VGG16(
+    weights=None, include_top=False, input_shape=(SIZE, SIZE, 3)
+  )
   n_frozen = FIRST_LAYERS[case]
   for layer in base.layers[:n_frozen]:
     layer.trainable = False
-  model = keras.Sequential([base, keras.layers.Flatten(), keras.layers.Dense(HIDDEN, activation="relu"),
-                            keras.layers.Dense(CLASSES)])
-  model.compile(optimizer=keras.optimizers.SGD(learning_rate=LR, momentum=MOMENTUM, nesterov=True,
-                                               global_clipnorm=CLIP),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
+  model = keras.Sequential(
+    [
+      base,
+      keras.layers.Flatten(),
+      keras.layers.Dense(HIDDEN, activation="relu"),
+      keras.layers.Dense(CLASSES),
+    ]
+  )
+  model.compile(
+    optimizer=keras.optimizers.SGD(
+      learning_rate=LR, momentum=MOMENTUM, nesterov=True, global_clipnorm=CLIP
+    ),
+    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    jit_compile=True,
+  )
   x, y = _batch()
   t0 = time.perf_counter()
   model.train_on_batch(x, y)  # Traces and compiles.
   first = time.perf_counter() - t0
-  res = common.time_fn(lambda: model.train_on_batch(x, y), warmup=1, reps=7, budget_s=budget)
+  res = common.time_fn(
+    lambda: model.train_on_batch(x, y), warmup=1, reps=7, budget_s=budget
+  )
   return {"img_s": BATCH / res["median_s"], "first_step_s": first, **res}
 
 
-def worker(fw: str, case: str, budget: float, options: Optional[dict]) -> None:
+def worker(fw: str, case: str, budget: float, options: dict | None) -> None:
   base, tuned = fw.removesuffix("_tuned"), fw.endswith("_tuned")
   if tuned:
     common.tune_malloc()  # Before the framework's first allocation.
@@ -270,7 +381,14 @@ def worker(fw: str, case: str, budget: float, options: Optional[dict]) -> None:
     rec = keras_case(case, budget)
   else:
     raise SystemExit(f"unknown framework {fw!r}")
-  common.emit({"case": case, **rec, "peak_rss_mb": common.peak_rss_mb(), "experiments": EXPERIMENTS})
+  common.emit(
+    {
+      "case": case,
+      **rec,
+      "peak_rss_mb": common.peak_rss_mb(),
+      "experiments": EXPERIMENTS,
+    }
+  )
 
 
 # --- driver ---------------------------------------------------------------------------------------
@@ -288,7 +406,11 @@ def summarise(results: dict) -> tuple[str, dict]:
 
   fws = [f for f in FRAMEWORKS + EXTRA_FRAMEWORKS if f in results]
   flax_fws = [f for f in fws if f.startswith("flaxtl")]
-  cases = [c for c in ("freeze8", "full", "frozen_backbone") if any(c in results.get(f, {}) for f in fws)]
+  cases = [
+    c
+    for c in ("freeze8", "full", "frozen_backbone")
+    if any(c in results.get(f, {}) for f in fws)
+  ]
   derived: dict = {}
   header = ["case", *[f"{f} img/s" for f in fws]]
   pairs = common.present_pairs(fws)
@@ -308,8 +430,10 @@ def summarise(results: dict) -> tuple[str, dict]:
       derived[f"freeze8_over_full_time/{f}"] = r
       rows2.append([f, common.fmt_ratio(r)])
   if rows2:
-    out.append("Step time, freeze-8 / full fine-tune (lower is better; target <= 0.65):\n\n"
-               + common.markdown_table(["framework", "freeze-8 / full step time"], rows2))
+    out.append(
+      "Step time, freeze-8 / full fine-tune (lower is better; target <= 0.65):\n\n"
+      + common.markdown_table(["framework", "freeze-8 / full step time"], rows2)
+    )
 
   rows3 = []
   for f in flax_fws:
@@ -317,17 +441,48 @@ def summarise(results: dict) -> tuple[str, dict]:
     for case in cases:
       c = r.get(case)
       if c and "compile_s" in c:
-        rows3.append([f, case, f"{c['lower_s']:.2f}", f"{c['compile_s']:.2f}", f"{c['first_step_s']:.2f}",
-                      str(c.get("convolutions", "-")), f"{c['peak_rss_mb']:.0f}"])
+        rows3.append(
+          [
+            f,
+            case,
+            f"{c['lower_s']:.2f}",
+            f"{c['compile_s']:.2f}",
+            f"{c['first_step_s']:.2f}",
+            str(c.get("convolutions", "-")),
+            f"{c['peak_rss_mb']:.0f}",
+          ]
+        )
   for f in (f for f in fws if not f.startswith("flaxtl")):
     for case in cases:
       c = results.get(f, {}).get(case)
       if c and "peak_rss_mb" in c:
-        rows3.append([f, case, "-", "-", f"{c.get('first_step_s', 0):.2f}", "-", f"{c['peak_rss_mb']:.0f}"])
+        rows3.append(
+          [
+            f,
+            case,
+            "-",
+            "-",
+            f"{c.get('first_step_s', 0):.2f}",
+            "-",
+            f"{c['peak_rss_mb']:.0f}",
+          ]
+        )
   if rows3:
-    out.append("Compilation and memory (each row its own process; peak RSS = max RSS of that process):\n\n"
-               + common.markdown_table(["framework", "case", "lower s", "compile s", "first step s",
-                                        "convs in compiled step", "peak RSS MB"], rows3))
+    out.append(
+      "Compilation and memory (each row its own process; peak RSS = max RSS of that process):\n\n"
+      + common.markdown_table(
+        [
+          "framework",
+          "case",
+          "lower s",
+          "compile s",
+          "first step s",
+          "convs in compiled step",
+          "peak RSS MB",
+        ],
+        rows3,
+      )
+    )
 
   rows4 = []
   for f in flax_fws:
@@ -338,20 +493,40 @@ def summarise(results: dict) -> tuple[str, dict]:
       base_ips = get(f, case)
       r = common.ratio(hc["img_s"], base_ips)
       derived[f"head_cached_speedup/{f}@{case}"] = r
-      rows4.append([f, f"head on cached features vs {case} step", common.fmt(hc["img_s"]), common.fmt(base_ips),
-                    common.fmt_ratio(r)])
+      rows4.append(
+        [
+          f,
+          f"head on cached features vs {case} step",
+          common.fmt(hc["img_s"]),
+          common.fmt(base_ips),
+          common.fmt_ratio(r),
+        ]
+      )
     # Ten epochs over N images: cached = one extraction pass + 10 head epochs; else 10 backbone epochs.
     if get(f, "frozen_backbone"):
       epochs = 10
       cached_t = 1 / hc["extract_img_s"] + epochs / hc["img_s"]
       plain_t = epochs / get(f, "frozen_backbone")
       derived[f"ten_epochs_speedup/{f}"] = plain_t / cached_t
-      rows4.append([f, f"{epochs} epochs incl. the one-off extraction (s per 1000 images)",
-                    f"{1000 * cached_t:.1f}", f"{1000 * plain_t:.1f}", common.fmt_ratio(plain_t / cached_t)])
+      rows4.append(
+        [
+          f,
+          f"{epochs} epochs incl. the one-off extraction (s per 1000 images)",
+          f"{1000 * cached_t:.1f}",
+          f"{1000 * plain_t:.1f}",
+          common.fmt_ratio(plain_t / cached_t),
+        ]
+      )
   if rows4:
-    out.append(f"Cached features (head-only step, batch {BATCH}) vs running the backbone every step:\n\n"
-               + common.markdown_table(["framework", "comparison", "cached", "backbone", "speed-up"], rows4))
-  out.append("`*`: other processes used > 15% of the machine during that measurement (retried, least contended kept).")
+    out.append(
+      f"Cached features (head-only step, batch {BATCH}) vs running the backbone every step:\n\n"
+      + common.markdown_table(
+        ["framework", "comparison", "cached", "backbone", "speed-up"], rows4
+      )
+    )
+  out.append(
+    "`*`: other processes used > 15% of the machine during that measurement (retried, least contended kept)."
+  )
   return "\n\n".join(out), derived
 
 
@@ -373,12 +548,26 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--frameworks", default=",".join(FRAMEWORKS))
   ap.add_argument("--cases", default=",".join(CASES))
-  ap.add_argument("--budget", type=float, default=4.0, help="seconds of timed steps per measurement")
-  ap.add_argument("--options", default="null",
-                  help="XLA options (JSON) for flaxtl_tuned; default: flaxtl.train's own per-phase choice")
-  ap.add_argument("--im2col-max-pixels", type=int, default=None,
-                  help="experiment: override flaxtl.models.vgg._IM2COL_MAX_PIXELS in the flaxtl workers")
-  ap.add_argument("--size", type=int, default=SIZE, help="input size (the tutorial's is 224)")
+  ap.add_argument(
+    "--budget",
+    type=float,
+    default=4.0,
+    help="seconds of timed steps per measurement",
+  )
+  ap.add_argument(
+    "--options",
+    default="null",
+    help="XLA options (JSON) for flaxtl_tuned; default: flaxtl.train's own per-phase choice",
+  )
+  ap.add_argument(
+    "--im2col-max-pixels",
+    type=int,
+    default=None,
+    help="experiment: override flaxtl.models.vgg._IM2COL_MAX_PIXELS in the flaxtl workers",
+  )
+  ap.add_argument(
+    "--size", type=int, default=SIZE, help="input size (the tutorial's is 224)"
+  )
   ap.add_argument("--batch", type=int, default=BATCH)
   ap.add_argument("--out", default="train_step.json")
   ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -390,7 +579,11 @@ def main() -> None:
     worker(args.worker, args.case, args.budget, json.loads(args.options))
     return
   extra = ["--size", str(SIZE), "--batch", str(BATCH)]
-  extra += [] if args.im2col_max_pixels is None else ["--im2col-max-pixels", str(args.im2col_max_pixels)]
+  extra += (
+    []
+    if args.im2col_max_pixels is None
+    else ["--im2col-max-pixels", str(args.im2col_max_pixels)]
+  )
 
   results: dict[str, dict] = {}
   for fw in args.frameworks.split(","):
@@ -400,15 +593,42 @@ def main() -> None:
         continue
       common.wait_for_quiet()
       print(f"[train_step] {fw} {case} ...", file=sys.stderr, flush=True)
-      recs = common.run_worker(Path(__file__), ["--worker", fw, "--case", case, "--budget", str(args.budget),
-                                                "--options", args.options, *extra])
+      recs = common.run_worker(
+        Path(__file__),
+        [
+          "--worker",
+          fw,
+          "--case",
+          case,
+          "--budget",
+          str(args.budget),
+          "--options",
+          args.options,
+          *extra,
+        ],
+      )
       for r in recs:
         results[fw][r.get("case", case)] = r
   table, derived = summarise(results)
-  path = common.write_json(args.out, {"env": common.env_info(), "tuned_options": json.loads(args.options),
-                                      "config": {"size": SIZE, "batch": BATCH, "hidden": HIDDEN, "lr": LR,
-                                                 "momentum": MOMENTUM, "nesterov": True, "clip_norm": CLIP},
-                                      "results": results, "derived": derived, "table": table})
+  path = common.write_json(
+    args.out,
+    {
+      "env": common.env_info(),
+      "tuned_options": json.loads(args.options),
+      "config": {
+        "size": SIZE,
+        "batch": BATCH,
+        "hidden": HIDDEN,
+        "lr": LR,
+        "momentum": MOMENTUM,
+        "nesterov": True,
+        "clip_norm": CLIP,
+      },
+      "results": results,
+      "derived": derived,
+      "table": table,
+    },
+  )
   print(table)
   print(f"\nwrote {path}")
 

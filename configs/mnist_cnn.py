@@ -1,7 +1,7 @@
 """The tutorial's small CNN baseline, trained from pixels.
 
     python launch.py --config configs/mnist_cnn.py
-    python launch.py --config configs/mnist_cnn.py:tiny   # a few seconds: what the engine tests run
+    python launch.py --config configs/mnist_cnn.py:tiny  # seconds: engine tests
 
 3 blocks of Conv(32, 5x5, relu) + 4x4 max-pool, Dense(64), dropout 0.5.
 """

@@ -1,7 +1,7 @@
-"""Scenario 1 of the tutorial: a frozen VGG16 feature extractor and a new dense head.
+"""Scenario 1 of the tutorial: a frozen VGG16 feature extractor and a new head.
 
-    python launch.py --config configs/mnist_features.py        # the tutorial's recipe (ImageNet, 224x224)
-    python launch.py --config configs/mnist_features.py:hed    # offline: HED backbone, 64x64
+    python launch.py --config configs/mnist_features.py      # the recipe
+    python launch.py --config configs/mnist_features.py:hed  # offline, 64x64
 
 VGG16 without its top; block5_pool features (7x7x512 = 25,088 at 224x224)
 are computed once and cached on disk, then the tutorial's head trains on them:
@@ -22,14 +22,15 @@ def get_config(arg: str = ""):
   c.model.dropout = (0.3, 0.4, 0.2)
   c.model.head_init = "uniform"  # Keras kernel_initializer='uniform'.
   c.model.weights = "imagenet"
-  c.model.cache_features = True  # Backbone once, head many times: the backbone is frozen by construction.
+  # Backbone once, head many times: the backbone is frozen by construction.
+  c.model.cache_features = True
   c.image_size = 224
   c.optim.name = "adam"
   c.optim.lr = 1e-3
   c.optim.schedule = "constant"
   c.batch_size = 128
   c.num_epochs = 20
-  c.data.val_fraction = 0.3  # train_test_split(test_size=0.3, random_state=42).
+  c.data.val_fraction = 0.3  # train_test_split(test_size=0.3, seed 42).
   if arg == "hed":
     c.model.weights = "hed"  # Offline pretrained VGG16 convs.
     c.image_size = 64  # 2x2x512 = 2,048 features.

@@ -1,7 +1,7 @@
 """Scenario 4 of the tutorial: fine-tune everything from the pretrained init.
 
-    python launch.py --config configs/mnist_finetune.py       # ImageNet VGG16 + Keras top, 224x224
-    python launch.py --config configs/mnist_finetune.py:hed   # offline: HED backbone, 64x64, dense head
+    python launch.py --config configs/mnist_finetune.py      # ImageNet, 224x224
+    python launch.py --config configs/mnist_finetune.py:hed  # offline, 64x64
 
 Nothing is frozen; a smaller learning rate than the head's keeps the
 pretrained features from being wiped out in the first steps.
@@ -16,7 +16,9 @@ def get_config(arg: str = ""):
   c.model.head = "keras_top"
   c.image_size = 224
   c.freeze.first_layers = 0  # Everything trains.
-  c.freeze.lr_mults = ((r"backbone/block.*", 0.1),)  # Convs at a tenth of the head's rate.
+  c.freeze.lr_mults = (
+    (r"backbone/block.*", 0.1),
+  )  # Convs at a tenth of the head's rate.
   c.optim.name = "adam"
   c.optim.lr = 1e-4
   c.optim.schedule = "constant"

@@ -1,7 +1,7 @@
-"""Scenario 2 of the tutorial: freeze the first 8 Keras layers, fine-tune the rest.
+"""Scenario 2 of the tutorial: freeze the first 8 Keras layers, train the rest.
 
-    python launch.py --config configs/mnist_freeze8.py            # the tutorial's exact recipe
-    python launch.py --config configs/mnist_freeze8.py:hed_quick  # the offline main job: ~4-6 min on 2 CPU cores
+    python launch.py --config configs/mnist_freeze8.py            # the recipe
+    python launch.py --config configs/mnist_freeze8.py:hed_quick  # main job
 
 The plain config is the tutorial's recipe: VGG16 with its top and ImageNet
 weights, a new 10-way `predictions`, `model.layers[:8]` frozen (block1_conv1 ...
@@ -19,7 +19,8 @@ def get_config(arg: str = ""):
   c.model.weights = "imagenet"  # The tutorial's VGG16(weights='imagenet').
   c.image_size = 224  # Keras' top needs 224x224.
   c.freeze.first_layers = 8  # model.layers[:8]: the first five convs.
-  c.optim.name = "sgd"  # SGD(lr=1e-3, decay=1e-6, momentum=0.9, nesterov=True).
+  # SGD(lr=1e-3, decay=1e-6, momentum=0.9, nesterov=True).
+  c.optim.name = "sgd"
   c.optim.lr = 1e-3
   c.optim.decay = 1e-6
   c.optim.schedule = "keras_decay"
@@ -27,8 +28,8 @@ def get_config(arg: str = ""):
   c.optim.nesterov = True
   c.batch_size = 16  # The tutorial's batch size.
   c.num_epochs = 10  # The tutorial's epochs.
-  c.data.val_fraction = 0.2  # train_test_split(test_size=0.2, random_state=42).
-  c.data.split_seed = 42
+  c.data.val_fraction = 0.2  # train_test_split(test_size=0.2,
+  c.data.split_seed = 42  # random_state=42).
   if arg == "hed_quick":
     _hed_quick(c)
   elif arg:
@@ -39,17 +40,15 @@ def get_config(arg: str = ""):
 def _hed_quick(c) -> None:
   """Offline: the HED VGG16 backbone, a fresh dense head, 64x64, Adam + cosine.
 
-  Measured on the embedded sample (3,200 train / 800 val / 1,000 test), 2 CPU
-  cores: val 97.6%, test 97.8% after 3 epochs in 5.6 min (the machine was
-  shared at the time); with the reshape max pool and the CPU runtime settings,
-  val 97.5%, test 98.3% in 3.0 min (65 img/s). 1 epoch at constant Adam 1e-4
-  gave 84.8%, 2 epochs of this recipe 96.6% (README, "Main job").
+  The main job of the README's quick start (its time and accuracy are stated
+  there, with the machine they were measured on).
   """
-  c.model.weights = "hed"  # Real pretrained VGG16 convs that install offline (see weights/README.md).
+  c.model.weights = "hed"  # Pretrained VGG16 convs that install offline.
   base.offline_small(c)
-  c.optim.name = "adam"  # SGD 1e-3 nesterov stays at chance for the first epoch at this size.
+  c.optim.name = "adam"  # SGD 1e-3 nesterov stays at chance for an epoch here.
   c.optim.lr = 1e-4
   c.optim.schedule = "cosine"
   c.optim.warmup_steps = 50
-  c.freeze.lr_mults = ((r"head/.*", 10.0),)  # The fresh head learns at 1e-3, the pretrained convs at 1e-4.
+  # The fresh head learns at 1e-3, the pretrained convs at 1e-4.
+  c.freeze.lr_mults = ((r"head/.*", 10.0),)
   c.num_epochs = 3

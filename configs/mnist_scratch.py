@@ -1,7 +1,7 @@
 """Scenario 3 of the tutorial: the same architecture trained from scratch.
 
-    python launch.py --config configs/mnist_scratch.py          # VGG16 + Keras top, 224x224, random init
-    python launch.py --config configs/mnist_scratch.py:quick    # 64x64 with a small dense head, a few minutes
+    python launch.py --config configs/mnist_scratch.py        # 224x224
+    python launch.py --config configs/mnist_scratch.py:quick  # 64x64, minutes
 
 Random (Glorot, like Keras) init everywhere, nothing frozen: what the pretrained
 strategies are measured against.
@@ -15,7 +15,9 @@ def get_config(arg: str = ""):
   c.model.weights = "none"  # Scratch.
   c.model.head = "keras_top"
   c.image_size = 224
-  c.optim.name = "adam"  # SGD on a deep plain net from scratch barely moves in a few epochs.
+  c.optim.name = (
+    "adam"  # SGD on a deep plain net from scratch barely moves in a few epochs.
+  )
   c.optim.lr = 1e-4
   c.optim.schedule = "constant"
   c.batch_size = 16

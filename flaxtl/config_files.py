@@ -1,10 +1,11 @@
-"""Loads `path/to/config.py[:variant]` files outside absl flags (study, predict)."""
+"""Loads `path/to/config.py[:variant]` outside absl flags (study, predict)."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
-import sys
 from pathlib import Path
+import sys
 
 import ml_collections
 
@@ -17,9 +18,13 @@ def load(spec: str) -> ml_collections.ConfigDict:
   if not file.is_file():
     raise UserError(f"{path}: no such config file")
   root = str(file.resolve().parents[1])
-  if root not in sys.path:  # Config files import `configs.base` like launch.py does.
+  if (
+    root not in sys.path
+  ):  # Config files import `configs.base` like launch.py does.
     sys.path.insert(0, root)
-  module_spec = importlib.util.spec_from_file_location(f"_flaxtl_config_{file.stem}", file)
+  module_spec = importlib.util.spec_from_file_location(
+    f"_flaxtl_config_{file.stem}", file
+  )
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
@@ -31,8 +36,6 @@ def load(spec: str) -> ml_collections.ConfigDict:
 
 def override(config: ml_collections.ConfigDict, assignment: str) -> None:
   """Applies 'a.b=value' (value parsed as a Python literal when it is one)."""
-  import ast
-
   key, sep, raw = assignment.partition("=")
   if not sep:
     raise UserError(f"override {assignment!r} is not KEY=VALUE")
@@ -47,8 +50,14 @@ def override(config: ml_collections.ConfigDict, assignment: str) -> None:
       node = node[p]
     current = node[leaf]
   except KeyError:
-    raise UserError(f"override {assignment!r}: unknown config key {key!r}") from None
-  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    raise UserError(
+      f"override {assignment!r}: unknown config key {key!r}"
+    ) from None
+  if (
+    isinstance(current, float)
+    and isinstance(value, int)
+    and not isinstance(value, bool)
+  ):
     value = float(value)
   try:
     node[leaf] = value

@@ -6,10 +6,11 @@ config key, an image). Every other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import functools
 import logging
 import sys
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-import json
 from importlib import resources
+import json
 
 import numpy as np
 
@@ -12,15 +12,23 @@ import numpy as np
 @functools.cache
 def class_index() -> list[tuple[str, str]]:
   """[(wnid, name)] for the 1000 classes, in the models' output order."""
-  text = resources.files("flaxtl.resources").joinpath("imagenet_classes.json").read_text()
+  text = (
+    resources.files("flaxtl.resources")
+    .joinpath("imagenet_classes.json")
+    .read_text()
+  )
   return [tuple(pair) for pair in json.loads(text)]
 
 
-def decode_predictions(preds, top: int = 5) -> list[list[tuple[str, str, float]]]:
-  """Like `keras.applications.vgg16.decode_predictions`: top-k (wnid, name, score)."""
+def decode_predictions(
+  preds, top: int = 5
+) -> list[list[tuple[str, str, float]]]:
+  """Keras' `decode_predictions`: top-k (wnid, name, score) per row."""
   preds = np.asarray(preds)
   if preds.ndim != 2 or preds.shape[1] != 1000:
-    raise ValueError(f"decode_predictions expects a (batch, 1000) array, got {preds.shape}")
+    raise ValueError(
+      f"decode_predictions expects a (batch, 1000) array, got {preds.shape}"
+    )
   classes = class_index()
   results = []
   for row in preds:

@@ -1,15 +1,17 @@
-"""Shared fixtures. Keras 3 (JAX backend) is the oracle the port is checked against."""
+"""Shared fixtures. Keras 3 (JAX backend) is the oracle the port is held to."""
 
 import os
-
 import tempfile
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# Converted weights go to a scratch dir, never the checkout's weights/; the download cache
-# (~/.cache/flaxtl) is shared like any cache. Subprocesses inherit both.
-os.environ["FLAXTL_WEIGHTS_DIR"] = tempfile.mkdtemp(prefix="flaxtl-test-weights-")
-# A refused local port instead of the unreachable ImageNet URLs: fails at once, no DNS wait.
+# Converted weights go to a scratch dir, never the checkout's weights/; the
+# download cache (~/.cache/flaxtl) is shared like any cache. Subprocesses
+# inherit both.
+os.environ["FLAXTL_WEIGHTS_DIR"] = tempfile.mkdtemp(
+  prefix="flaxtl-test-weights-"
+)
+# A refused local port, not the unreachable ImageNet URLs: fails at once.
 os.environ["FLAXTL_KERAS_BASE_URL"] = "http://127.0.0.1:9/"
 
 import numpy as np

@@ -18,10 +18,10 @@ def write_keras3(model, out: Path) -> dict[str, Path]:
   from keras.src.legacy.saving import legacy_h5_format
 
   paths = {
-      "keras3_weights_h5": out / "model.weights.h5",
-      "keras_archive": out / "model.keras",
-      "legacy_model_h5": out / "model.h5",
-      "legacy_weights_h5": out / "legacy.h5",
+    "keras3_weights_h5": out / "model.weights.h5",
+    "keras_archive": out / "model.keras",
+    "legacy_model_h5": out / "model.h5",
+    "legacy_weights_h5": out / "legacy.h5",
   }
   model.save_weights(paths["keras3_weights_h5"])
   model.save(paths["keras_archive"])
@@ -34,7 +34,9 @@ def write_keras3(model, out: Path) -> dict[str, Path]:
 def write_official(model, path: Path, style: str = "keras1") -> Path:
   """The official-file layout: `layer_names` as the only root attribute."""
   with h5py.File(path, "w") as f:
-    f.attrs["layer_names"] = np.array([l.name.encode() for l in model.layers])
+    f.attrs["layer_names"] = np.array(
+      [layer.name.encode() for layer in model.layers]
+    )
     if style == "keras2":
       f.attrs["keras_version"] = b"2.2.4"
       f.attrs["backend"] = b"tensorflow"
@@ -44,7 +46,9 @@ def write_official(model, path: Path, style: str = "keras1") -> Path:
       if style == "keras1":
         names = [f"{layer.name}_{s}_1:0" for s in ("W", "b")][: len(arrays)]
       else:
-        names = [f"{layer.name}/{s}:0" for s in ("kernel", "bias")][: len(arrays)]
+        names = [f"{layer.name}/{s}:0" for s in ("kernel", "bias")][
+          : len(arrays)
+        ]
       g.attrs["weight_names"] = np.array([n.encode() for n in names])
       for name, a in zip(names, arrays):
         g.create_dataset(name, data=a)

@@ -9,23 +9,35 @@ spaces as underscores, as in the Keras file.
 """
 
 import json
+from pathlib import Path
 import sys
 import zipfile
-from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "flaxtl" / "resources" / "imagenet_classes.json"
+OUT = (
+  Path(__file__).resolve().parents[1]
+  / "flaxtl"
+  / "resources"
+  / "imagenet_classes.json"
+)
 
 
 def main(wheel: str) -> None:
   with zipfile.ZipFile(wheel) as z:
     synsets = z.read("timm/data/_info/imagenet_synsets.txt").decode().split()
     lemmas = dict(
-        line.split("\t", 1)
-        for line in z.read("timm/data/_info/imagenet_synset_to_lemma.txt").decode().splitlines()
-        if "\t" in line
+      line.split("\t", 1)
+      for line in z.read("timm/data/_info/imagenet_synset_to_lemma.txt")
+      .decode()
+      .splitlines()
+      if "\t" in line
     )
-  assert len(synsets) == 1000 and synsets == sorted(synsets), "unexpected synset list"
-  classes = [[wnid, lemmas[wnid].split(",")[0].strip().replace(" ", "_")] for wnid in synsets]
+  assert len(synsets) == 1000 and synsets == sorted(synsets), (
+    "unexpected synset list"
+  )
+  classes = [
+    [wnid, lemmas[wnid].split(",")[0].strip().replace(" ", "_")]
+    for wnid in synsets
+  ]
   OUT.write_text(json.dumps(classes, separators=(",", ":")) + "\n")
   print(f"wrote {OUT} ({len(classes)} classes)")
 

@@ -10,12 +10,14 @@ can train and test on real digits offline.
 """
 
 import gzip
-import sys
 from pathlib import Path
+import sys
 
 import numpy as np
 
-OUT = Path(__file__).resolve().parents[1] / "flaxtl" / "resources" / "mnist_5k.npz"
+OUT = (
+  Path(__file__).resolve().parents[1] / "flaxtl" / "resources" / "mnist_5k.npz"
+)
 
 
 def main(csv_gz: str) -> None:
@@ -25,7 +27,9 @@ def main(csv_gz: str) -> None:
   assert rows.min() >= 0 and rows[:, :784].max() <= 255, "pixels outside 0..255"
   images = rows[:, :784].astype(np.uint8).reshape(-1, 28, 28)
   labels = rows[:, 784].astype(np.uint8)
-  assert np.array_equal(np.bincount(labels), [500] * 10), "expected 500 digits per class"
+  assert np.array_equal(np.bincount(labels), [500] * 10), (
+    "expected 500 digits per class"
+  )
   # Kept in the file's (class-sorted) order; loaders shuffle with their own seed.
   np.savez_compressed(OUT, images=images, labels=labels)
   print(f"wrote {OUT} ({OUT.stat().st_size / 1e6:.2f} MB)")

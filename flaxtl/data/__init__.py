@@ -11,11 +11,25 @@ tfds:NAME[:SPLIT] | npz:PATH; see `flaxtl.data.sources`.
 
 from flaxtl.data.augment import augment
 from flaxtl.data.dataset import Dataset, Splits
-from flaxtl.data.pipeline import Prefetcher, TrainIterator, eval_batches, prefetch
+from flaxtl.data.pipeline import (
+  Prefetcher,
+  TrainIterator,
+  eval_batches,
+  prefetch,
+)
 from flaxtl.data.sources import SCHEMES
 from flaxtl.data.splits import load, split, stratified_sample
 
 __all__ = [
-    "Dataset", "Splits", "load", "split", "stratified_sample", "SCHEMES",
-    "TrainIterator", "eval_batches", "prefetch", "Prefetcher", "augment",
+  "SCHEMES",
+  "Dataset",
+  "Prefetcher",
+  "Splits",
+  "TrainIterator",
+  "augment",
+  "eval_batches",
+  "load",
+  "prefetch",
+  "split",
+  "stratified_sample",
 ]

@@ -8,10 +8,10 @@ grayscale and colour images, the grayscale ones are tiled to RGB so they stack.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import concurrent.futures
 import os
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -20,17 +20,34 @@ from flaxtl.errors import UserError
 
 # What a class folder may hold; other files (.txt, .DS_Store, ...) are skipped.
 IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
+  {
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".pnm",
+  }
 )
 
 _GRAY_MODES = frozenset({"L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
 
 def is_image_file(path: Path) -> bool:
-  return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+  return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(
+    "."
+  )
 
 
-def read_image(path: Path, load_size: Optional[int] = None, where: str = "") -> np.ndarray:
+def read_image(
+  path: Path, load_size: int | None = None, where: str = ""
+) -> np.ndarray:
   """One file -> uint8 (H, W, 1|3); `where` (e.g. 'train.csv row 3') prefixes errors."""
   prefix = f"{where}: " if where else ""
   try:
@@ -46,7 +63,7 @@ def read_image(path: Path, load_size: Optional[int] = None, where: str = "") -> 
   return arr
 
 
-def to_array(img: Image.Image, load_size: Optional[int] = None) -> np.ndarray:
+def to_array(img: Image.Image, load_size: int | None = None) -> np.ndarray:
   if img.mode in _GRAY_MODES:
     img = _to_8bit_gray(img)
   elif img.mode != "RGB":
@@ -67,8 +84,14 @@ def _to_8bit_gray(img: Image.Image) -> Image.Image:
   # 16-bit grayscale: Pillow's convert('L') clips at 255, so scale. Pillow
   # opens some 16-bit files as 32-bit 'I'; 'I'/'F' data within 0..255 is kept.
   arr = np.asarray(img, dtype=np.float64)
-  top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-  return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+  top = (
+    65535.0
+    if img.mode.startswith("I;16") or arr.max(initial=0) > 255
+    else 255.0
+  )
+  return Image.fromarray(
+    np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L"
+  )
 
 
 def resize_array(arr: np.ndarray, load_size: int) -> np.ndarray:
@@ -88,8 +111,8 @@ def stack(arrays: Sequence[np.ndarray], names: Sequence[str]) -> np.ndarray:
     first = arrays[0].shape[:2]
     i = next(i for i, a in enumerate(arrays) if a.shape[:2] != first)
     raise UserError(
-        f"images have different sizes: {names[0]} is {_hw(first)}, {names[i]} is {_hw(arrays[i].shape[:2])}; "
-        "set data.load_size to resize them on load"
+      f"images have different sizes: {names[0]} is {_hw(first)}, {names[i]} is {_hw(arrays[i].shape[:2])}; "
+      "set data.load_size to resize them on load"
     )
   channels = 3 if any(a.shape[-1] == 3 for a in arrays) else 1
   out = np.empty((len(arrays), *arrays[0].shape[:2], channels), np.uint8)
@@ -99,13 +122,19 @@ def stack(arrays: Sequence[np.ndarray], names: Sequence[str]) -> np.ndarray:
 
 
 def read_images(
-    paths: Sequence[Path], load_size: Optional[int] = None, where: Optional[Sequence[str]] = None
+  paths: Sequence[Path],
+  load_size: int | None = None,
+  where: Sequence[str] | None = None,
 ) -> np.ndarray:
   """Reads files on a few threads (Pillow decodes without the GIL) and stacks them."""
   where = where or [""] * len(paths)
   workers = min(8, os.cpu_count() or 1, max(1, len(paths)))
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    arrays = list(pool.map(lambda pw: read_image(pw[0], load_size, pw[1]), zip(paths, where)))
+    arrays = list(
+      pool.map(
+        lambda pw: read_image(pw[0], load_size, pw[1]), zip(paths, where)
+      )
+    )
   return stack(arrays, [str(p) for p in paths])
 
 

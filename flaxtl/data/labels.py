@@ -7,7 +7,7 @@ trained on is a user error rather than a silent wrong index.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -32,7 +32,7 @@ def class_names_of(raw: Sequence[str]) -> list[str]:
 
 
 def index(
-    raw: Sequence[str], class_names: Sequence[str], where: Callable[[int], str]
+  raw: Sequence[str], class_names: Sequence[str], where: Callable[[int], str]
 ) -> np.ndarray:
   """Maps each raw label to its position in `class_names`; `where(i)` names example i in errors."""
   lookup = {_key(name): i for i, name in enumerate(class_names)}
@@ -40,16 +40,18 @@ def index(
   for i, label in enumerate(raw):
     k = lookup.get(_key(label))
     if k is None:
-      raise UserError(f"{where(i)}: label {label.strip()!r} is not one of the classes {_preview(class_names)}")
+      raise UserError(
+        f"{where(i)}: label {label.strip()!r} is not one of the classes {_preview(class_names)}"
+      )
     out[i] = k
   return out
 
 
 def remap(
-    labels: np.ndarray,
-    own_names: Optional[Sequence[str]],
-    class_names: Optional[Sequence[str]],
-    where: Callable[[int], str],
+  labels: np.ndarray,
+  own_names: Sequence[str] | None,
+  class_names: Sequence[str] | None,
+  where: Callable[[int], str],
 ) -> tuple[np.ndarray, list[str]]:
   """Integer labels of a source with its own class list -> indices into `class_names`.
 
@@ -61,7 +63,11 @@ def remap(
     i = int(np.argmin(labels))
     raise UserError(f"{where(i)}: negative label {int(labels[i])}")
   if own_names is None:
-    names = list(class_names) if class_names is not None else [str(k) for k in range(int(labels.max(initial=-1)) + 1)]
+    names = (
+      list(class_names)
+      if class_names is not None
+      else [str(k) for k in range(int(labels.max(initial=-1)) + 1)]
+    )
     _check_range(labels, names, where)
     return labels.astype(np.int32), names
   _check_range(labels, own_names, where)
@@ -73,15 +79,19 @@ def remap(
   if mapped.size and mapped.min() < 0:
     i = int(np.argmin(mapped))
     raise UserError(
-        f"{where(i)}: label {own_names[labels[i]]!r} is not one of the classes {_preview(class_names)}"
+      f"{where(i)}: label {own_names[labels[i]]!r} is not one of the classes {_preview(class_names)}"
     )
   return mapped.astype(np.int32), list(class_names)
 
 
-def _check_range(labels: np.ndarray, names: Sequence[str], where: Callable[[int], str]) -> None:
+def _check_range(
+  labels: np.ndarray, names: Sequence[str], where: Callable[[int], str]
+) -> None:
   if labels.size and labels.max() >= len(names):
     i = int(np.argmax(labels))
-    raise UserError(f"{where(i)}: label {int(labels[i])} is outside the {len(names)} classes {_preview(names)}")
+    raise UserError(
+      f"{where(i)}: label {int(labels[i])} is outside the {len(names)} classes {_preview(names)}"
+    )
 
 
 def _preview(names: Sequence[str], limit: int = 12) -> str:

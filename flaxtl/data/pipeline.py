@@ -8,9 +8,10 @@ with the batch that would have come next, whatever the process count.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 import queue
 import threading
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 
@@ -20,11 +21,17 @@ from flaxtl.errors import UserError
 Batch = dict[str, np.ndarray]
 
 
-def _local_batch(batch_size: int, process_count: int, process_index: int, what: str) -> int:
+def _local_batch(
+  batch_size: int, process_count: int, process_index: int, what: str
+) -> int:
   if batch_size <= 0 or batch_size % process_count:
-    raise UserError(f"{what}={batch_size} does not split evenly across {process_count} processes")
+    raise UserError(
+      f"{what}={batch_size} does not split evenly across {process_count} processes"
+    )
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} outside 0..{process_count - 1}")
+    raise ValueError(
+      f"process_index {process_index} outside 0..{process_count - 1}"
+    )
   return batch_size // process_count
 
 
@@ -36,19 +43,23 @@ class TrainIterator:
   """
 
   def __init__(
-      self,
-      ds: Dataset,
-      batch_size: int,
-      seed: int = 0,
-      shuffle: bool = True,
-      process_index: int = 0,
-      process_count: int = 1,
+    self,
+    ds: Dataset,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
   ):
     if ds.labels is None:
       raise UserError("training data needs labels")
-    self._local = _local_batch(batch_size, process_count, process_index, "batch_size")
+    self._local = _local_batch(
+      batch_size, process_count, process_index, "batch_size"
+    )
     if len(ds) < batch_size:
-      raise UserError(f"batch_size={batch_size} is larger than the {len(ds)} training examples")
+      raise UserError(
+        f"batch_size={batch_size} is larger than the {len(ds)} training examples"
+      )
     self.ds = ds
     self.batch_size = batch_size
     self.seed = int(seed)
@@ -58,9 +69,9 @@ class TrainIterator:
     self.steps_per_epoch = len(ds) // batch_size
     self.epoch = 0
     self.position = 0  # Batches of `epoch` already produced.
-    self._order: Optional[np.ndarray] = None
+    self._order: np.ndarray | None = None
 
-  def __iter__(self) -> "TrainIterator":
+  def __iter__(self) -> TrainIterator:
     return self
 
   def __next__(self) -> Batch:
@@ -78,7 +89,9 @@ class TrainIterator:
     if not self.shuffle:
       return np.arange(len(self.ds))
     # SeedSequence wants non-negative entries; the mask keeps negative seeds distinct.
-    return np.random.default_rng([self.seed & (2**64 - 1), epoch]).permutation(len(self.ds))
+    return np.random.default_rng([self.seed & (2**64 - 1), epoch]).permutation(
+      len(self.ds)
+    )
 
   @property
   def step(self) -> int:
@@ -88,8 +101,12 @@ class TrainIterator:
   def get_state(self) -> dict[str, Any]:
     """JSON-able position of the global stream (independent of the process count)."""
     return {
-        "epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle,
-        "num_examples": len(self.ds), "batch_size": self.batch_size,
+      "epoch": self.epoch,
+      "position": self.position,
+      "seed": self.seed,
+      "shuffle": self.shuffle,
+      "num_examples": len(self.ds),
+      "batch_size": self.batch_size,
     }
 
   def set_state(self, state: dict[str, Any]) -> None:
@@ -97,17 +114,23 @@ class TrainIterator:
     saved = (state["num_examples"], state["batch_size"])
     if saved != (len(self.ds), self.batch_size):
       raise UserError(
-          f"the checkpoint's data stream had {saved[0]} examples in global batches of {saved[1]}; "
-          f"this run has {len(self.ds)} and {self.batch_size}, so it cannot resume where it stopped"
+        f"the checkpoint's data stream had {saved[0]} examples in global batches of {saved[1]}; "
+        f"this run has {len(self.ds)} and {self.batch_size}, so it cannot resume where it stopped"
       )
     if not 0 <= state["position"] <= self.steps_per_epoch:
-      raise ValueError(f"position {state['position']} outside 0..{self.steps_per_epoch}")
+      raise ValueError(
+        f"position {state['position']} outside 0..{self.steps_per_epoch}"
+      )
     self.seed, self.shuffle = int(state["seed"]), bool(state["shuffle"])
-    self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
+    self.epoch, self.position, self._order = (
+      int(state["epoch"]),
+      int(state["position"]),
+      None,
+    )
 
 
 def eval_batches(
-    ds: Dataset, batch_size: int, process_index: int = 0, process_count: int = 1
+  ds: Dataset, batch_size: int, process_index: int = 0, process_count: int = 1
 ) -> Iterator[Batch]:
   """Every example once, in order: {'image', 'label' (labelled data only), 'mask'}.
 
@@ -148,7 +171,12 @@ class Prefetcher:
   size=0 runs synchronously, without a thread.
   """
 
-  def __init__(self, iterator: Iterable, size: int = 2, put: Optional[Callable[[Any], Any]] = None):
+  def __init__(
+    self,
+    iterator: Iterable,
+    size: int = 2,
+    put: Callable[[Any], Any] | None = None,
+  ):
     self._it = iter(iterator)
     self._put = put
     self._state = _state_of(self._it)
@@ -160,11 +188,14 @@ class Prefetcher:
       # The thread gets no reference to self, so a Prefetcher dropped without
       # close() is still collected, and __del__ stops the thread.
       self._thread = threading.Thread(
-          target=_produce, args=(self._it, put, self._queue, self._stop), name="flaxtl-prefetch", daemon=True
+        target=_produce,
+        args=(self._it, put, self._queue, self._stop),
+        name="flaxtl-prefetch",
+        daemon=True,
       )
       self._thread.start()
 
-  def __iter__(self) -> "Prefetcher":
+  def __iter__(self) -> Prefetcher:
     return self
 
   def __next__(self) -> Any:
@@ -208,13 +239,16 @@ class Prefetcher:
     """Stops the thread; queued items are dropped. Safe to call twice."""
     self._done = True
     self._stop.set()
-    if self._thread is not None and self._thread is not threading.current_thread():
+    if (
+      self._thread is not None
+      and self._thread is not threading.current_thread()
+    ):
       while self._thread.is_alive():
         _drain(self._queue)
         self._thread.join(timeout=0.05)
     _drain(self._queue)
 
-  def __enter__(self) -> "Prefetcher":
+  def __enter__(self) -> Prefetcher:
     return self
 
   def __exit__(self, *exc) -> None:
@@ -225,7 +259,9 @@ class Prefetcher:
       self.close()
 
 
-def _produce(it: Iterator, put: Optional[Callable], q: queue.Queue, stop: threading.Event) -> None:
+def _produce(
+  it: Iterator, put: Callable | None, q: queue.Queue, stop: threading.Event
+) -> None:
   """The producer thread: items, then an end marker or the exception, in order."""
   try:
     for item in it:
@@ -237,7 +273,7 @@ def _produce(it: Iterator, put: Optional[Callable], q: queue.Queue, stop: thread
         break
     else:
       _offer(q, stop, (_END, None, None))
-  except BaseException as e:  # noqa: BLE001 (handed to the consumer, which re-raises it)
+  except BaseException as e:
     _offer(q, stop, (_ERROR, e, None))
   finally:
     # Closing a generator must happen on the thread that runs it.
@@ -257,13 +293,15 @@ def _offer(q: queue.Queue, stop: threading.Event, entry) -> bool:
   return False
 
 
-def prefetch(iterator: Iterable, size: int = 2, put: Optional[Callable[[Any], Any]] = None) -> Prefetcher:
+def prefetch(
+  iterator: Iterable, size: int = 2, put: Callable[[Any], Any] | None = None
+) -> Prefetcher:
   """Wraps `iterator` so its next `size` items (with `put` applied, e.g. a
   `jax.device_put` to the batch sharding) are prepared while the step runs."""
   return Prefetcher(iterator, size, put)
 
 
-def _state_of(it) -> Optional[dict]:
+def _state_of(it) -> dict | None:
   get_state = getattr(it, "get_state", None)
   return get_state() if callable(get_state) else None
 

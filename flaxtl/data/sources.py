@@ -13,12 +13,12 @@ CSV row) before any training starts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import csv
 import dataclasses
 import importlib.resources
-import zipfile
 from pathlib import Path
-from typing import Optional, Sequence
+import zipfile
 
 import numpy as np
 
@@ -27,7 +27,13 @@ from flaxtl.data import labels as label_io
 from flaxtl.data.dataset import Dataset
 from flaxtl.errors import UserError
 
-SCHEMES = ("mnist_sample", "csv:PATH", "folder:PATH", "tfds:NAME[:SPLIT]", "npz:PATH")
+SCHEMES = (
+  "mnist_sample",
+  "csv:PATH",
+  "folder:PATH",
+  "tfds:NAME[:SPLIT]",
+  "npz:PATH",
+)
 
 # The embedded sample: a fixed shuffle, then 100 digits per class held out.
 SAMPLE_FILE = "mnist_5k.npz"
@@ -39,34 +45,46 @@ SAMPLE_TEST_PER_CLASS = 100
 class Options:
   """How to read any source. `class_names`: the training classes (for test sources)."""
 
-  key: str = "data.source"  # The config key the spec came from, for error messages.
-  class_names: Optional[Sequence[str]] = None
+  key: str = (
+    "data.source"  # The config key the spec came from, for error messages.
+  )
+  class_names: Sequence[str] | None = None
   labels_required: bool = True
-  load_size: Optional[int] = None
-  tfds_data_dir: Optional[str] = None
+  load_size: int | None = None
+  tfds_data_dir: str | None = None
 
 
-def read(spec: str, opts: Options = Options()) -> tuple[Dataset, Optional[Dataset]]:
+def read(
+  spec: str, opts: Options = Options()
+) -> tuple[Dataset, Dataset | None]:
   """Reads one source; returns (data, the source's own held-out test split or None).
 
   Only `mnist_sample` (its fixed 1,000) and `tfds:NAME` without a split (the
   dataset's 'test' split, when it has one) come with their own test split.
   """
   if not isinstance(spec, str) or not spec.strip():
-    raise UserError(f"{opts.key} is empty; expected one of {', '.join(SCHEMES)}")
+    raise UserError(
+      f"{opts.key} is empty; expected one of {', '.join(SCHEMES)}"
+    )
   spec = spec.strip()
   if spec == "mnist_sample":
     return read_mnist_sample(opts)
   scheme, sep, rest = spec.partition(":")
   if not sep or not rest:
-    raise UserError(f"{opts.key}={spec!r} is not a known source; expected one of {', '.join(SCHEMES)}")
+    raise UserError(
+      f"{opts.key}={spec!r} is not a known source; expected one of {', '.join(SCHEMES)}"
+    )
   if scheme == "tfds":
-    from flaxtl.data import tfds_source  # tensorflow_datasets is optional and slow to import.
+    from flaxtl.data import (
+      tfds_source,
+    )  # tensorflow_datasets is optional and slow to import.
 
     return tfds_source.read(rest, opts)
   readers = {"csv": read_csv, "folder": read_folder, "npz": read_npz}
   if scheme not in readers:
-    raise UserError(f"{opts.key}={spec!r}: unknown source scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    raise UserError(
+      f"{opts.key}={spec!r}: unknown source scheme {scheme!r}; expected one of {', '.join(SCHEMES)}"
+    )
   path = Path(rest).expanduser()
   if not path.exists():
     raise UserError(f"{opts.key}={spec!r}: {path} does not exist")
@@ -75,12 +93,18 @@ def read(spec: str, opts: Options = Options()) -> tuple[Dataset, Optional[Datase
 
 def read_mnist_sample(opts: Options) -> tuple[Dataset, Dataset]:
   """The embedded digits: a fixed 4,000-image pool and 1,000 test images (100 per class)."""
-  with importlib.resources.files("flaxtl.resources").joinpath(SAMPLE_FILE).open("rb") as f:
-    with np.load(f) as z:
-      images, labels = z["images"], z["labels"].astype(np.int32)
+  with (
+    importlib.resources.files("flaxtl.resources")
+    .joinpath(SAMPLE_FILE)
+    .open("rb") as f,
+    np.load(f) as z,
+  ):
+    images, labels = z["images"], z["labels"].astype(np.int32)
   names = [str(d) for d in range(10)]
   if opts.class_names is not None and list(opts.class_names) != names:
-    raise UserError(f"{opts.key}=mnist_sample has classes 0..9, not the training classes {list(opts.class_names)}")
+    raise UserError(
+      f"{opts.key}=mnist_sample has classes 0..9, not the training classes {list(opts.class_names)}"
+    )
   order = np.random.default_rng(SAMPLE_SEED).permutation(len(images))
   is_test = np.zeros(len(images), bool)
   for c in range(10):
@@ -88,7 +112,12 @@ def read_mnist_sample(opts: Options) -> tuple[Dataset, Dataset]:
 
   def part(mask: np.ndarray) -> Dataset:
     idx = order[mask]
-    return Dataset(images[idx][..., None], labels[idx], [f"{SAMPLE_FILE}[{i}]" for i in idx], names)
+    return Dataset(
+      images[idx][..., None],
+      labels[idx],
+      [f"{SAMPLE_FILE}[{i}]" for i in idx],
+      names,
+    )
 
   return part(~is_test), part(is_test)
 
@@ -104,10 +133,16 @@ def csv_image_dirs(csv_path: Path) -> list[Path]:
   """
   d, stem = csv_path.parent, csv_path.stem.lower()
   candidates = [d] + [d / sub for sub in ("images", "Images", "train", "test")]
-  candidates += [d / top / sub for top in ("images", "Images") for sub in (stem, "train", "test")]
+  candidates += [
+    d / top / sub
+    for top in ("images", "Images")
+    for sub in (stem, "train", "test")
+  ]
   seen, dirs = set(), []
   for c in candidates:
-    if c.is_dir() and c.resolve() not in seen:  # images/ and Images/ are one folder on some file systems.
+    if (
+      c.is_dir() and c.resolve() not in seen
+    ):  # images/ and Images/ are one folder on some file systems.
       seen.add(c.resolve())
       dirs.append(c)
   return dirs
@@ -126,19 +161,31 @@ def read_csv(path: Path, opts: Options) -> Dataset:
     found, hit = _find(name, hit, dirs)
     if found is None:
       shown = ", ".join(str(d) for d in dirs)
-      raise UserError(f"{where(i)}: image file {name!r} not found (looked in {shown})")
+      raise UserError(
+        f"{where(i)}: image file {name!r} not found (looked in {shown})"
+      )
     files.append(found)
-  images = image_io.read_images(files, opts.load_size, [where(i) for i in range(len(rows))])
+  images = image_io.read_images(
+    files, opts.load_size, [where(i) for i in range(len(rows))]
+  )
   filenames = [str(f) for f in files]
   raw = [row["label"] for row in rows] if "label" in rows[0] else []
   if not any(raw):
     if opts.labels_required:
-      raise UserError(f"{path}: the 'label' column is empty; training data needs labels")
-    return Dataset(images, None, filenames)  # A test CSV with a blank label column.
+      raise UserError(
+        f"{path}: the 'label' column is empty; training data needs labels"
+      )
+    return Dataset(
+      images, None, filenames
+    )  # A test CSV with a blank label column.
   if not all(raw):
     i = raw.index("")
     raise UserError(f"{where(i)}: empty label")
-  names = list(opts.class_names) if opts.class_names is not None else label_io.class_names_of(raw)
+  names = (
+    list(opts.class_names)
+    if opts.class_names is not None
+    else label_io.class_names_of(raw)
+  )
   return Dataset(images, label_io.index(raw, names, where), filenames, names)
 
 
@@ -151,13 +198,21 @@ def _csv_rows(path: Path, opts: Options) -> tuple[list[dict], list[int]]:
     with open(path, newline="", encoding="utf-8-sig") as f:
       reader = csv.reader(f)
       header = [h.strip().lower() for h in next(reader, [])]
-      body = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+      body = [
+        (reader.line_num, row)
+        for row in reader
+        if any(cell.strip() for cell in row)
+      ]
   except (UnicodeDecodeError, csv.Error) as e:
     raise UserError(f"{path}: not a readable CSV: {e}") from None
   if "filename" not in header:
-    raise UserError(f"{path}: no 'filename' column (columns: {', '.join(header) or 'none'})")
+    raise UserError(
+      f"{path}: no 'filename' column (columns: {', '.join(header) or 'none'})"
+    )
   if opts.labels_required and "label" not in header:
-    raise UserError(f"{path}: no 'label' column (columns: {', '.join(header)}); training data needs labels")
+    raise UserError(
+      f"{path}: no 'label' column (columns: {', '.join(header)}); training data needs labels"
+    )
   if not body:
     raise UserError(f"{path}: no rows, the dataset is empty")
   keep = ["filename"] + (["label"] if "label" in header else [])
@@ -165,12 +220,14 @@ def _csv_rows(path: Path, opts: Options) -> tuple[list[dict], list[int]]:
   rows = []
   for i, (line, row) in enumerate(body):
     if len(row) <= max(cols.values()):
-      raise UserError(f"{path} row {i + 1} (line {line}): expected {len(header)} columns, got {len(row)}")
+      raise UserError(
+        f"{path} row {i + 1} (line {line}): expected {len(header)} columns, got {len(row)}"
+      )
     rows.append({k: row[j].strip() for k, j in cols.items()})
   return rows, [line for line, _ in body]
 
 
-def _find(name: str, first: Path, dirs: list[Path]) -> tuple[Optional[Path], Path]:
+def _find(name: str, first: Path, dirs: list[Path]) -> tuple[Path | None, Path]:
   """(the file, the folder it was in); that folder is tried first for the next row,
   so the usual case costs one stat per file."""
   for d in [first] + [d for d in dirs if d != first]:
@@ -187,24 +244,42 @@ def read_folder(path: Path, opts: Options) -> Dataset:
   """
   if not path.is_dir():
     raise UserError(f"{opts.key}: {path} is not a folder")
-  subdirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+  subdirs = sorted(
+    d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")
+  )
   if not subdirs:
-    loose = sorted(p for p in path.iterdir() if p.is_file() and image_io.is_image_file(p))
+    loose = sorted(
+      p for p in path.iterdir() if p.is_file() and image_io.is_image_file(p)
+    )
     if loose and not opts.labels_required:
-      return Dataset(image_io.read_images(loose, opts.load_size), None, [str(p) for p in loose])
-    raise UserError(f"{path}: no class sub-folders; expected one sub-folder of images per class")
+      return Dataset(
+        image_io.read_images(loose, opts.load_size),
+        None,
+        [str(p) for p in loose],
+      )
+    raise UserError(
+      f"{path}: no class sub-folders; expected one sub-folder of images per class"
+    )
   own = [d.name for d in subdirs]
   names = list(opts.class_names) if opts.class_names is not None else own
-  class_index = label_io.index(own, names, lambda i: f"class folder {subdirs[i]}")
+  class_index = label_io.index(
+    own, names, lambda i: f"class folder {subdirs[i]}"
+  )
   files, labels = [], []
   for d, k in zip(subdirs, class_index):
-    found = sorted(p for p in d.rglob("*") if p.is_file() and image_io.is_image_file(p))
+    found = sorted(
+      p for p in d.rglob("*") if p.is_file() and image_io.is_image_file(p)
+    )
     if not found:
-      raise UserError(f"class folder {d} has no images ({', '.join(sorted(image_io.IMAGE_EXTENSIONS))})")
+      raise UserError(
+        f"class folder {d} has no images ({', '.join(sorted(image_io.IMAGE_EXTENSIONS))})"
+      )
     files += found
     labels += [k] * len(found)
   images = image_io.read_images(files, opts.load_size)
-  return Dataset(images, np.asarray(labels, np.int32), [str(p) for p in files], names)
+  return Dataset(
+    images, np.asarray(labels, np.int32), [str(p) for p in files], names
+  )
 
 
 def read_npz(path: Path, opts: Options) -> Dataset:
@@ -214,30 +289,44 @@ def read_npz(path: Path, opts: Options) -> Dataset:
   except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
     raise UserError(f"{path}: cannot read npz: {e}") from None
   if "images" not in arrays:
-    raise UserError(f"{path}: no 'images' array (arrays: {', '.join(arrays) or 'none'})")
+    raise UserError(
+      f"{path}: no 'images' array (arrays: {', '.join(arrays) or 'none'})"
+    )
   images = _npz_images(arrays["images"], path, opts.load_size)
   if "labels" not in arrays:
     if opts.labels_required:
-      raise UserError(f"{path}: no 'labels' array (arrays: {', '.join(arrays)}); training data needs labels")
+      raise UserError(
+        f"{path}: no 'labels' array (arrays: {', '.join(arrays)}); training data needs labels"
+      )
     return Dataset(images, None, None)
   raw = arrays["labels"]
   if raw.shape != (len(images),) or not np.issubdtype(raw.dtype, np.integer):
-    raise UserError(f"{path}: 'labels' must be integers of shape ({len(images)},), got {raw.dtype} {raw.shape}")
-  own = [str(s) for s in arrays["class_names"]] if "class_names" in arrays else None
-  labels, names = label_io.remap(raw, own, opts.class_names, lambda i: f"{path} labels[{i}]")
+    raise UserError(
+      f"{path}: 'labels' must be integers of shape ({len(images)},), got {raw.dtype} {raw.shape}"
+    )
+  own = (
+    [str(s) for s in arrays["class_names"]] if "class_names" in arrays else None
+  )
+  labels, names = label_io.remap(
+    raw, own, opts.class_names, lambda i: f"{path} labels[{i}]"
+  )
   return Dataset(images, labels, None, names)
 
 
-def _npz_images(x: np.ndarray, path: Path, load_size: Optional[int]) -> np.ndarray:
+def _npz_images(x: np.ndarray, path: Path, load_size: int | None) -> np.ndarray:
   if x.ndim == 3:
     x = x[..., None]
   if x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
-    raise UserError(f"{path}: 'images' must be (N, H, W[, 1|3|4]), got shape {x.shape}")
+    raise UserError(
+      f"{path}: 'images' must be (N, H, W[, 1|3|4]), got shape {x.shape}"
+    )
   if len(x) == 0:
     raise UserError(f"{path}: 'images' is empty")
   if x.dtype != np.uint8:
     if not np.issubdtype(x.dtype, np.integer) or x.min() < 0 or x.max() > 255:
-      raise UserError(f"{path}: 'images' must be uint8 0..255, got {x.dtype} in [{x.min()}, {x.max()}]")
+      raise UserError(
+        f"{path}: 'images' must be uint8 0..255, got {x.dtype} in [{x.min()}, {x.max()}]"
+      )
     x = x.astype(np.uint8)
   x = x[..., :3]  # RGBA -> RGB, as for image files.
   if load_size is not None and x.shape[1:3] != (load_size, load_size):

@@ -1,5 +1,34 @@
-"""Model families."""
+"""Backbones, heads and the registry that ties them to the rest of flaxtl.
 
-from flaxtl.models.vgg import VGG, VGG16, VGG19, keras_layer_names, param_layer_names
+    model = flaxtl.models.create("vgg16", include_top=False, pooling="avg")
+    y = model.apply(variables, x, train=False)
+    flaxtl.models.keras_layer_names("vgg16")  # Keras' model.layers names
 
-__all__ = ["VGG", "VGG16", "VGG19", "keras_layer_names", "param_layer_names"]
+Adding a family: a module here that calls `registry.register` for each of its
+architectures (imported below), a weight mapping in `flaxtl.weights`, tests.
+"""
+
+from flaxtl.models import vgg  # noqa: F401 (registers its architectures)
+from flaxtl.models.common import TrainMode, init_variables, variable_shapes
+from flaxtl.models.registry import (
+  Backbone,
+  create,
+  get,
+  keras_layer_names,
+  names,
+)
+from flaxtl.models.vgg import VGG, VGG16, VGG19
+
+__all__ = [
+  "VGG",
+  "VGG16",
+  "VGG19",
+  "Backbone",
+  "TrainMode",
+  "create",
+  "get",
+  "init_variables",
+  "keras_layer_names",
+  "names",
+  "variable_shapes",
+]

@@ -8,7 +8,8 @@ inputs the pool shrinks to what still fits, so the model runs at any size.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -25,7 +26,9 @@ class PixelMLP(nn.Module):
     x = x.reshape(x.shape[0], -1).astype(self.dtype)
     for i, width in enumerate(self.hidden):
       x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"dense{i + 1}")(x))
-    return nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(x).astype(jnp.float32)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(
+      x
+    ).astype(jnp.float32)
 
 
 class SmallCNN(nn.Module):
@@ -41,10 +44,20 @@ class SmallCNN(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = x.astype(self.dtype)
     for b in range(1, self.blocks + 1):
-      x = nn.relu(nn.Conv(self.filters, (5, 5), padding="SAME", dtype=self.dtype, name=f"conv{b}")(x))
+      x = nn.relu(
+        nn.Conv(
+          self.filters,
+          (5, 5),
+          padding="SAME",
+          dtype=self.dtype,
+          name=f"conv{b}",
+        )(x)
+      )
       p = min(self.pool, x.shape[1], x.shape[2])
       x = nn.max_pool(x, (p, p), strides=(p, p))
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(self.dense, dtype=self.dtype, name="dense")(x))
     x = nn.Dropout(self.dropout, deterministic=not train, name="dropout")(x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(x).astype(jnp.float32)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(
+      x
+    ).astype(jnp.float32)

@@ -1,0 +1,147 @@
+"""3x3 'same' convolutions in the form that runs fastest for their shape.
+
+On CPU (`conv_impl_for`, measured per layer by benchmarks/conv_forms.py; tables
+in benchmarks/README.md): tiny maps as one im2col matmul (XLA:CPU's convolution
+is slow on 2x2 and 4x4 maps), large float32 maps with many channels as Winograd
+F(2x2, 3x3) (2.25x fewer multiplies), everything else as XLA's convolution.
+GPU and TPU always get XLA's convolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+CONV_IMPLS = ("auto", "direct", "im2col", "winograd")
+_IM2COL_MAX_PIXELS = 16
+
+
+def conv_impl_for(
+  h: int,
+  w: int,
+  cin: int,
+  platform: str | None = None,
+  dtype: Any = jnp.float32,
+) -> str:
+  """The "auto" choice for a 3x3 conv on an (h, w, cin) map in `dtype`."""
+  if (platform or jax.default_backend()) != "cpu":
+    return "direct"
+  if h * w <= _IM2COL_MAX_PIXELS:
+    return "im2col"
+  # float32 only: XLA:CPU runs Winograd's bfloat16 matmuls at half the speed.
+  big_enough = (
+    min(h, w) >= 28 and cin >= 128 and (cin >= 256 or min(h, w) >= 56)
+  )
+  if jnp.dtype(dtype) == jnp.float32 and big_enough:
+    return "winograd"
+  return "direct"
+
+
+def direct_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+    x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+
+
+def im2col_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  n, h, w, cin = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  # (kh, kw, cin) order matches the HWIO kernel reshaped to (9*cin, cout).
+  patches = jnp.concatenate(
+    [xp[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)],
+    axis=-1,
+  )
+  y = patches.reshape(n * h * w, 9 * cin) @ kernel.reshape(9 * cin, -1)
+  return y.reshape(n, h, w, -1)
+
+
+# Winograd F(2x2, 3x3) (Lavin & Gray, 2015): a 4x4 input tile d and the 3x3
+# kernel g give the 2x2 output tile A^T [(G g G^T) * (B^T d B)] A.
+_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
+_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+def _combine(terms: Sequence[jax.Array], coeffs: Sequence[float]) -> jax.Array:
+  """sum_i coeffs[i] * terms[i], skipping zeros (XLA fuses it into one pass)."""
+  return sum(c * t if c != 1 else t for c, t in zip(coeffs, terms) if c)
+
+
+def _winograd_f23(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  n, h, w, cin = x.shape
+  th, tw = -(-h // 2), -(-w // 2)  # Output tiles; an odd edge is padded.
+  xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
+  # V = B^T d B for all tiles at once, separably: tile rows are strided slices.
+  rows = [xp[:, i : i + 2 * th : 2] for i in range(4)]
+  v_rows = [_combine(rows, _BT[p]) for p in range(4)]
+  v = jnp.stack(
+    [
+      _combine([r[:, :, j : j + 2 * tw : 2] for j in range(4)], _BT[q])
+      for r in v_rows
+      for q in range(4)
+    ]
+  )  # (16, n, th, tw, cin)
+  g = jnp.asarray(_G, kernel.dtype)
+  u = jnp.einsum("pi,ijco,qj->pqco", g, kernel, g).reshape(16, cin, -1)
+  m = jnp.einsum("tpc,tco->tpo", v.reshape(16, n * th * tw, cin), u)
+  m = m.reshape(4, 4, n, th, tw, -1)
+  y_rows = [_combine(list(m), _AT[r]) for r in range(2)]  # Y = A^T M A.
+  y = jnp.stack(
+    [jnp.stack([_combine(list(yr), _AT[s]) for s in range(2)]) for yr in y_rows]
+  )
+  y = y.transpose(2, 3, 0, 4, 1, 5).reshape(n, 2 * th, 2 * tw, -1)
+  return y[:, :h, :w]
+
+
+@jax.custom_vjp
+def winograd_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """3x3 'same' conv by Winograd F(2x2, 3x3), forward and input gradient.
+
+  The input gradient is itself a 3x3 'same' conv (of dy with the kernel flipped
+  and its channel axes swapped), so it runs as Winograd too. The kernel
+  gradient is XLA's convolution: autodiff through the transforms is slower.
+  """
+  return _winograd_f23(x, kernel)
+
+
+def _winograd_fwd(x, kernel):
+  return _winograd_f23(x, kernel), (x, kernel)
+
+
+def _winograd_bwd(residuals, dy):
+  x, kernel = residuals
+  dx = _winograd_f23(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+  dkernel = jax.vjp(lambda k: direct_conv(x, k), kernel)[1](dy)[0]
+  return dx, dkernel
+
+
+winograd_conv.defvjp(_winograd_fwd, _winograd_bwd)
+
+_CONVS = {
+  "direct": direct_conv,
+  "im2col": im2col_conv,
+  "winograd": winograd_conv,
+}
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
+  """x (N, H, W, Cin) * HWIO kernel (3, 3, Cin, Cout), 'same', stride 1."""
+  if impl == "auto":
+    _, h, w, cin = x.shape
+    impl = conv_impl_for(h, w, cin, dtype=x.dtype)
+  return _CONVS[impl](x, kernel)
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """MaxPooling2D(2, 2), 'valid' (an odd last row/column is dropped).
+
+  Reshape + max rather than `nn.max_pool`: same values, but its gradient is a
+  compare-and-select that fuses, where reduce_window's is XLA:CPU's slow
+  select-and-scatter (benchmarks/README.md).
+  """
+  n, h, w, c = x.shape
+  x = x[:, : h // 2 * 2, : w // 2 * 2]
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))

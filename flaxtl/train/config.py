@@ -1,0 +1,123 @@
+"""Checks on a run's config that need no data, no devices and no weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from flaxtl.errors import UserError
+from flaxtl.models import registry
+from flaxtl.models.heads import ACTIVATIONS, HEADS, INITS
+from flaxtl.ops import conv as conv_ops
+from flaxtl.ops import cpu
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MODEL_NAMES = ("transfer", "mlp", "cnn")
+PREPROCESS = ("auto", "caffe", "tf", "torch", "unit", "none")
+BN_MODES = ("keras", "frozen", "train")
+# Config keys that are options of some backbone family, with their defaults.
+FAMILY_OPTIONS = {"conv_impl": "auto"}
+
+
+def _choice(key: str, value: Any, allowed) -> None:
+  if value not in allowed:
+    raise UserError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+
+def backbone(config: ml_collections.ConfigDict) -> registry.Backbone | None:
+  """The registered backbone a transfer config names (None for baselines)."""
+  if config.model.name != "transfer":
+    return None
+  return registry.get(config.model.arch)
+
+
+def backbone_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The family options (e.g. conv_impl) the config sets for its backbone."""
+  spec = backbone(config)
+  options = {}
+  for key, default in FAMILY_OPTIONS.items():
+    value = config.model.get(key, default)
+    if spec is not None and key in spec.options:
+      options[key] = value
+    elif value != default:
+      raise UserError(
+        f"model.{key}={value!r} is not an option of model.arch="
+        f"{config.model.arch!r}"
+      )
+  return options
+
+
+def feature_layer(config: ml_collections.ConfigDict) -> str:
+  return config.model.feature_layer or backbone(config).feature_layer
+
+
+def preprocess_mode(config: ml_collections.ConfigDict) -> str:
+  """'auto' resolves to the backbone's own preprocess_input."""
+  if config.preprocess != "auto":
+    return config.preprocess
+  spec = backbone(config)
+  return spec.preprocess if spec is not None else "unit"
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Everything that can be checked before touching data, devices or weights."""
+  m = config.model
+  _choice("model.name", m.name, MODEL_NAMES)
+  _choice("model.dtype", m.dtype, DTYPES)
+  _choice("model.bn_mode", m.bn_mode, BN_MODES)
+  _choice("preprocess", config.preprocess, PREPROCESS)
+  _choice("xla_cpu_ynn", config.xla_cpu_ynn, cpu.YNN_SETTINGS)
+  _choice("nan_policy", config.nan_policy, ("stop", "skip"))
+  _choice("model.conv_impl", m.conv_impl, conv_ops.CONV_IMPLS)
+  if config.batch_size <= 0 or config.eval_batch_size <= 0:
+    raise UserError("batch_size and eval_batch_size must be positive")
+  spec = backbone(config)
+  backbone_options(config)
+  if spec is None:
+    if config.image_size < 8:
+      raise UserError(f"image_size={config.image_size} is too small")
+  else:
+    _validate_transfer(config, spec)
+  for epoch, k in config.freeze.phases:
+    if epoch <= 0 or k < 0:
+      raise UserError(
+        "freeze.phases entries are (epoch >= 1, first_layers >= 0), "
+        f"got {(epoch, k)}"
+      )
+
+
+def _validate_transfer(config, spec: registry.Backbone) -> None:
+  m = config.model
+  _choice("model.head", m.head, HEADS)
+  _choice("model.pooling", m.pooling, registry.POOLINGS)
+  _choice("model.head_init", m.head_init, INITS)
+  if (
+    m.head == "keras_top"
+    and spec.top_size
+    and config.image_size != spec.top_size
+  ):
+    raise UserError(
+      f"image_size={config.image_size}: model.head='keras_top' of {spec.arch} "
+      f"needs image_size={spec.top_size}; use model.head='mlp' or 'linear' "
+      "for other sizes"
+    )
+  if config.image_size < spec.min_size:
+    raise UserError(
+      f"image_size={config.image_size}: {spec.arch} needs at least "
+      f"{spec.min_size}"
+    )
+  if m.head != "keras_top":
+    layers = spec.layers(include_top=False)[1:]
+    if feature_layer(config) not in layers:
+      raise UserError(
+        f"model.feature_layer={m.feature_layer!r} is not a {spec.arch} "
+        f"layer: {layers}"
+      )
+  bad = [a for a in m.activations if a not in ACTIVATIONS]
+  if bad or len(m.activations) < len(m.hidden):
+    raise UserError(
+      f"model.activations needs one of {sorted(ACTIVATIONS)} per hidden "
+      f"layer, got {m.activations}"
+    )

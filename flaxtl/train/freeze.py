@@ -1,0 +1,149 @@
+"""Freezing as data: (regex, label) rules over '/'-joined parameter paths.
+
+Rules are tried in order with `re.fullmatch`; the first match wins; a final
+catch-all makes every parameter trainable unless a rule said otherwise. A rule
+that matches nothing is an error (a typo would otherwise silently train
+everything). `first_layers: k` turns Keras' `model.layers[:k]` into rules.
+The resulting labels drive `optax.multi_transform` (see `flaxtl.train.optim`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+import logging
+import re
+
+import jax
+
+from flaxtl import tree
+from flaxtl.errors import UserError
+from flaxtl.models import registry
+
+log = logging.getLogger(__name__)
+
+FROZEN = "frozen"
+TRAINABLE = "trainable"
+
+
+def first_layers_rules(
+  k: int,
+  params: dict,
+  backbone: registry.Backbone | None = None,
+  include_top: bool = True,
+  pooling: str | None = None,
+  options: dict | None = None,
+  prefix: str = "backbone/",
+) -> list[tuple[str, str]]:
+  """Rules freezing the first k layers.
+
+  With a registered backbone, k counts like Keras' `model.layers[:k]`: the
+  input layer and every layer without weights (pooling, activation, padding,
+  add) count, so for VGG16 k=8 freezes block1_conv1 ... block3_conv1. Other
+  models count their parameter layers.
+  """
+  if k <= 0:
+    return []
+  if backbone is not None:
+    names = backbone.layers(include_top, pooling, **(options or {}))
+    if k > len(names):
+      raise UserError(
+        f"freeze.first_layers={k}, but {backbone.arch} has only "
+        f"{len(names)} layers"
+      )
+    weighted = set(tree.layers(tree.paths(params)))
+    frozen = [prefix + n for n in names[:k] if prefix + n in weighted]
+  else:
+    layers = tree.layers(tree.paths(params))
+    if k > len(layers):
+      raise UserError(
+        f"freeze.first_layers={k}, but the model has only {len(layers)} "
+        f"layers: {layers}"
+      )
+    frozen = layers[:k]
+  return [(re.escape(n) + "/.*", FROZEN) for n in frozen]
+
+
+@dataclasses.dataclass
+class Plan:
+  """What each parameter gets: frozen, or trained with an lr multiplier."""
+
+  labels: dict  # Same tree as params: "frozen", "trainable", "trainable*<m>".
+  rows: list[tuple[str, str, float]]  # (path, frozen|trainable, lr multiplier)
+
+  def trainable_mask(self):
+    return jax.tree.map(lambda label: label != FROZEN, self.labels)
+
+  def trainable_paths(self) -> list[str]:
+    return [path for path, state, _ in self.rows if state == TRAINABLE]
+
+  def frozen_layers(self) -> set[str]:
+    """Layers none of whose parameters train."""
+    trains = {tree.layer_of(p) for p in self.trainable_paths()}
+    return {tree.layer_of(p) for p, _, _ in self.rows} - trains
+
+  @property
+  def label_set(self) -> list[str]:
+    return sorted(set(jax.tree.leaves(self.labels)))
+
+
+def plan(
+  params: dict,
+  rules: Sequence[tuple[str, str]] = (),
+  lr_mults: Sequence[tuple[str, float]] = (),
+  log_matches: bool = True,
+) -> Plan:
+  """Applies freeze rules and lr multipliers to every parameter of `params`."""
+  paths = tree.paths(params)
+  rules = [(_compile(r, "freeze rule"), label) for r, label in rules]
+  for pattern, label in rules:
+    if label not in (FROZEN, TRAINABLE):
+      raise UserError(
+        f"freeze rule {pattern.pattern!r}: label must be 'frozen' or "
+        f"'trainable', got {label!r}"
+      )
+  mults = [(_compile(r, "lr multiplier"), float(m)) for r, m in lr_mults]
+  used: dict[str, list[str]] = {p.pattern: [] for p, _ in rules + mults}
+
+  def first_match(path, patterns, default):
+    for pattern, value in patterns:
+      if pattern.fullmatch(path):
+        used[pattern.pattern].append(path)
+        return value
+    return default
+
+  decided = {
+    p: (first_match(p, rules, TRAINABLE), first_match(p, mults, 1.0))
+    for p in paths
+  }
+  unused = [r for r, hits in used.items() if not hits]
+  if unused:
+    example = paths[0] if paths else "?"
+    raise UserError(
+      f"freeze rule(s) {unused} match no parameter (paths look like "
+      f"{example!r}; rules use re.fullmatch)"
+    )
+  for pattern, hits in used.items() if log_matches else ():
+    layers = ", ".join(tree.layers(hits))
+    log.info("rule %r matched %d params: %s", pattern, len(hits), layers)
+
+  def label(path) -> str:
+    state, mult = decided[tree.path_str(path)]
+    if state == FROZEN:
+      return FROZEN
+    return TRAINABLE if mult == 1.0 else f"{TRAINABLE}*{mult:g}"
+
+  labels = jax.tree_util.tree_map_with_path(lambda p, _: label(p), params)
+  rows = [(p, s, 0.0 if s == FROZEN else m) for p, (s, m) in decided.items()]
+  return Plan(labels, rows)
+
+
+def _compile(regex: str, what: str) -> re.Pattern:
+  try:
+    return re.compile(regex)
+  except re.error as e:
+    raise UserError(f"{what} {regex!r} is not a valid regex ({e})") from None
+
+
+def lr_multiplier(label: str) -> float:
+  return float(label.split("*", 1)[1]) if "*" in label else 1.0

@@ -1,0 +1,159 @@
+"""A run's model, initial variables and freeze plan, from its config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import logging
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from flaxtl import data as data_lib
+from flaxtl import tree, weights
+from flaxtl.models import common
+from flaxtl.models.baselines import PixelMLP, SmallCNN
+from flaxtl.models.heads import TransferModel
+from flaxtl.ops import cpu
+from flaxtl.train import config as config_lib
+from flaxtl.train import freeze, optim, steps
+
+log = logging.getLogger(__name__)
+
+
+def build_model(
+  config: ml_collections.ConfigDict, num_classes: int
+) -> nn.Module:
+  m, dtype = config.model, config_lib.DTYPES[config.model.dtype]
+  if m.name == "mlp":
+    return PixelMLP(num_classes, dtype=dtype)
+  if m.name == "cnn":
+    return SmallCNN(num_classes, dtype=dtype)
+  return TransferModel(
+    arch=m.arch,
+    head=m.head,
+    num_classes=num_classes,
+    feature_layer=config_lib.feature_layer(config),
+    pooling=m.pooling,
+    hidden=tuple(m.hidden),
+    activations=tuple(m.activations),
+    dropout=tuple(m.dropout),
+    head_init=m.head_init,
+    dtype=dtype,
+    backbone_options=tuple(sorted(config_lib.backbone_options(config).items())),
+  )
+
+
+def init_fn(model: nn.Module, image_size: int) -> Callable[[jax.Array], dict]:
+  x = jnp.zeros(common.dummy_input(image_size).shape, jnp.float32)
+  return lambda rng: dict(model.init(rng, x))
+
+
+def abstract_variables(
+  model: nn.Module, image_size: int, rng: jax.Array
+) -> dict:
+  """The variables as shapes, at no FLOPs: checks the model at this size."""
+  return jax.eval_shape(init_fn(model, image_size), rng)
+
+
+def load_pretrained(
+  config: ml_collections.ConfigDict, variables: dict
+) -> tuple[dict, dict | None]:
+  """Merges `model.weights` into the fresh variables (strictly)."""
+  m = config.model
+  if m.name != "transfer" or str(m.weights).lower() in ("none", ""):
+    log.info("no pretrained weights: training from scratch")
+    return variables, None
+  spec = config_lib.backbone(config)
+  keras_top = m.head == "keras_top"
+  pretrained, provenance = weights.resolve(m.weights, m.arch, keras_top)
+  merged, report = weights.merge_pretrained(
+    variables,
+    pretrained,
+    into="backbone",
+    reinit=[spec.classifier] if keras_top else [],
+  )
+  counts = {k: len(v) for k, v in report.items()}
+  return merged, {**provenance, "merge": counts, "skipped": report["skipped"]}
+
+
+def freeze_plan(
+  config: ml_collections.ConfigDict,
+  params: dict,
+  first_layers: int,
+  log_matches: bool = True,
+) -> freeze.Plan:
+  spec = config_lib.backbone(config)
+  rules = freeze.first_layers_rules(
+    first_layers,
+    params,
+    backbone=spec if "backbone" in params else None,
+    include_top=config.model.head == "keras_top",
+    pooling=config.model.pooling,
+  )
+  rules += [tuple(r) for r in config.freeze.rules]
+  lr_mults = [tuple(r) for r in config.freeze.lr_mults]
+  return freeze.plan(params, rules, lr_mults, log_matches)
+
+
+def train_mode(
+  config: ml_collections.ConfigDict, plan: freeze.Plan, batch_stats: dict
+) -> common.TrainMode:
+  """Which BatchNormalization layers run in inference mode while training.
+
+  model.bn_mode 'keras': the frozen ones (Keras' rule since 2.1.3 / TF 2);
+  'frozen': all of them; 'train': none (every BN layer normalises with batch
+  statistics and updates its moving ones, PyTorch's `model.train()`).
+  """
+  bn_layers = set(tree.layers(tree.paths(batch_stats)))
+  mode = config.model.bn_mode
+  if mode == "frozen":
+    inference = bn_layers
+  elif mode == "keras":
+    inference = bn_layers & plan.frozen_layers()
+  else:
+    inference = set()
+  return common.TrainMode(frozenset(inference))
+
+
+def compiler_options(
+  config: ml_collections.ConfigDict,
+  trainable_paths=(),
+  dtype: str = "float32",
+) -> dict[str, str] | None:
+  """XLA options for a step of this run that trains `trainable_paths`."""
+  spec = config_lib.backbone(config)
+  return cpu.compiler_options(
+    config.xla_cpu_ynn,
+    config.image_size,
+    trainable_paths,
+    dtype,
+    stem_layers=spec.stem_layers if spec is not None else (),
+  )
+
+
+def train_step(
+  config: ml_collections.ConfigDict,
+  model: nn.Module,
+  plan: freeze.Plan,
+  total_steps: int,
+  prepare: Callable[[jax.Array], jax.Array],
+  batch_stats: dict,
+) -> tuple[optax.GradientTransformation, Callable, dict[str, str] | None]:
+  """(optimiser, un-jitted train step, XLA options) for one freeze phase."""
+  tx, schedule = optim.make_optimizer(config.optim, plan, total_steps)
+  fn = steps.make_train_step(
+    model,
+    tx,
+    plan.trainable_mask(),
+    schedule,
+    prepare=prepare,
+    train_mode=train_mode(config, plan, batch_stats),
+    nan_policy=config.nan_policy,
+    log_grad_norm=config.log_grad_norm,
+    augment=data_lib.augment if config.data.augment else None,
+  )
+  options = compiler_options(config, plan.trainable_paths(), config.model.dtype)
+  return tx, fn, options
