@@ -6,12 +6,15 @@
 All logic lives in `flaxtl.train.train_and_evaluate(config, workdir)`.
 """
 
+from pathlib import Path
+import signal
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from flaxtl.errors import UserError, cli_logging
+from flaxtl import config_files
+from flaxtl.errors import EXIT_USER_ERROR, UserError, cli_logging
 from flaxtl.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -21,39 +24,53 @@ _CONFIG = config_flags.DEFINE_config_file(
   lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string(
-  "workdir", None, "Run directory (default: workdirs/<config name>)."
+  "workdir", None, "Run directory (default: workdirs/<config>[-<variant>])."
 )
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
-  workdir = _WORKDIR.value or f"workdirs/{_config_name()}"
+  spec = config_flags.get_config_filename(flags.FLAGS["config"])
+  workdir = _WORKDIR.value or f"workdirs/{config_files.run_name(spec)}"
   cli_logging()
   try:
-    train_and_evaluate(config, workdir)
+    result = train_and_evaluate(config, workdir)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(EXIT_USER_ERROR)
+  if result["interrupted"]:
+    # Not finished: a chained `launch && predict` must not go on.
+    sys.exit(128 + signal.Signals[result["interrupted"]].value)
   print(
     f"report: {workdir}/summary.json (per-step metrics: "
-    f"{workdir}/metrics.jsonl, "
-    f"TensorBoard: {workdir}/tensorboard)"
+    f"{workdir}/metrics.jsonl, TensorBoard: {workdir}/tensorboard)"
   )
+  print(f"final variables: {workdir}/params (rerunning reports this run)")
   print(
-    f"checkpoint: {workdir}/checkpoints (resume: rerun the same command); "
-    f"final params: {workdir}/params"
+    f"predict: python -m flaxtl.predict --workdir {workdir} "
+    "--data csv:TEST.csv --out submission.csv"
   )
 
 
-def _config_name() -> str:
-  path = config_flags.get_config_filename(flags.FLAGS["config"])
-  return path.rsplit("/", 1)[-1].removesuffix(".py")
+def _check_config_file(argv) -> None:
+  """config_flags reports a missing file as a traceback, at its first use."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      value = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      value = argv[i + 1]
+    else:
+      continue
+    path = value.partition(":")[0]
+    if not Path(path).is_file():
+      raise FileNotFoundError(path)
 
 
 def _parse_flags(argv):
   """absl's parser; a bad flag, config file or key is one line and exit 2."""
   try:
+    _check_config_file(argv)
     return flags.FLAGS(argv)
   except flags.Error as e:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -66,8 +83,12 @@ def _parse_flags(argv):
   except (AttributeError, KeyError) as e:  # ml_collections' unknown-key errors.
     bad = [a for a in argv if a.startswith("--config.")]
     message = f"unknown config key {str(e).strip(chr(34))} (in {' '.join(bad)})"
+  except FileNotFoundError as e:
+    message = f"--config: {e}: no such config file"
+  except SyntaxError as e:
+    message = f"--config: {e.filename}:{e.lineno}: {e.msg}"
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(EXIT_USER_ERROR)
 
 
 def run() -> None:

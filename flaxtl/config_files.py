@@ -34,6 +34,12 @@ def load(spec: str) -> ml_collections.ConfigDict:
   return config
 
 
+def run_name(spec: str) -> str:
+  """'configs/mnist_freeze8.py:hed_quick' -> 'mnist_freeze8-hed_quick'."""
+  path, _, variant = spec.partition(":")
+  return Path(path).stem + (f"-{variant}" if variant else "")
+
+
 def override(config: ml_collections.ConfigDict, assignment: str) -> None:
   """Applies 'a.b=value' (value parsed as a Python literal when it is one)."""
   key, sep, raw = assignment.partition("=")

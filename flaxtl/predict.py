@@ -110,6 +110,17 @@ def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
   return float(np.mean(log_loss_terms(probs, labels)))
 
 
+def _check_args(args: argparse.Namespace) -> None:
+  """The flags' own problems, before any work."""
+  if args.batch_size <= 0:
+    raise UserError(f"--batch-size={args.batch_size}: must be positive")
+  if args.out.is_dir():
+    raise UserError(f"--out {args.out}: is a directory; give a CSV file path")
+  parent = args.out.parent
+  if parent.exists() and not parent.is_dir():
+    raise UserError(f"--out {args.out}: {parent} is a file, not a directory")
+
+
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> dict:
   p = argparse.ArgumentParser(
@@ -131,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   )
   p.add_argument("--batch-size", type=int, default=64)
   args = p.parse_args(argv)
+  _check_args(args)
   cli_logging()
   ds, class_names, probs = predict_probs(
     args.workdir, args.data, args.batch_size

@@ -25,11 +25,6 @@ from flaxtl.train import train_and_evaluate
 log = logging.getLogger(__name__)
 
 
-def run_name(spec: str) -> str:
-  path, _, variant = spec.partition(":")
-  return Path(path).stem + (f"-{variant}" if variant else "")
-
-
 def run_study(
   specs: Sequence[str], workdir: Path, overrides: Sequence[str] = ()
 ) -> list[dict]:
@@ -44,7 +39,7 @@ def run_study(
   _check_same_split(configs)
   results = []
   for spec, config in configs:
-    name = run_name(spec)
+    name = config_files.run_name(spec)
     log.info("study: %s", name)
     r = train_and_evaluate(config, workdir / name)
     results.append({"name": name, "config": spec, **r})

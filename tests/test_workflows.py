@@ -4,12 +4,15 @@ import csv
 import json
 import os
 from pathlib import Path
+import subprocess
+import sys
 
+import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
-from flaxtl import config_files, predict, study, train, weights
+from flaxtl import config_files, data, predict, study, train, weights
 from flaxtl.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,10 +161,6 @@ def _csv_rows(path: Path) -> list[dict]:
 
 
 def _digit_csv(tmp: Path, labelled: bool) -> Path:
-  import ml_collections
-
-  from flaxtl import data
-
   test = data.load(
     ml_collections.ConfigDict({"source": "mnist_sample", "val_fraction": 0.0})
   ).test
@@ -258,28 +257,40 @@ def test_log_loss_matches_sklearn_definition():
   )
 
 
-def test_study_writes_report_plots_and_results(tmp_path):
-  results = study.main(
-    [
-      "--workdir",
-      str(tmp_path),
-      "--configs",
-      "configs/mnist_mlp.py",
-      "configs/mnist_cnn.py",
-      "--set",
-      "total_steps=4",
-      "data.max_examples=100",
-      "batch_size=8",
-      "progress=False",
-      "image_size=32",
-    ]
-  )
+def test_study_writes_report_plots_and_results_and_a_rerun_keeps_them(
+  tmp_path,
+):
+  args = [
+    "--workdir",
+    str(tmp_path),
+    "--configs",
+    "configs/mnist_mlp.py",
+    "configs/mnist_cnn.py",
+    "--set",
+    "total_steps=4",
+    "data.max_examples=100",
+    "batch_size=8",
+    "progress=False",
+    "image_size=32",
+  ]
+  results = study.main(args)
   assert [r["name"] for r in results] == ["mnist_mlp", "mnist_cnn"]
   report = (tmp_path / "report.md").read_text()
   assert "| mnist_cnn |" in report and "![accuracy](accuracy.png)" in report
   assert (tmp_path / "learning_curves.png").stat().st_size > 5000
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved[1]["test_count"] == 1000
+  # The same command again, as a user reruns it: every recorded figure stays.
+  r = subprocess.run(
+    [sys.executable, "-m", "flaxtl.study", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert r.returncode == 0, r.stderr
+  assert (tmp_path / "report.md").read_text() == report
+  assert " - |" not in report  # No missing validation figure.
 
 
 def test_study_bad_override_stops_before_training(tmp_path, capsys):

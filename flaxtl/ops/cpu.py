@@ -43,7 +43,7 @@ def tune_malloc() -> bool:
   m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's malloc.h.
   settings = ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1))
   ok = all(mallopt(opt, val) == 1 for opt, val in settings)
-  log.info("glibc malloc tuned for reuse: %s", ok)
+  log.debug("glibc malloc tuned for reuse: %s", ok)
   return ok
 
 
@@ -68,10 +68,14 @@ def compiler_options(
   if ynn == "auto":
     if dtype != "float32":
       return None
-    stems = tuple(stem_layers)
     stem_trains = any(
-      p.endswith("/kernel") and p.rsplit("/", 1)[0].rsplit("/", 1)[-1] in stems
+      p.endswith("/kernel") and _is_stem(p.rsplit("/", 1)[0], stem_layers)
       for p in trainable_paths
     )
     ynn = "off" if image_size >= _LARGE_IMAGE or stem_trains else "on"
   return dict(_YNN_OFF) if ynn == "off" else None
+
+
+def _is_stem(layer: str, stem_layers: Iterable[str]) -> bool:
+  """'backbone/features/0/0' is the stem layer 'features/0/0'."""
+  return any(layer == s or layer.endswith("/" + s) for s in stem_layers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 import shutil
@@ -16,7 +17,26 @@ from flaxtl.train.steps import TrainState
 
 log = logging.getLogger(__name__)
 
-ITEMS = ("state", "data")
+ITEMS = ("state", "data", "run")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+  """What a run has spent so far, saved with every checkpoint."""
+
+  batch_size: int
+  train_s: float = 0.0  # Time in the training loop, all sessions.
+  wall_s: float = 0.0  # Time of whole sessions, setup and evaluation included.
+  sessions: int = 0
+
+  def advanced(self, train_s: float, wall_s: float) -> RunRecord:
+    """This record plus a session that has spent `train_s` and `wall_s`."""
+    return dataclasses.replace(
+      self,
+      train_s=self.train_s + train_s,
+      wall_s=self.wall_s + wall_s,
+      sessions=self.sessions + 1,
+    )
 
 
 def manager(workdir: Path, max_to_keep: int) -> ocp.CheckpointManager:
@@ -31,20 +51,55 @@ def manager(workdir: Path, max_to_keep: int) -> ocp.CheckpointManager:
   )
 
 
+def latest_step(workdir: Path) -> int:
+  """The step of the run's latest checkpoint (0 if none), creating nothing."""
+  directory = workdir / "checkpoints"
+  if not directory.is_dir():
+    return 0
+  # orbax renames a step's directory to its number only once it is complete.
+  steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+  return max(steps, default=0)
+
+
 def save(
-  mngr: ocp.CheckpointManager, step: int, state: TrainState, data_state: dict
+  mngr: ocp.CheckpointManager,
+  step: int,
+  state: TrainState,
+  data_state: dict,
+  record: RunRecord,
 ) -> None:
   args = ocp.args.Composite(
-    state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+    state=ocp.args.StandardSave(state),
+    data=ocp.args.JsonSave(data_state),
+    run=ocp.args.JsonSave(dataclasses.asdict(record)),
   )
   mngr.save(step, args=args, force=True)
   mngr.wait_until_finished()
 
 
 def restore(
-  mngr: ocp.CheckpointManager, step: int, state: TrainState, workdir: Path
-) -> tuple[TrainState, dict]:
-  """(state, data iterator state) of checkpoint `step`, sharded as `state`."""
+  mngr: ocp.CheckpointManager,
+  step: int,
+  state: TrainState,
+  workdir: Path,
+  batch_size: int,
+) -> tuple[TrainState, dict, RunRecord]:
+  """(state, data iterator state, run record) of checkpoint `step`.
+
+  The state is restored into `state`'s shapes and shardings.
+  """
+  record = RunRecord(batch_size=batch_size)
+  if (mngr.directory / str(step) / "run").exists():  # Older runs lack it.
+    saved = mngr.restore(
+      step, args=ocp.args.Composite(run=ocp.args.JsonRestore())
+    )
+    record = RunRecord(**saved["run"])
+  if record.batch_size != batch_size:
+    raise UserError(
+      f"{workdir}: its run used batch_size={record.batch_size}, this config "
+      f"has {batch_size}; resume with --config.batch_size={record.batch_size} "
+      "or start a new run with another --workdir"
+    )
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   args = ocp.args.Composite(
     state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
@@ -58,7 +113,7 @@ def restore(
       "--workdir to start over"
     ) from None
   log.info("resumed from step %d in %s", step, workdir)
-  return restored["state"], restored["data"]
+  return restored["state"], restored["data"], record
 
 
 def save_final(workdir: Path, variables: dict) -> None:

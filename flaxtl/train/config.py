@@ -21,6 +21,83 @@ BN_MODES = ("keras", "frozen", "train")
 FAMILY_OPTIONS = {"conv_impl": "auto"}
 
 
+# Numeric keys and the values that make sense: (low, high, low_open, high_open);
+# None is unbounded. Checked before any work, so nonsense fails in a line.
+_RANGES: dict[str, tuple] = {
+  "image_size": (1, None, False, False),
+  "batch_size": (1, None, False, False),
+  "eval_batch_size": (1, None, False, False),
+  "total_steps": (0, None, False, False),
+  "eval_every_epochs": (1, None, False, False),
+  "log_every_steps": (1, None, False, False),
+  "checkpoint_every_steps": (1, None, False, False),
+  "max_to_keep": (1, None, False, False),
+  "model.num_classes": (0, None, False, False),
+  "optim.lr": (0, None, True, False),
+  "optim.decay": (0, None, False, False),
+  "optim.warmup_steps": (0, None, False, False),
+  "optim.cosine_alpha": (0, 1, False, False),
+  "optim.momentum": (0, 1, False, True),
+  "optim.b1": (0, 1, False, True),
+  "optim.b2": (0, 1, False, True),
+  "optim.eps": (0, None, True, False),
+  "optim.weight_decay": (0, None, False, False),
+  "optim.clip_norm": (0, None, False, False),
+  "data.val_fraction": (0, 1, False, True),
+  "data.prefetch": (0, None, False, False),
+  "data.max_examples": (1, None, False, False),
+  "data.load_size": (1, None, False, False),
+  "freeze.first_layers": (0, None, False, False),
+  "distributed.num_processes": (1, None, False, False),
+}
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def _in_range(key: str, value: Any, low, high, low_open, high_open) -> None:
+  if value is None or isinstance(value, bool):
+    return
+  bad_low = low is not None and (value <= low if low_open else value < low)
+  bad_high = high is not None and (value >= high if high_open else value > high)
+  if bad_low or bad_high:
+    left = "(" if low_open else "["
+    right = ")" if high_open or high is None else "]"
+    bounds = f"{left}{'-inf' if low is None else low}, "
+    bounds += f"{'inf' if high is None else high}{right}"
+    raise UserError(f"{key}={value!r} is out of range: it must be in {bounds}")
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+  """Every numeric key within the values that make sense."""
+  for key, bounds in _RANGES.items():
+    _in_range(key, _get(config, key), *bounds)
+  if not config.total_steps:
+    _in_range("num_epochs", config.num_epochs, 1, None, False, False)
+  if config.model.num_classes == 1:
+    raise UserError(
+      "model.num_classes=1: a classifier needs at least 2 classes"
+    )
+  for width in config.model.hidden:
+    _in_range("model.hidden", width, 1, None, False, False)
+  for rate in config.model.dropout:
+    _in_range("model.dropout", rate, 0, 1, False, True)
+  for regex, mult in config.freeze.lr_mults:
+    _in_range(f"freeze.lr_mults[{regex!r}]", mult, 0, None, True, False)
+  _in_range(
+    "distributed.process_id",
+    config.distributed.process_id,
+    0,
+    config.distributed.num_processes,
+    False,
+    True,
+  )
+
+
 def _choice(key: str, value: Any, allowed) -> None:
   if value not in allowed:
     raise UserError(f"{key} must be one of {list(allowed)}, got {value!r}")
@@ -71,8 +148,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice("xla_cpu_ynn", config.xla_cpu_ynn, cpu.YNN_SETTINGS)
   _choice("nan_policy", config.nan_policy, ("stop", "skip"))
   _choice("model.conv_impl", m.conv_impl, conv_ops.CONV_IMPLS)
-  if config.batch_size <= 0 or config.eval_batch_size <= 0:
-    raise UserError("batch_size and eval_batch_size must be positive")
+  check_ranges(config)
   spec = backbone(config)
   backbone_options(config)
   if spec is None:

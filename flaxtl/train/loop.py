@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 from pathlib import Path
 import signal
@@ -31,6 +32,7 @@ from flaxtl.ops import cpu
 from flaxtl.preprocess import prepare_images
 from flaxtl.train import checkpoint, distributed, features, setup, steps
 from flaxtl.train import config as config_lib
+from flaxtl.train import workdir as workdir_lib
 from flaxtl.train.metrics import MetricWriter, PendingMetrics, summarise_eval
 from flaxtl.train.summary import counts, param_table
 
@@ -95,6 +97,11 @@ def load_data(config: ml_collections.ConfigDict):
   """The train/val/test splits, checked against the model and batch size."""
   splits = data_lib.load(config.data)
   num_classes = len(splits.class_names)
+  if num_classes < 2:
+    raise UserError(
+      f"data.source={config.data.source!r} has only one class "
+      f"({splits.class_names[0]!r}); a classifier needs at least 2"
+    )
   if config.model.num_classes and config.model.num_classes != num_classes:
     raise UserError(
       f"model.num_classes={config.model.num_classes} but the data has "
@@ -199,10 +206,11 @@ def _setup(config, splits, init_rng: jax.Array, replicated) -> Run:
       log_matches=False,
     )
 
+  pretrained = setup.resolve_pretrained(config)
   variables = jax.jit(
     setup.init_fn(model, config.image_size), out_shardings=replicated
   )(init_rng)
-  variables, provenance = setup.load_pretrained(config, variables)
+  variables, provenance = setup.merge_pretrained(config, variables, pretrained)
   mode = config_lib.preprocess_mode(config)
   run = Run(
     model=model,
@@ -220,7 +228,11 @@ def _setup(config, splits, init_rng: jax.Array, replicated) -> Run:
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str | Path
 ) -> dict[str, Any]:
-  """Trains and evaluates as `config` says; returns the final metrics."""
+  """Trains and evaluates as `config` says; returns the final metrics.
+
+  Rerunning a finished run returns what it recorded (summary.json) and
+  changes nothing; rerunning an interrupted one resumes it.
+  """
   t_start = time.perf_counter()
   workdir = Path(workdir)
   config_lib.validate(config)
@@ -230,149 +242,222 @@ def train_and_evaluate(
   # Asking for the device count starts the backend: only after initialize.
   distributed.check_batch(config.batch_size)
   distributed.check_batch(config.eval_batch_size, "eval_batch_size")
+  if jax.process_index() == 0:
+    workdir_lib.create(workdir)
+  with workdir_lib.locked(workdir):
+    splits = load_data(config)
+    # Full batches only: the last partial batch of an epoch is dropped.
+    steps_per_epoch = len(splits.train) // config.batch_size
+    total_steps = (
+      int(config.total_steps) or int(config.num_epochs) * steps_per_epoch
+    )
+    start_step = checkpoint.latest_step(workdir)
+    recorded = _recorded_summary(workdir, start_step, total_steps)
+    if recorded is not None:
+      log.info(
+        "%s: finished at step %d; its results are in %s (nothing to do)",
+        workdir,
+        start_step,
+        workdir / "summary.json",
+      )
+      return recorded
+    trainer = _Trainer(config, workdir, splits, total_steps, t_start)
+    try:
+      return trainer.run(start_step)
+    finally:
+      trainer.close()
 
-  splits = load_data(config)
-  num_classes = len(splits.class_names)
-  mesh = distributed.make_mesh()
-  replicated, batch_sharding = distributed.shardings(mesh)
-  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  run = _setup(config, splits, init_rng, replicated)
-  model, splits = run.model, run.splits
-  batch_stats = run.variables.get("batch_stats", {})
 
-  train_iter = data_lib.TrainIterator(
-    splits.train,
-    batch_size=config.batch_size,
-    seed=config.seed,
-    shuffle=True,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  steps_per_epoch = train_iter.steps_per_epoch
-  total_steps = (
-    int(config.total_steps) or int(config.num_epochs) * steps_per_epoch
-  )
-  eval_period = max(1, int(config.eval_every_epochs)) * steps_per_epoch
-  all_phases = phases(config, steps_per_epoch)
-  manager = checkpoint.manager(workdir, config.max_to_keep)
+class _Trainer:
+  """One session of a run: set up, resume, train, evaluate, record."""
 
-  def compile_train_step(plan_):
-    tx_, fn, options = setup.train_step(
-      config, model, plan_, total_steps, run.prepare, batch_stats
+  def __init__(
+    self,
+    config,
+    workdir: Path,
+    splits,
+    total_steps: int,
+    t_start: float,
+  ):
+    self.config, self.workdir, self.t_start = config, workdir, t_start
+    self.total_steps = total_steps
+    self.num_classes = len(splits.class_names)
+    mesh = distributed.make_mesh()
+    self.replicated, self.batch_sharding = distributed.shardings(mesh)
+    init_rng, self.train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    self.run_ = _setup(config, splits, init_rng, self.replicated)
+    self.model, self.splits = self.run_.model, self.run_.splits
+    self.train_iter = data_lib.TrainIterator(
+      self.splits.train,
+      batch_size=config.batch_size,
+      seed=config.seed,
+      shuffle=True,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+    steps_per_epoch = self.train_iter.steps_per_epoch
+    self.eval_period = int(config.eval_every_epochs) * steps_per_epoch
+    self.phases = phases(config, steps_per_epoch)
+    # After setup: a run refused by it leaves no checkpoints/ behind.
+    self.manager = checkpoint.manager(workdir, config.max_to_keep)
+    self.writer: MetricWriter | None = None
+    self.batches = None
+
+  def close(self) -> None:
+    if self.batches is not None:
+      self.batches.close()
+    if self.writer is not None:
+      self.writer.close()
+
+  # --- the pieces ------------------------------------------------------------
+
+  def compile_train_step(self, plan):
+    tx, fn, options = setup.train_step(
+      self.config,
+      self.model,
+      plan,
+      self.total_steps,
+      self.run_.prepare,
+      self.run_.variables.get("batch_stats", {}),
     )
     if options:
       log.info("train step compiled with %s", options)
     jitted = jax.jit(
       fn,
       donate_argnums=0,
-      out_shardings=(replicated, replicated),
+      out_shardings=(self.replicated, self.replicated),
       compiler_options=options,
     )
-    return tx_, jitted
+    return tx, jitted
 
-  def init_opt_state(params):
-    return jax.jit(tx.init, out_shardings=replicated)(params)
+  def init_opt_state(self, tx, params):
+    return jax.jit(tx.init, out_shardings=self.replicated)(params)
 
-  start_step = manager.latest_step() or 0
-  phase_i = phase_index(all_phases, start_step)
-  params = run.variables["params"]
-  plan = setup.freeze_plan(config, params, all_phases[phase_i].first_layers)
-  tx, train_step = compile_train_step(plan)
-  state = steps.TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=params,
-    batch_stats=batch_stats,
-    opt_state=init_opt_state(params),
-    rng=jax.device_put(train_rng, replicated),
-  )
-  if start_step:
-    state, iter_state = checkpoint.restore(manager, start_step, state, workdir)
-    train_iter.set_state(iter_state)
-
-  writer = MetricWriter(
-    workdir, total_steps, start_step, config.batch_size, config.progress
-  )
-  _write_run_files(workdir, config, run.provenance, splits.class_names)
-  writer.print(param_table(state.params, plan))
-  param_counts = counts(state.params, plan)
-  if run.frozen_backbone is not None:
-    frozen = run.frozen_backbone.get("params", {})
-    param_counts["frozen"] += sum(
-      int(np.size(a)) for a in jax.tree.leaves(frozen)
-    )
-    writer.print(
-      f"backbone: {param_counts['frozen']:,} params frozen (features cached "
-      f"in {config.model.features_cache_dir})"
-    )
-
-  eval_fn = jax.jit(
-    steps.make_eval_step(model, num_classes, prepare=run.prepare),
-    compiler_options=setup.compiler_options(config, dtype=config.model.dtype),
-  )
-  metrics = PendingMetrics(
-    writer, config.nan_policy, workdir, last_good_step=start_step
-  )
-
-  def save(step: int) -> None:
-    checkpoint.save(manager, step, state, iter_state)
-    metrics.last_good_step = step
-
-  def evaluate(ds, split: str, step: int) -> dict:
+  def evaluate(self, eval_fn, state, split: str, step: int) -> dict:
+    ds = getattr(self.splits, split)
     out = _evaluate(
-      eval_fn, state.variables(), ds, config.eval_batch_size, batch_sharding
+      eval_fn,
+      state.variables(),
+      ds,
+      self.config.eval_batch_size,
+      self.batch_sharding,
     )
-    writer.write(step, split, out)
+    self.writer.write(step, split, out)
     shown = ", ".join(
       f"{k} {v:.4f}" for k, v in out.items() if isinstance(v, float)
     )
-    writer.print(f"step {step} {split}: {shown}")
+    self.writer.print(f"step {step} {split}: {shown}")
     return out
 
-  def producer():
-    while True:
-      batch = next(train_iter)
-      yield batch, train_iter.get_state()
+  def batches_from(self, iterator):
+    def producer():
+      while True:
+        batch = next(iterator)
+        yield batch, iterator.get_state()
 
-  def put(item):
-    return distributed.put_batch(item[0], batch_sharding), item[1]
+    def put(item):
+      return distributed.put_batch(item[0], self.batch_sharding), item[1]
 
-  batches = data_lib.prefetch(producer(), size=config.data.prefetch, put=put)
-  val_metrics: dict = {}
-  iter_state = train_iter.get_state()
-  interrupted = None
-  step = start_step
-  has_val = splits.val is not None and len(splits.val) > 0
-  try:
+    return data_lib.prefetch(
+      producer(), size=self.config.data.prefetch, put=put
+    )
+
+  # --- the run ---------------------------------------------------------------
+
+  def run(self, start_step: int) -> dict[str, Any]:
+    config, workdir = self.config, self.workdir
+    phase_i = phase_index(self.phases, start_step)
+    params = self.run_.variables["params"]
+    plan = setup.freeze_plan(config, params, self.phases[phase_i].first_layers)
+    tx, train_step = self.compile_train_step(plan)
+    state = steps.TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=self.run_.variables.get("batch_stats", {}),
+      opt_state=self.init_opt_state(tx, params),
+      rng=jax.device_put(self.train_rng, self.replicated),
+    )
+    session = checkpoint.RunRecord(batch_size=config.batch_size)
+    if start_step:
+      state, iter_state, session = checkpoint.restore(
+        self.manager, start_step, state, workdir, config.batch_size
+      )
+      self.train_iter.set_state(iter_state)
+
+    self.writer = writer = MetricWriter(
+      workdir, self.total_steps, start_step, config.batch_size, config.progress
+    )
+    _write_run_files(
+      workdir, config, self.run_.provenance, self.splits.class_names
+    )
+    writer.print(param_table(state.params, plan))
+    param_counts = counts(state.params, plan)
+    if self.run_.frozen_backbone is not None:
+      frozen = self.run_.frozen_backbone.get("params", {})
+      param_counts["frozen"] += sum(
+        int(np.size(a)) for a in jax.tree.leaves(frozen)
+      )
+      writer.print(
+        f"backbone: {param_counts['frozen']:,} params frozen (features "
+        f"cached in {config.model.features_cache_dir})"
+      )
+
+    eval_fn = jax.jit(
+      steps.make_eval_step(
+        self.model, self.num_classes, prepare=self.run_.prepare
+      ),
+      compiler_options=setup.compiler_options(config, dtype=config.model.dtype),
+    )
+    metrics = PendingMetrics(
+      writer,
+      config.nan_policy,
+      workdir,
+      last_good_step=start_step if start_step else None,
+    )
+    self.batches = batches = self.batches_from(self.train_iter)
+    iter_state = self.train_iter.get_state()
+    t_loop = time.perf_counter()
+    prior = session
+
+    def save(step: int) -> None:
+      record = prior.advanced(
+        train_s=time.perf_counter() - t_loop,
+        wall_s=time.perf_counter() - self.t_start,
+      )
+      checkpoint.save(self.manager, step, state, iter_state, record)
+      metrics.last_good_step = step
+
+    val_metrics: dict = {}
+    interrupted = None
+    step = start_step
+    has_val = self.splits.val is not None and len(self.splits.val) > 0
     with _StopFlag() as stop:
-      while step < total_steps:
-        i = phase_index(all_phases, step)
+      while step < self.total_steps:
+        i = phase_index(self.phases, step)
         if i != phase_i:
           metrics.flush()
           phase_i = i
-          plan = setup.freeze_plan(
-            config, state.params, all_phases[i].first_layers
-          )
-          tx, train_step = compile_train_step(plan)
+          first = self.phases[i].first_layers
+          plan = setup.freeze_plan(config, state.params, first)
+          tx, train_step = self.compile_train_step(plan)
           # A new phase gets a fresh optimiser, as Keras' recompile does.
-          state = state.replace(opt_state=init_opt_state(state.params))
-          writer.print(
-            f"phase {i}: first_layers={all_phases[i].first_layers} "
-            f"from step {step}"
-          )
+          state = state.replace(opt_state=self.init_opt_state(tx, state.params))
+          writer.print(f"phase {i}: first_layers={first} from step {step}")
           writer.print(param_table(state.params, plan))
         batch, iter_state_next = next(batches)
         state, step_metrics = train_step(state, batch)
         step += 1
         iter_state = iter_state_next
         metrics.add(step, step_metrics)
+        last = step == self.total_steps
         if step % config.log_every_steps == 0:
           metrics.flush()
-        if step % config.checkpoint_every_steps == 0 or step == total_steps:
+        if step % config.checkpoint_every_steps == 0 or last:
           metrics.flush()  # Never save after a non-finite step.
           save(step)
-        if has_val and (step % eval_period == 0 or step == total_steps):
+        if has_val and (step % self.eval_period == 0 or last):
           metrics.flush()
-          val_metrics = evaluate(splits.val, "val", step)
+          val_metrics = self.evaluate(eval_fn, state, "val", step)
         if stop.signal is not None:
           interrupted = signal.Signals(stop.signal).name
           metrics.flush()
@@ -384,56 +469,82 @@ def train_and_evaluate(
           )
           break
       metrics.flush()
-    if interrupted is None:
-      final = state.variables()
-      if run.frozen_backbone is not None:
-        final = _with_backbone(final, run.frozen_backbone)
-      checkpoint.save_final(workdir, final)
-  except BaseException:
-    writer.close()
-    raise
-  finally:
-    batches.close()
-
-  result: dict[str, Any] = {
-    "step": step,
-    "total_steps": total_steps,
-    "interrupted": interrupted,
-  }
-  result.update({f"train_{k}": v for k, v in metrics.last.items()})
-  result.update({f"val_{k}": v for k, v in val_metrics.items()})
-  if (
-    interrupted is None
-    and splits.test is not None
-    and splits.test.labels is not None
-  ):
-    test_metrics = evaluate(splits.test, "test", step)
-    result.update({f"test_{k}": v for k, v in test_metrics.items()})
-  provenance = run.provenance or {}
-  result.update(
-    {
-      "trainable_params": param_counts["trainable"],
-      "frozen_params": param_counts["frozen"],
-      "skipped_updates": metrics.skipped_updates,
-      "wall_time_s": time.perf_counter() - t_start,
-      "train_images_per_s": float(np.median(metrics.rates))
-      if metrics.rates
-      else None,
-      "weights": provenance.get("source")
-      or provenance.get("source_file")
-      or "none",
+    train_s = prior.train_s + time.perf_counter() - t_loop
+    result: dict[str, Any] = {
+      "step": step,
+      "total_steps": self.total_steps,
+      "interrupted": interrupted,
     }
-  )
-  if jax.process_index() == 0:
-    files.write_json(workdir / "summary.json", result)
-  shown = ", ".join(
-    f"{k}={_short(v)}"
-    for k, v in result.items()
-    if "class" not in k and v is not None
-  )
-  writer.print("summary: " + shown)
-  writer.close()
-  return result
+    if interrupted is not None:
+      return result
+
+    final = state.variables()
+    if self.run_.frozen_backbone is not None:
+      final = _with_backbone(final, self.run_.frozen_backbone)
+    checkpoint.save_final(workdir, final)
+    train_last = metrics.last or _last_record(workdir, "train")
+    if has_val and not val_metrics:  # Resumed at the last step: evaluate it.
+      val_metrics = self.evaluate(eval_fn, state, "val", step)
+    result.update(
+      {
+        f"train_{k}": v
+        for k, v in train_last.items()
+        if k not in ("step", "split")
+      }
+    )
+    result.update({f"val_{k}": v for k, v in val_metrics.items()})
+    test = self.splits.test
+    if test is not None and test.labels is not None:
+      test_metrics = self.evaluate(eval_fn, state, "test", step)
+      result.update({f"test_{k}": v for k, v in test_metrics.items()})
+    provenance = self.run_.provenance or {}
+    rates = metrics.rates
+    result.update(
+      {
+        "trainable_params": param_counts["trainable"],
+        "frozen_params": param_counts["frozen"],
+        "skipped_updates": metrics.skipped_updates,
+        "train_time_s": train_s,
+        "wall_time_s": prior.wall_s + time.perf_counter() - self.t_start,
+        "sessions": prior.sessions + 1,
+        "train_images_per_s": float(np.median(rates)) if rates else None,
+        "weights": provenance.get("source")
+        or provenance.get("source_file")
+        or "none",
+      }
+    )
+    if jax.process_index() == 0:
+      files.write_json(workdir / "summary.json", result)
+    shown = ", ".join(
+      f"{k}={_short(v)}"
+      for k, v in result.items()
+      if "class" not in k and v is not None
+    )
+    writer.print("summary: " + shown)
+    return result
+
+
+def _recorded_summary(workdir: Path, start_step: int, total_steps: int):
+  """The recorded results of a run already finished in `workdir`, if any."""
+  path = workdir / "summary.json"
+  if start_step < total_steps or not path.is_file():
+    return None
+  try:
+    recorded = json.loads(path.read_text())
+  except ValueError:
+    return None  # Damaged: evaluate again and rewrite it.
+  done = recorded.get("step") == start_step and not recorded.get("interrupted")
+  return recorded if done else None
+
+
+def _last_record(workdir: Path, split: str) -> dict:
+  """The last `split` line of metrics.jsonl ({} if none)."""
+  path = workdir / "metrics.jsonl"
+  if not path.is_file():
+    return {}
+  records = [json.loads(line) for line in path.read_text().splitlines() if line]
+  found = [r for r in records if r.get("split") == split]
+  return found[-1] if found else {}
 
 
 def _with_backbone(variables: dict, backbone: dict) -> dict:

@@ -154,7 +154,7 @@ class PendingMetrics:
     writer: MetricWriter,
     nan_policy: str,
     workdir: Path,
-    last_good_step: int,
+    last_good_step: int | None,
   ):
     self.writer, self.nan_policy, self.workdir = writer, nan_policy, workdir
     self.last_good_step = last_good_step
@@ -173,10 +173,16 @@ class PendingMetrics:
     for (s, _), m in zip(self._pending, fetched):
       if not bool(m["finite"]):
         if self.nan_policy == "stop":
+          if self.last_good_step is None:
+            kept = "no checkpoint had been saved yet"
+          else:
+            kept = (
+              f"the last good checkpoint (step {self.last_good_step}) in "
+              f"{self.workdir} is intact"
+            )
           raise NonFiniteLoss(
-            f"loss or gradient became NaN/Inf at step {s}; the last good "
-            f"checkpoint (step {self.last_good_step}) in {self.workdir} is "
-            "intact; lower optim.lr or set nan_policy='skip'"
+            f"loss or gradient became NaN/Inf at step {s}; {kept}; lower "
+            "optim.lr or set nan_policy='skip'"
           )
         self.skipped_updates += 1
         log.warning("step %d: non-finite loss, update skipped", s)

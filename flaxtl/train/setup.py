@@ -13,6 +13,7 @@ import optax
 
 from flaxtl import data as data_lib
 from flaxtl import tree, weights
+from flaxtl.errors import UserError
 from flaxtl.models import common
 from flaxtl.models.baselines import PixelMLP, SmallCNN
 from flaxtl.models.heads import TransferModel
@@ -58,25 +59,49 @@ def abstract_variables(
   return jax.eval_shape(init_fn(model, image_size), rng)
 
 
-def load_pretrained(
-  config: ml_collections.ConfigDict, variables: dict
-) -> tuple[dict, dict | None]:
-  """Merges `model.weights` into the fresh variables (strictly)."""
+def resolve_pretrained(
+  config: ml_collections.ConfigDict,
+) -> tuple[dict, dict] | None:
+  """(variables, provenance) of `model.weights`, or None when training from
+  scratch. Done before the model is initialised, so a bad value fails fast."""
   m = config.model
   if m.name != "transfer" or str(m.weights).lower() in ("none", ""):
     log.info("no pretrained weights: training from scratch")
-    return variables, None
-  spec = config_lib.backbone(config)
+    return None
   keras_top = m.head == "keras_top"
   pretrained, provenance = weights.resolve(m.weights, m.arch, keras_top)
+  if keras_top and provenance.get("include_top") is False:
+    raise UserError(
+      f"model.weights={m.weights!r} holds {provenance.get('arch')} without "
+      "its top, but model.head='keras_top' keeps the pretrained top: use "
+      "--config.model.head=mlp (or 'linear'), as the offline variants such as "
+      "configs/mnist_freeze8.py:hed_quick do"
+    )
+  return pretrained, provenance
+
+
+def merge_pretrained(
+  config: ml_collections.ConfigDict,
+  variables: dict,
+  pretrained: tuple[dict, dict] | None,
+) -> tuple[dict, dict | None]:
+  """Merges resolved pretrained variables into the fresh ones (strictly)."""
+  if pretrained is None:
+    return variables, None
+  spec = config_lib.backbone(config)
+  keras_top = config.model.head == "keras_top"
   merged, report = weights.merge_pretrained(
     variables,
-    pretrained,
+    pretrained[0],
     into="backbone",
     reinit=[spec.classifier] if keras_top else [],
   )
   counts = {k: len(v) for k, v in report.items()}
-  return merged, {**provenance, "merge": counts, "skipped": report["skipped"]}
+  return merged, {
+    **pretrained[1],
+    "merge": counts,
+    "skipped": report["skipped"],
+  }
 
 
 def freeze_plan(

@@ -123,7 +123,9 @@ def _fetch_imagenet(
     raise UserError(
       f"{e}. To get ImageNet weights offline, copy {dest.name} into "
       f"{cache} (or convert it with "
-      "`python -m flaxtl.convert FILE`), or use the offline weights 'hed'"
+      "`python -m flaxtl.convert FILE`), or use the offline weights 'hed' "
+      "(as the configs' offline variants do, e.g. "
+      "configs/mnist_freeze8.py:hed_quick)"
     ) from None
   return path, {"source": "imagenet", "url": url, f"source_{algorithm}": digest}
 
@@ -206,7 +208,7 @@ def resolve(
     )
     return store.restore_variables(path), store.read_provenance(path)
   path = Path(spec)
-  if store.is_checkpoint(path):
+  if path.is_dir():  # A converted checkpoint (read_provenance says if not).
     return store.restore_variables(path), store.read_provenance(path)
   if not path.exists():
     raise UserError(

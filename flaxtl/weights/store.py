@@ -72,6 +72,7 @@ def save(
         ckptr.save(
           (tmp / name).absolute(), args=ocp.args.StandardSave(collection)
         )
+      record["files"] = _digests(tmp, sorted(variables))
       files.write_json(tmp / PROVENANCE, record)
   except OSError as e:
     raise UserError(
@@ -79,6 +80,30 @@ def save(
     ) from None
   log.info("saved %s (%s parameters)", out, f"{record['param_count']:,}")
   return out
+
+
+def _digests(root: Path, collections: list[str]) -> dict[str, str]:
+  """sha256 of every file orbax wrote, by path under `root`."""
+  return {
+    str(p.relative_to(root)): files.file_hash(p)
+    for c in collections
+    for p in sorted((root / c).rglob("*"))
+    if p.is_file()
+  }
+
+
+def _verify(path: Path, digests: dict[str, str]) -> None:
+  """A missing or damaged file is named before orbax reads anything."""
+  for rel, digest in digests.items():
+    f = path / rel
+    if not f.is_file():
+      raise UserError(
+        f"{path}: damaged checkpoint, {rel} is missing; convert it again"
+      )
+    if files.file_hash(f) != digest:
+      raise UserError(
+        f"{path}: damaged checkpoint, {rel} has changed; convert it again"
+      )
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -91,8 +116,10 @@ def read_provenance(path: str | Path) -> dict[str, Any]:
   try:
     return json.loads((path / PROVENANCE).read_text())
   except FileNotFoundError:
+    what = "half-written or " if (path / "params").is_dir() else ""
     raise UserError(
-      f"{path}: not a flaxtl weights checkpoint (no {PROVENANCE})"
+      f"{path}: {what}not a converted flaxtl checkpoint: it has no "
+      f"{PROVENANCE} (convert weights with python -m flaxtl.convert)"
     ) from None
   except json.JSONDecodeError as e:
     raise UserError(f"{path / PROVENANCE}: corrupt JSON ({e.msg})") from None
@@ -123,6 +150,7 @@ def restore_variables(path: str | Path) -> dict:
   """
   path = Path(path).absolute()  # orbax wants absolute paths.
   prov = read_provenance(path)
+  _verify(path, prov.get("files", {}))  # Checkpoints since format 2 list them.
   want = expected_shapes(prov)
   have = {}
   for collection in want:
@@ -141,12 +169,23 @@ def restore(path: str | Path) -> dict:
   return restore_variables(path)["params"]
 
 
+# orbax writes this file last: without it the checkpoint is half-written.
+COMMIT_MARKER = "commit_success.txt"
+
+
 def _metadata(path: Path) -> dict:
+  if not (path / COMMIT_MARKER).is_file():
+    raise UserError(
+      f"{path}: half-written checkpoint (no {COMMIT_MARKER}); convert or "
+      "save it again"
+    )
   ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
   try:
     meta = ckptr.metadata(path).item_metadata
-  except (OSError, ValueError, FileNotFoundError) as e:
+  except (OSError, ValueError) as e:
     raise UserError(f"{path}: unreadable checkpoint ({e})") from None
+  if meta is None:  # orbax's answer when its metadata or manifest is damaged.
+    raise UserError(f"{path}: damaged checkpoint (its metadata is unreadable)")
   return jax.tree.map(
     lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
     dict(meta),
@@ -157,8 +196,14 @@ def _metadata(path: Path) -> dict:
 def restore_to_host(path: str | Path) -> dict:
   """Any StandardCheckpoint as numpy arrays, whatever topology wrote it."""
   path = Path(path).absolute()
+  abstract = _metadata(path)
   ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
-  return ckptr.restore(path, args=ocp.args.StandardRestore(_metadata(path)))
+  try:
+    return ckptr.restore(path, args=ocp.args.StandardRestore(abstract))
+  # A damaged user file: orbax and tensorstore raise many types for it.
+  except Exception as e:
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise UserError(f"{path}: damaged checkpoint ({reason})") from None
 
 
 def _compare(path: Path, have: dict, want: dict) -> None:

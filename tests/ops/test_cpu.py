@@ -124,3 +124,16 @@ def test_bad_speed_settings_are_config_errors(key, value, msg):
   (config[section] if section else config)[name] = value
   with pytest.raises(UserError, match=msg):
     config_lib.validate(config)
+
+
+def test_stem_layers_match_whole_module_paths():
+  stem = ("features/0/0",)  # A PyTorch-named family's first conv.
+
+  def opts(path):
+    return cpu.compiler_options(
+      "auto", 64, [path], stem_layers=stem, platform="cpu"
+    )
+
+  assert opts("backbone/features/0/0/kernel") == YNN_OFF
+  assert opts("backbone/features/10/0/kernel") is None
+  assert opts("backbone/features/0/0/bias") is None

@@ -1,0 +1,342 @@
+"""launch.py as a user meets it: reruns, the workdir lock, bad input, messages.
+
+Every case runs the real CLI in a subprocess. A user error must end with one
+`error: ...` line on stderr and exit status 2, with no traceback.
+"""
+
+import json
+import os
+from pathlib import Path
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from flaxtl import models, weights
+from flaxtl.errors import UserError
+from flaxtl.models import common
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "configs/mnist_cnn.py:tiny"
+QUIET = ("--config.progress=False",)
+
+
+def _env() -> dict:
+  return {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+
+def launch(*args, config=TINY, cwd=ROOT, timeout=300):
+  cmd = [sys.executable, str(ROOT / "launch.py"), "--config", config, *args]
+  return subprocess.run(
+    cmd, cwd=cwd, capture_output=True, text=True, env=_env(), timeout=timeout
+  )
+
+
+def start(*args, config=TINY):
+  cmd = [sys.executable, str(ROOT / "launch.py"), "--config", config, *args]
+  return subprocess.Popen(
+    cmd,
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    env=_env(),
+  )
+
+
+def user_error(r: subprocess.CompletedProcess) -> str:
+  """The one `error:` line of a run that stopped on a user error."""
+  assert r.returncode == 2, r.stdout + r.stderr
+  assert "Traceback" not in r.stderr, r.stderr
+  errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and r.stderr.strip().endswith(errors[0]), r.stderr
+  return errors[0]
+
+
+def checkpoints(workdir: Path) -> list[int]:
+  ck = workdir / "checkpoints"
+  return sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit())
+
+
+def wait_for_checkpoint(workdir: Path, proc, timeout=240) -> None:
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if (workdir / "checkpoints").exists() and checkpoints(workdir):
+      return
+    assert proc.poll() is None, proc.stdout.read()
+    time.sleep(0.05)
+  raise AssertionError("no checkpoint in time")
+
+
+# --- a finished run: its default workdir, reruns, predict's flags ---
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+  """A short run launched without --workdir, from another directory."""
+  cwd = tmp_path_factory.mktemp("cwd")
+  r = launch("--config.total_steps=8", *QUIET, config=str(ROOT / TINY), cwd=cwd)
+  assert r.returncode == 0, r.stderr
+  return cwd / "workdirs" / "mnist_cnn-tiny", r
+
+
+def test_default_workdir_is_named_after_config_and_variant(finished):
+  wd, r = finished
+  assert (wd / "summary.json").is_file()
+  expected = "python -m flaxtl.predict --workdir workdirs/mnist_cnn-tiny "
+  assert expected in r.stdout
+
+
+def test_rerunning_a_finished_run_changes_nothing(finished):
+  wd, _ = finished
+  kept = {n: (wd / n).read_bytes() for n in ("summary.json", "metrics.jsonl")}
+  again = launch("--workdir", str(wd), "--config.total_steps=8", *QUIET)
+  assert again.returncode == 0, again.stderr
+  assert "finished at step 8" in again.stderr
+  assert {n: (wd / n).read_bytes() for n in kept} == kept
+  summary = json.loads(kept["summary.json"])
+  assert summary["val_count"] == 40 and "train_loss" in summary
+  assert 0 < summary["train_time_s"] <= summary["wall_time_s"]
+
+
+def predict(*args):
+  cmd = [sys.executable, "-m", "flaxtl.predict", *args]
+  return subprocess.run(
+    cmd, cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=300
+  )
+
+
+def test_predict_out_a_folder_and_batch_size_zero(finished, tmp_path):
+  base = ("--workdir", str(finished[0]), "--data", "mnist_sample")
+  line = user_error(predict(*base, "--out", str(tmp_path)))
+  assert f"--out {tmp_path}: is a directory" in line
+  out = tmp_path / "p.csv"
+  line = user_error(predict(*base, "--out", str(out), "--batch-size", "0"))
+  assert line == "error: --batch-size=0: must be positive"
+  assert not out.exists()
+
+
+# --- the workdir lock, a killed run, resuming with another batch size ---
+
+
+@pytest.mark.slow
+def test_lock_refuses_a_second_run_and_a_killed_run_leaves_it_free(tmp_path):
+  wd = tmp_path / "wd"
+  first = start(
+    "--workdir",
+    str(wd),
+    "--config.total_steps=400",
+    "--config.checkpoint_every_steps=4",
+    *QUIET,
+  )
+  try:
+    wait_for_checkpoint(wd, first)
+    line = user_error(launch("--workdir", str(wd), *QUIET))
+    assert f"workdir {wd} is in use by process {first.pid}" in line
+  finally:
+    first.kill()  # SIGKILL: the lock file is left behind.
+    first.wait()
+  assert (wd / ".lock").exists()
+  line = user_error(
+    launch("--workdir", str(wd), "--config.batch_size=4", *QUIET)
+  )
+  assert "--config.batch_size=8" in line and "another --workdir" in line
+  saved = checkpoints(wd)[-1]
+  resumed = launch(
+    "--workdir", str(wd), f"--config.total_steps={saved}", *QUIET
+  )
+  assert resumed.returncode == 0, resumed.stderr
+  assert json.loads((wd / "summary.json").read_text())["step"] == saved
+
+
+# --- interruptions ---
+
+
+@pytest.mark.slow
+def test_sigint_saves_says_so_and_exits_nonzero_then_resume_counts_time(
+  tmp_path,
+):
+  wd = tmp_path / "wd"
+  p = start(
+    "--workdir",
+    str(wd),
+    "--config.total_steps=400",
+    "--config.checkpoint_every_steps=4",
+    *QUIET,
+  )
+  wait_for_checkpoint(wd, p)
+  p.send_signal(signal.SIGINT)
+  out, _ = p.communicate(timeout=300)
+  assert p.returncode == 128 + signal.SIGINT, out
+  assert "SIGINT: saved step" in out and "rerun the same command" in out
+  assert "final variables" not in out and "Traceback" not in out
+  assert not (wd / "params").exists() and not (wd / "summary.json").exists()
+  saved = checkpoints(wd)[-1]
+  done = launch(
+    "--workdir", str(wd), f"--config.total_steps={saved + 4}", *QUIET
+  )
+  assert done.returncode == 0, done.stderr
+  summary = json.loads((wd / "summary.json").read_text())
+  assert summary["sessions"] == 2 and summary["step"] == saved + 4
+
+
+def test_nan_before_any_checkpoint_says_none_was_saved(tmp_path):
+  line = user_error(
+    launch(
+      "--workdir",
+      str(tmp_path / "wd"),
+      "--config.optim.lr=1e30",
+      "--config.log_every_steps=1",
+      *QUIET,
+    )
+  )
+  assert (
+    "NaN/Inf at step" in line and "no checkpoint had been saved yet" in line
+  )
+
+
+# --- bad input: one line, exit 2 ---
+
+
+@pytest.mark.parametrize(
+  "args,config,expected",
+  [
+    ((), "configs/nope.py", "--config: configs/nope.py: no such config file"),
+    (("--config.optim.lr=-0.001",), TINY, "optim.lr=-0.001 is out of range"),
+    (
+      ("--config.num_epochs=0",),
+      "configs/mnist_cnn.py",
+      "num_epochs=0 is out of range",
+    ),
+    (
+      ("--config.num_epochs=-2",),
+      "configs/mnist_cnn.py",
+      "num_epochs=-2 is out of range",
+    ),
+    (("--config.optim.momentum=1.5",), TINY, "optim.momentum=1.5"),
+    (
+      ("--config.model.weights=hed",),
+      "configs/mnist_freeze8.py",
+      "--config.model.head=mlp",
+    ),
+  ],
+  ids=[
+    "missing_config",
+    "negative_lr",
+    "zero_epochs",
+    "negative_epochs",
+    "momentum",
+    "hed_with_keras_top",
+  ],
+)
+def test_config_errors_are_one_line(tmp_path, args, config, expected):
+  line = user_error(
+    launch("--workdir", str(tmp_path / "wd"), *args, *QUIET, config=config)
+  )
+  assert expected in line
+  assert not (tmp_path / "wd" / "checkpoints").exists()
+
+
+def test_config_file_with_a_syntax_error(tmp_path):
+  bad = tmp_path / "bad.py"
+  bad.write_text("def get_config(:\n")
+  line = user_error(launch(config=str(bad)))
+  assert line == f"error: --config: {bad}:1: invalid syntax"
+
+
+def test_single_class_data_is_refused(tmp_path):
+  npz = tmp_path / "one.npz"
+  np.savez(
+    npz, images=np.zeros((20, 8, 8), np.uint8), labels=np.zeros(20, np.int64)
+  )
+  line = user_error(
+    launch(
+      "--workdir",
+      str(tmp_path / "wd"),
+      f"--config.data.source=npz:{npz}",
+      *QUIET,
+    )
+  )
+  assert "only one class" in line
+
+
+@pytest.mark.parametrize("kind", ["under_a_file", "is_a_file", "read_only"])
+def test_unusable_workdir(tmp_path, kind):
+  blocker = tmp_path / "blocker"
+  blocker.write_text("x")
+  wd = {
+    "under_a_file": blocker / "wd",
+    "is_a_file": blocker,
+    "read_only": Path("/sys/flaxtl-test-wd"),
+  }[kind]
+  line = user_error(launch("--workdir", str(wd), *QUIET))
+  assert f"workdir {wd}" in line
+
+
+# --- converted weights that are not whole ---
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+  """A real converted VGG16 (no top) written by flaxtl.weights.save."""
+  model = models.create("vgg16", include_top=False)
+  variables = jax.tree.map(np.asarray, common.init_variables(model, 32))
+  out = tmp_path_factory.mktemp("conv") / "vgg16_random"
+  return weights.save(
+    variables, out, {"arch": "vgg16", "include_top": False, "num_classes": None}
+  )
+
+
+def _damaged(converted: Path, tmp: Path, how: str) -> Path:
+  d = tmp / how
+  shutil.copytree(converted, d)
+  data = sorted((d / "params" / "d").iterdir())[0]
+  if how == "missing_file":
+    data.unlink()
+  elif how == "changed_file":
+    data.write_bytes(data.read_bytes()[:100])
+  elif how == "no_provenance":
+    (d / "provenance.json").unlink()
+  elif how == "no_commit_marker":
+    (d / "params" / "commit_success.txt").unlink()
+  return d
+
+
+@pytest.mark.parametrize(
+  "how,expected",
+  [
+    ("missing_file", "damaged checkpoint, params/d/"),
+    ("changed_file", "has changed"),
+    ("no_provenance", "has no provenance.json"),
+    ("no_commit_marker", "commit_success.txt is missing"),
+  ],
+)
+def test_damaged_converted_weights_are_one_line(
+  converted, tmp_path, how, expected
+):
+  d = _damaged(converted, tmp_path, how)
+  line = user_error(
+    launch(
+      "--workdir",
+      str(tmp_path / "wd"),
+      f"--config.model.weights={d}",
+      "--config.total_steps=1",
+      *QUIET,
+      config="configs/mnist_freeze8.py:hed_quick",
+    )
+  )
+  assert str(d) in line and expected in line
+
+
+def test_weights_restore_refuses_a_half_written_checkpoint(converted, tmp_path):
+  d = _damaged(converted, tmp_path, "no_commit_marker")
+  prov = json.loads((d / "provenance.json").read_text())
+  del prov["files"]  # As a checkpoint written before file digests.
+  (d / "provenance.json").write_text(json.dumps(prov))
+  with pytest.raises(UserError, match="half-written"):
+    weights.restore_variables(d)
