@@ -122,7 +122,12 @@ def main() -> None:
   ap.add_argument(
     "--smoke", action="store_true", help="tiny CPU run: batch 2, 2 steps, 1 rep"
   )
-  ap.add_argument("--out", default="gpu_check.json")
+  ap.add_argument(
+    "--out",
+    default=None,
+    help="JSON under results/ (or an absolute path); default "
+    "gpu_check.json, or gpu_check_smoke.json with --smoke",
+  )
   args = ap.parse_args()
   if args.smoke:
     args.batch, args.steps, args.reps = 2, 2, 1
@@ -208,7 +213,7 @@ def main() -> None:
   }
   if not np.isfinite(result["loss"]):
     raise SystemExit(f"non-finite loss {result['loss']}: the step is broken")
-  out = "gpu_check_smoke.json" if args.smoke else args.out
+  out = args.out or ("gpu_check_smoke.json" if args.smoke else "gpu_check.json")
   path = common.write_json(out, result)
   shown = {k: v for k, v in result.items() if k != "step_times_s"}
   print(json.dumps(shown, indent=1))
