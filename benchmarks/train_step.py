@@ -292,7 +292,8 @@ def torch_case(case: str, budget: float) -> dict:
   )
   model = model.to(memory_format=torch.channels_last).train()
   convs = [m for m in features if isinstance(m, torch.nn.Conv2d)]
-  n_frozen = {"freeze8": 5, "full": 0, "frozen_backbone": len(convs)}[case]
+  # Convs among Keras' model.layers[:FIRST_LAYERS[case]].
+  n_frozen = {"freeze4": 2, "freeze8": 5, "full": 0}.get(case, len(convs))
   for conv in convs[:n_frozen]:
     conv.requires_grad_(False)
   trainable = [p for p in model.parameters() if p.requires_grad]
@@ -521,7 +522,7 @@ def summarise(results: dict) -> tuple[str, dict]:
   fws = [f for f in FRAMEWORKS + EXTRA_FRAMEWORKS if f in results]
   cases = [
     c
-    for c in ("freeze8", "full", "frozen_backbone")
+    for c in ("freeze4", "freeze8", "full", "frozen_backbone")
     if any(c in results.get(f, {}) for f in fws)
   ]
   derived: dict = {}
