@@ -1,20 +1,18 @@
-"""PNG chart of benchmarks/results/{forward,train_step}.json -> benchmarks/results/chart.png.
+"""PNG chart of results/{forward,train_step}.json -> results/chart.png.
 
     python benchmarks/chart.py
 
-Left: forward images/s per input size and dtype (log scale: 224x224 is ~10 img/s, 32x32 hundreds).
-Right: train-step images/s at 64x64, batch 16. Bars are grouped by case, one colour per framework;
-the label over each flaxtl bar is its ratio to PyTorch with the same
-process settings (flaxtl / torch, flaxtl_tuned / torch_tuned).
+Left: forward images/s per input size and dtype (log scale: 224x224 is ~10
+img/s, 32x32 hundreds). Right: train-step images/s at 64x64, batch 16. Bars
+are grouped by case, one colour per framework; the label over each flaxtl bar
+is its ratio to PyTorch with the same process settings (flaxtl / torch,
+flaxtl_tuned / torch_tuned).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
-import sys
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 import matplotlib
 
@@ -56,9 +54,8 @@ def _bars(
     xs = [g + (i - (len(fws) - 1) / 2) * width for g in range(len(groups))]
     ys = [v or 0 for v in values[fw]]
     ax.bar(xs, ys, width, label=LABELS.get(fw, fw), color=COLOURS[fw])
-    torch_fw = fw.replace(
-      "flaxtl", "torch"
-    )  # Like for like: stock vs stock, tuned vs tuned.
+    # Like for like: stock vs stock, tuned vs tuned.
+    torch_fw = fw.replace("flaxtl", "torch")
     if fw.startswith("flaxtl") and torch_fw in values:
       for x, y, t in zip(xs, ys, values[torch_fw]):
         if y and t:

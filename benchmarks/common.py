@@ -1,18 +1,21 @@
-"""Timing helpers shared by the benchmarks: warm-up, median of N, peak RSS, contention, isolation.
+"""Helpers shared by the benchmarks: warm-up, median of N, peak RSS, isolation.
 
-The machine these run on has 2 cores and is shared with other work (tests, training runs), so every
-measurement also records how much CPU *other* processes used while it ran (from /proc/stat minus our
-own CPU time). A measurement taken while others used more than `MAX_OTHER` of the machine is retried
-after a pause and the least-contended attempt is kept; the JSON says how contended it was.
+The machine these run on is shared with other work (tests, training runs), so
+every measurement also records how much CPU *other* processes used while it ran
+(/proc/stat minus our own CPU time). A measurement taken while others used more
+than `MAX_OTHER` of the machine is retried after a pause and the least
+contended attempt is kept; the JSON says how contended it was.
 
-Each framework runs in its own subprocess (`run_worker`): PyTorch's OpenMP threads spin for a while
-after each op and would steal cycles from a JAX measurement in the same process, and peak RSS is a
-per-process high-water mark.
+Each framework runs in its own subprocess (`run_worker`): PyTorch's OpenMP
+threads spin for a while after each op and would steal cycles from a JAX
+measurement in the same process, and peak RSS is a per-process high-water mark.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+import contextlib
+from importlib import metadata
 import json
 import os
 from pathlib import Path
@@ -26,26 +29,26 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
-MAX_OTHER = (
-  0.15  # Fraction of all cores used by other processes above which we retry.
-)
+# Fraction of all cores used by other processes above which we retry.
+MAX_OTHER = 0.15
 
-# The scripts run as `python benchmarks/x.py` (sys.path[0] is benchmarks/): make flaxtl and configs
-# importable from the checkout without requiring an install.
+# The scripts run as `python benchmarks/x.py` (sys.path[0] is benchmarks/):
+# make flaxtl and configs importable from the checkout without an install.
 if str(ROOT) not in sys.path:
   sys.path.insert(1, str(ROOT))
 
 
-# --- CPU accounting -------------------------------------------------------------------------------
+# --- CPU accounting -----------------------------------------------------------
 
 
 def _machine_busy_s() -> float:
-  """CPU-seconds all processes spent busy since boot (user, nice, system, irq, softirq, steal)."""
+  """CPU-seconds all processes spent busy since boot (not idle or iowait)."""
   try:
     with open("/proc/stat") as f:
       v = [int(x) for x in f.readline().split()[1:9]]
   except OSError:  # Not Linux: contention is simply not measured.
     return 0.0
+  # user, nice, system, irq, softirq, steal.
   return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
 
 
@@ -55,14 +58,12 @@ def _own_cpu_s() -> float:
 
 
 class CpuProbe:
-  """`with CpuProbe() as p: ...` then p.own / p.other: fractions of all cores used during the block."""
+  """`with CpuProbe() as p: ...`; p.own / p.other: fractions of all cores."""
 
   def __enter__(self) -> CpuProbe:
-    self._busy, self._own, self._wall = (
-      _machine_busy_s(),
-      _own_cpu_s(),
-      time.perf_counter(),
-    )
+    self._busy = _machine_busy_s()
+    self._own = _own_cpu_s()
+    self._wall = time.perf_counter()
     return self
 
   def __exit__(self, *exc) -> None:
@@ -76,10 +77,12 @@ class CpuProbe:
 
 
 def tune_malloc() -> bool:
-  """What `flaxtl.train` does first (config.tune_malloc): glibc keeps freed memory for reuse."""
-  from flaxtl.runtime import tune_malloc as tune
+  """What the trainer does first (config.tune_malloc): reuse freed memory."""
+  # Imported here: flaxtl.ops.cpu imports jax, and the torch workers call this
+  # without loading a second framework into their process.
+  from flaxtl.ops import cpu
 
-  return tune()
+  return cpu.tune_malloc()
 
 
 def peak_rss_mb() -> float:
@@ -87,7 +90,7 @@ def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# --- timing ---------------------------------------------------------------------------------------
+# --- timing -------------------------------------------------------------------
 
 
 def time_fn(
@@ -97,15 +100,19 @@ def time_fn(
   reps: int = 5,
   min_reps: int = 3,
   budget_s: float = 4.0,
-  retries: int = 2,
+  retries: int | None = None,
   pause_s: float = 3.0,
 ) -> dict:
   """Median wall time of `fn()` (which must block until its result is ready).
 
-  `warmup` untimed calls first (compilation, caches, allocator), then up to `reps` timed calls, stopping
-  early once `budget_s` is spent but never below `min_reps`, so a slow case (VGG16 at 224x224 is ~1 s a
-  call) stays a few seconds. Retried up to `retries` times if other processes were busy meanwhile.
+  `warmup` untimed calls first (compilation, caches, allocator), then up to
+  `reps` timed calls, stopping once `budget_s` is spent but never below
+  `min_reps`, so a slow case (VGG16 at 224x224 is ~1 s a call) stays a few
+  seconds. Retried up to `retries` times (env BENCH_RETRIES, default 2) if
+  other processes were busy; a smoke run on a busy machine sets 0.
   """
+  if retries is None:
+    retries = int(os.environ.get("BENCH_RETRIES", 2))
   for _ in range(warmup):
     fn()
   best: dict | None = None
@@ -133,7 +140,7 @@ def time_fn(
       break
     if attempt < retries:
       time.sleep(pause_s)
-      wait_for_quiet()  # Someone else is busy: give them up to BENCH_QUIET_WAIT s to finish.
+      wait_for_quiet()  # Give the others up to BENCH_QUIET_WAIT s to finish.
       fn()  # Caches and threads may have gone cold meanwhile.
   best["attempts"] = attempt + 1
   best["contended"] = best["other_cpu"] > MAX_OTHER
@@ -143,8 +150,11 @@ def time_fn(
 def wait_for_quiet(
   max_wait_s: float | None = None, window_s: float = 2.0
 ) -> float:
-  """Waits (up to `max_wait_s`, env BENCH_QUIET_WAIT, default 20 s) until other processes use under
-  MAX_OTHER of the machine; returns the last reading. Bounded so run_all.sh keeps its time budget."""
+  """Waits until other processes use under MAX_OTHER of the machine.
+
+  At most `max_wait_s` (env BENCH_QUIET_WAIT, default 20 s), so run_all.sh
+  keeps its time budget; returns the last reading.
+  """
   if max_wait_s is None:
     max_wait_s = float(os.environ.get("BENCH_QUIET_WAIT", 20))
   deadline = time.monotonic() + max_wait_s
@@ -155,7 +165,14 @@ def wait_for_quiet(
       return p.other
 
 
-# --- processes and results ------------------------------------------------------------------------
+# --- processes and results ----------------------------------------------------
+
+
+def _cpuinfo_field(lines: Sequence[str], key: str) -> str | None:
+  for line in lines:
+    if line.startswith(key):
+      return line.split(":", 1)[1].strip()
+  return None
 
 
 def env_info() -> dict:
@@ -166,37 +183,19 @@ def env_info() -> dict:
     "cores": os.cpu_count(),
     "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
   }
-  from importlib import metadata
-
   for dist in ("jax", "jaxlib", "flax", "optax", "torch", "keras"):
-    try:
+    with contextlib.suppress(metadata.PackageNotFoundError):
       info[dist] = metadata.version(dist)
-    except metadata.PackageNotFoundError:
-      pass
   try:
     with open("/proc/cpuinfo") as f:
-      text = f.read()
-    info["cpu"] = next(
-      (
-        l.split(":", 1)[1].strip()
-        for l in text.splitlines()
-        if l.startswith("model name")
-      ),
-      "?",
-    )
-    flags = next(
-      (
-        l.split(":", 1)[1].split()
-        for l in text.splitlines()
-        if l.startswith("flags")
-      ),
-      [],
-    )
-    info["cpu_flags"] = sorted(
-      f for f in flags if f.startswith(("avx512", "amx"))
-    )
+      lines = f.read().splitlines()
   except OSError:
-    pass
+    return info
+  info["cpu"] = _cpuinfo_field(lines, "model name") or "?"
+  flags = (_cpuinfo_field(lines, "flags") or "").split()
+  info["cpu_flags"] = sorted(
+    f for f in flags if f.startswith(("avx512", "amx"))
+  )
   return info
 
 
@@ -207,10 +206,10 @@ def run_worker(
   env: dict | None = None,
   timeout_s: float = 900,
 ) -> list[dict]:
-  """Runs `python script *args` in a fresh process and returns the JSON records it printed.
+  """Runs `python script *args` in a fresh process; returns its JSON records.
 
-  Workers print one `@@{json}` line per result; everything else (warnings, logs) passes through to
-  stderr so a failing worker is still readable.
+  Workers print one `@@{json}` line per result; everything else (warnings,
+  logs) goes to stderr, whose tail is shown if the worker fails.
   """
   full_env = {**os.environ, **(env or {})}
   full_env["PYTHONPATH"] = os.pathsep.join(
@@ -220,18 +219,20 @@ def run_worker(
     [sys.executable, str(script), *args],
     env=full_env,
     text=True,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
+    capture_output=True,
     timeout=timeout_s,
   )
   records = [
-    json.loads(l[2:]) for l in proc.stdout.splitlines() if l.startswith("@@")
+    json.loads(line[2:])
+    for line in proc.stdout.splitlines()
+    if line.startswith("@@")
   ]
   if proc.returncode != 0:
     sys.stderr.write(proc.stderr[-4000:])
+    command = " ".join(args)
     records.append(
       {
-        "error": f"worker {script.name} {' '.join(args)} exited {proc.returncode}",
+        "error": f"worker {script.name} {command} exited {proc.returncode}",
         "stderr_tail": proc.stderr[-1500:],
       }
     )
@@ -250,9 +251,10 @@ def write_json(name: str, payload: dict) -> Path:
   return path
 
 
-# (numerator, denominator) framework pairs shown as ratio columns: stock against stock, and
-# malloc-tuned against malloc-tuned (same process settings on both sides). "_tuned" = tune_malloc()
-# in that process; flaxtl_tuned also compiles with flaxtl's own XLA options (flaxtl as launch.py runs it).
+# (numerator, denominator) framework pairs shown as ratio columns: stock
+# against stock, and malloc-tuned against malloc-tuned. "_tuned" is
+# tune_malloc() in that process; flaxtl_tuned also compiles with flaxtl's own
+# XLA options (flaxtl as launch.py runs it).
 PAIRS = (
   ("flaxtl", "torch"),
   ("flaxtl", "keras"),
@@ -273,9 +275,12 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def ratio_cells(
-  pairs, value: Callable[[str], float | None], tag: str, derived: dict
+  pairs: Sequence[tuple[str, str]],
+  value: Callable[[str], float | None],
+  tag: str,
+  derived: dict,
 ) -> list[str]:
-  """One table cell per (a, b) pair: value(a) / value(b); each ratio also goes to derived["a/b@tag"]."""
+  """One cell per (a, b) pair: value(a) / value(b), also derived['a/b@tag']."""
   cells = []
   for a, b in pairs:
     r = derived[f"{a}/{b}@{tag}"] = ratio(value(a), value(b))
@@ -299,3 +304,9 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(r) + " |" for r in rows]
   return "\n".join(lines)
+
+
+STAR_NOTE = (
+  "`*`: other processes used > 15% of the machine during that measurement "
+  "(retried, least contended kept)."
+)

@@ -1,22 +1,28 @@
-"""VGG16 conv-stack forward (no top, feature extraction): flaxtl vs PyTorch vs Keras 3, fp32 and bf16.
+"""VGG16 conv-stack forward (no top): flaxtl vs PyTorch vs Keras 3, fp32, bf16.
 
-    python benchmarks/forward.py                    # ~4 minutes on 2 CPU cores
-    python benchmarks/forward.py --cases 64x32 --dtypes fp32 --frameworks flaxtl,torch
+    python benchmarks/forward.py        # ~4 minutes on 2 CPU cores
+    python benchmarks/forward.py --cases 64x32 --dtypes fp32 \
+      --frameworks flaxtl,torch
 
-Same input for everyone: a resident float32 NHWC batch of values in 0..255 (already preprocessed, so only
-the network is timed), random weights (glorot for flaxtl/Keras, PyTorch's default; speed does not depend
-on the values). Each framework runs in its own process (see common.run_worker); each case gets one
-warm-up call (compilation) and then the median of up to 5 calls within a ~4 s budget.
+Same input for everyone: a resident float32 NHWC batch of values in 0..255
+(already preprocessed, so only the network is timed), random weights (glorot
+for flaxtl/Keras, PyTorch's default; speed does not depend on the values).
+Each framework runs in its own process (see common.run_worker); each case gets
+one warm-up call (compilation), then the median of up to 5 calls in ~4 s.
 
-- flaxtl: `VGG16(include_top=False, dtype=...)` under `jax.jit`, params float32 (bf16 casts them inside).
-- *_tuned: the same, in a process that first calls `common.tune_malloc()` (glibc keeps freed memory
-  instead of unmapping it, so big activations are not page-faulted in again every call; flaxtl's
-  train_and_evaluate does this itself); flaxtl_tuned also compiles with flaxtl's own XLA options for
-  the image size (`runtime.compiler_options`, as features.extract and predict do): flaxtl as it runs.
-- torch: the same 13-conv stack written in plain torch.nn, channels_last, `torch.inference_mode`; bf16
-  via `torch.autocast('cpu', dtype=torch.bfloat16)`.
-- keras: `keras.applications.VGG16(weights=None, include_top=False)` on the JAX backend,
-  `predict_on_batch`; bf16 via the 'mixed_bfloat16' dtype policy.
+- flaxtl: `flaxtl.models.create('vgg16', include_top=False, dtype=...)` under
+  `jax.jit`, params float32 (bf16 casts them inside).
+- *_tuned: the same in a process that first calls `common.tune_malloc()`;
+  flaxtl_tuned also compiles with flaxtl's own XLA options for the image size
+  (`flaxtl.train.setup.compiler_options`, as feature caching and predict do).
+- torch: the same 13 convs in plain torch.nn, channels_last,
+  `torch.inference_mode`; bf16 via `torch.autocast('cpu', torch.bfloat16)`.
+- keras: `keras.applications.VGG16(weights=None, include_top=False)` on the
+  JAX backend, `predict_on_batch`; bf16 via the 'mixed_bfloat16' policy.
+
+Each worker imports its framework inside its own function, so a torch process
+never loads jax (nor the other way round): one framework's threads and
+allocator would otherwise disturb the other's numbers.
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ from pathlib import Path
 import sys
 import time
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
+import numpy as np
 
 FRAMEWORKS = (
   "flaxtl",
@@ -39,10 +45,12 @@ FRAMEWORKS = (
   "keras",
   "keras_tuned",
 )
-# Not run by default: flaxtl with --options but without tune_malloc (isolates the XLA options).
+# Not run by default: flaxtl with --options but without tune_malloc (isolates
+# the XLA options).
 EXTRA_FRAMEWORKS = ("flaxtl_xla",)
 CASES = ("224x8", "64x32", "32x64")  # "{size}x{batch}"
 DTYPES = ("fp32", "bf16")
+# VGG16's conv stack, for the PyTorch copy.
 BLOCKS, WIDTHS = (2, 2, 3, 3, 3), (64, 128, 256, 512, 512)
 
 
@@ -51,42 +59,43 @@ def parse_case(case: str) -> tuple[int, int]:
   return int(size), int(batch)
 
 
-def _images(size: int, batch: int):
-  import numpy as np
-
-  return (
-    np.random.default_rng(0)
-    .uniform(0, 255, (batch, size, size, 3))
-    .astype(np.float32)
-  )
+def _images(size: int, batch: int) -> np.ndarray:
+  rng = np.random.default_rng(0)
+  return rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
 
 
-# --- workers: one framework per process -----------------------------------------------------------
+# --- workers: one framework per process ---------------------------------------
 
 
 def flaxtl_cases(
-  cases, dtypes, budget: float, options: dict | None, conv_impl: str
+  cases, dtypes, budget: float, options: dict | None, ynn: str, conv_impl: str
 ) -> None:
-  """options: XLA compile options; None = flaxtl's own choice for the image size (runtime.compiler_options)."""
+  """options: XLA compile options; None: the trainer's choice under `ynn`."""
   import jax
   import jax.numpy as jnp
 
-  from flaxtl import runtime
-  from flaxtl.models import vgg
+  from configs import base
+  from flaxtl import models
+  from flaxtl.ops import conv as conv_ops
+  from flaxtl.train import setup
 
+  config = base.get_base()
+  config.xla_cpu_ynn = ynn
+  config.model.conv_impl = conv_impl
   for case in cases:
     size, batch = parse_case(case)
-    params = vgg.init_params(vgg.VGG16(include_top=False), size)
+    config.image_size = size
     x = jnp.asarray(_images(size, batch))
+    # float32 params for both dtypes: a bf16 model casts them inside.
+    fp32_model = models.create("vgg16", include_top=False)
+    params = models.init_variables(fp32_model, size)["params"]
     for dt in dtypes:
-      opts = (
-        options
-        if options is not None
-        else runtime.compiler_options(
-          "auto", size, dtype="bfloat16" if dt == "bf16" else "float32"
-        )
-      )
-      model = vgg.VGG16(
+      dtype = "bfloat16" if dt == "bf16" else "float32"
+      opts = options
+      if opts is None:
+        opts = setup.compiler_options(config, dtype=dtype) or {}
+      model = models.create(
+        "vgg16",
         include_top=False,
         dtype=jnp.bfloat16 if dt == "bf16" else jnp.float32,
         conv_impl=conv_impl,
@@ -99,7 +108,8 @@ def flaxtl_cases(
       )
       compile_s = time.perf_counter() - t0
       res = common.time_fn(
-        lambda: fn(params, x).block_until_ready(), budget_s=budget
+        lambda fn=fn, p=params, x=x: fn(p, x).block_until_ready(),
+        budget_s=budget,
       )
       common.emit(
         {
@@ -107,15 +117,16 @@ def flaxtl_cases(
           "dtype": dt,
           "img_s": batch / res["median_s"],
           "compile_s": compile_s,
-          "xla_options": opts or {},
+          "xla_options": opts,
           "conv_impl": conv_impl,
-          "im2col_max_pixels": vgg._IM2COL_MAX_PIXELS,
+          "im2col_max_pixels": conv_ops._IM2COL_MAX_PIXELS,
           **res,
         }
       )
 
 
 def torch_vgg16_features(torch):
+  """VGG16's conv stack (torchvision's `features`) in plain torch.nn."""
   layers, cin = [], 3
   for n, width in zip(BLOCKS, WIDTHS):
     for _ in range(n):
@@ -131,16 +142,12 @@ def torch_vgg16_features(torch):
 def torch_cases(cases, dtypes, budget: float) -> None:
   import torch
 
-  model = (
-    torch_vgg16_features(torch).eval().to(memory_format=torch.channels_last)
-  )
+  model = torch_vgg16_features(torch).eval()
+  model = model.to(memory_format=torch.channels_last)
   for case in cases:
     size, batch = parse_case(case)
-    x = (
-      torch.from_numpy(_images(size, batch))
-      .permute(0, 3, 1, 2)
-      .contiguous(memory_format=torch.channels_last)
-    )
+    x = torch.from_numpy(_images(size, batch)).permute(0, 3, 1, 2)
+    x = x.contiguous(memory_format=torch.channels_last)
     for dt in dtypes:
 
       def run(dt=dt, x=x):
@@ -150,9 +157,8 @@ def torch_cases(cases, dtypes, budget: float) -> None:
         ):
           return model(x)
 
-      res = common.time_fn(
-        run, warmup=2, budget_s=budget
-      )  # 2: oneDNN picks kernels on the first call.
+      # Two warm-up calls: oneDNN picks its kernels on the first.
+      res = common.time_fn(run, warmup=2, budget_s=budget)
       common.emit(
         {
           "case": case,
@@ -169,9 +175,8 @@ def keras_cases(cases, dtypes, budget: float) -> None:
   import keras
 
   for dt in dtypes:
-    keras.config.set_dtype_policy(
-      "mixed_bfloat16" if dt == "bf16" else "float32"
-    )
+    policy = "mixed_bfloat16" if dt == "bf16" else "float32"
+    keras.config.set_dtype_policy(policy)
     for case in cases:
       size, batch = parse_case(case)
       model = keras.applications.VGG16(
@@ -182,7 +187,7 @@ def keras_cases(cases, dtypes, budget: float) -> None:
       model.predict_on_batch(x)  # Traces and compiles the predict step.
       compile_s = time.perf_counter() - t0
       res = common.time_fn(
-        lambda: model.predict_on_batch(x), warmup=1, budget_s=budget
+        lambda model=model, x=x: model.predict_on_batch(x), budget_s=budget
       )
       common.emit(
         {
@@ -208,9 +213,13 @@ def worker(
   if tuned:
     common.tune_malloc()  # Before the framework's first allocation.
   if base == "flaxtl":
-    flaxtl_cases(cases, dtypes, budget, options if tuned else {}, conv_impl)
+    # Stock: XLA's defaults (xla_cpu_ynn='on'); tuned: as the trainer runs.
+    ynn = "auto" if tuned else "on"
+    flaxtl_cases(
+      cases, dtypes, budget, options if tuned else None, ynn, conv_impl
+    )
   elif base == "flaxtl_xla":
-    flaxtl_cases(cases, dtypes, budget, options, conv_impl)
+    flaxtl_cases(cases, dtypes, budget, options, "auto", conv_impl)
   elif base == "torch":
     torch_cases(cases, dtypes, budget)
   elif base == "keras":
@@ -220,7 +229,7 @@ def worker(
   common.emit({"peak_rss_mb": common.peak_rss_mb()})
 
 
-# --- driver ---------------------------------------------------------------------------------------
+# --- driver -------------------------------------------------------------------
 
 
 def summarise(results: dict) -> tuple[str, dict]:
@@ -244,13 +253,17 @@ def summarise(results: dict) -> tuple[str, dict]:
   header += [f"{a}/{b}" for a, b in pairs]
   rows, derived = [], {}
   for case in cases:
+    size, batch = parse_case(case)
     for dt in DTYPES:
       if not any(ips(f, case, dt) for f in fws):
         continue
-      row = [case.replace("x", "x" + case.split("x")[0] + ", batch ", 1), dt]
+      row = [f"{size}x{size}, batch {batch}", dt]
       row += [common.fmt(ips(f, case, dt)) + mark(f, case, dt) for f in fws]
       row += common.ratio_cells(
-        pairs, lambda f: ips(f, case, dt), f"{case}/{dt}", derived
+        pairs,
+        lambda f, case=case, dt=dt: ips(f, case, dt),
+        f"{case}/{dt}",
+        derived,
       )
       rows.append(row)
   out = [common.markdown_table(header, rows)]
@@ -264,10 +277,8 @@ def summarise(results: dict) -> tuple[str, dict]:
         derived[f"bf16_speedup/{f}@{case}"] = r
         rows2.append([f, case, common.fmt_ratio(r)])
   if rows2:
-    out.append(
-      "bf16 / fp32 images/s:\n\n"
-      + common.markdown_table(["framework", "case", "bf16 / fp32"], rows2)
-    )
+    table = common.markdown_table(["framework", "case", "bf16 / fp32"], rows2)
+    out.append("bf16 / fp32 images/s:\n\n" + table)
   rows3 = []
   for f in fws:
     for dt in DTYPES:
@@ -276,13 +287,13 @@ def summarise(results: dict) -> tuple[str, dict]:
         derived[f"32_over_64/{f}/{dt}"] = r
         rows3.append([f, dt, common.fmt_ratio(r)])
   if rows3:
-    out.append(
-      "images/s at 32x32 (batch 64) / images/s at 64x64 (batch 32):\n\n"
-      + common.markdown_table(["framework", "dtype", "32x32 / 64x64"], rows3)
+    table = common.markdown_table(
+      ["framework", "dtype", "32x32 / 64x64"], rows3
     )
-  out.append(
-    "`*`: other processes used > 15% of the machine during that measurement (retried, least contended kept)."
-  )
+    out.append(
+      "images/s at 32x32 (batch 64) / images/s at 64x64 (batch 32):\n\n" + table
+    )
+  out.append(common.STAR_NOTE)
   return "\n\n".join(out), derived
 
 
@@ -300,18 +311,20 @@ def main() -> None:
   ap.add_argument(
     "--options",
     default="null",
-    help="XLA options (JSON) for flaxtl_tuned; default: flaxtl's own choice per image size",
+    help="XLA options (JSON) for flaxtl_tuned and flaxtl_xla; default: "
+    "flaxtl's own choice per image size",
   )
   ap.add_argument(
     "--conv-impl",
     default="auto",
-    help="experiment: VGG16(conv_impl=...) in the flaxtl workers",
+    help="experiment: the VGG16 conv_impl option in the flaxtl workers",
   )
   ap.add_argument(
     "--im2col-max-pixels",
     type=int,
     default=None,
-    help="experiment: override flaxtl.models.vgg._IM2COL_MAX_PIXELS in the flaxtl workers",
+    help="experiment: override flaxtl.ops.conv._IM2COL_MAX_PIXELS in the "
+    "flaxtl workers",
   )
   ap.add_argument("--out", default="forward.json")
   ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -319,9 +332,9 @@ def main() -> None:
   cases, dtypes = args.cases.split(","), args.dtypes.split(",")
   if args.worker:
     if args.im2col_max_pixels is not None:
-      from flaxtl.models import vgg
+      from flaxtl.ops import conv as conv_ops  # A flaxtl worker only.
 
-      vgg._IM2COL_MAX_PIXELS = args.im2col_max_pixels
+      conv_ops._IM2COL_MAX_PIXELS = args.im2col_max_pixels
     worker(
       args.worker,
       cases,
@@ -332,11 +345,8 @@ def main() -> None:
     )
     return
   extra = ["--conv-impl", args.conv_impl]
-  extra += (
-    []
-    if args.im2col_max_pixels is None
-    else ["--im2col-max-pixels", str(args.im2col_max_pixels)]
-  )
+  if args.im2col_max_pixels is not None:
+    extra += ["--im2col-max-pixels", str(args.im2col_max_pixels)]
 
   results: dict[str, dict] = {}
   for fw in args.frameworks.split(","):

@@ -1,39 +1,49 @@
-"""VGG16 train step (default 64x64, batch 16), fp32, SGD nesterov 0.9: flaxtl vs PyTorch vs Keras 3.
+"""VGG16 train step (64x64, batch 16), fp32, SGD: flaxtl vs PyTorch vs Keras 3.
 
-    python benchmarks/train_step.py                 # ~4 minutes on 2 CPU cores
-    python benchmarks/train_step.py --cases freeze8,full --frameworks flaxtl,torch
+    python benchmarks/train_step.py     # ~4 minutes on 2 CPU cores
+    python benchmarks/train_step.py --cases freeze8,full \
+      --frameworks flaxtl,torch
 
-Model everywhere: VGG16 without top, Flatten -> Dense(256, relu) -> Dense(10), random weights, cross
-entropy on logits, lr 1e-3, global-norm clipping at 1.0 over the trainable parameters.
+Model everywhere: VGG16 without top, Flatten -> Dense(256, relu) -> Dense(10),
+random weights, cross entropy on logits, SGD lr 1e-3 nesterov 0.9,
+global-norm clipping at 1.0 over the trainable parameters.
 
 Cases:
-  freeze8          first 8 Keras layers frozen (block1_conv1 ... block3_conv1), the rest trains.
+  freeze8          first 8 Keras layers frozen (block1_conv1 ... block3_conv1).
   full             everything trains.
-  frozen_backbone  all 13 convs frozen, only the head trains, backbone run every step.
-  head_cached      flaxtl only: the head alone on precomputed block5_pool features (the
-                   `model.cache_features` workflow), host batches sliced from a cached array.
+  frozen_backbone  all 13 convs frozen, only the head trains, backbone run
+                   every step.
+  head_cached      flaxtl only: the head alone on precomputed block5_pool
+                   features (`model.cache_features`), host batches sliced
+                   from a cached array.
 
-- flaxtl: `TransferModel(arch='vgg16', head='mlp', hidden=(256,), ...)`, `freeze.first_layers_rules`,
-  `optim.make_optimizer` (multi_transform + masked clipping), `steps.make_train_step` with grad-norm
-  logging ON, `jax.jit(..., donate_argnums=0)` as flaxtl.train does. Also reports lower/compile seconds
-  and the convolutions left in the compiled step.
-- *_tuned: the same in a process that first calls `common.tune_malloc()`, so each framework is compared
-  both stock and with the same settings. flaxtl_tuned is the step as `launch.py` runs it: malloc tuned
-  (config.tune_malloc) and compiled with flaxtl.runtime.train_compiler_options (config.xla_cpu_ynn='auto':
-  YNNPACK off while block1 trains).
-- torch: the same layers in plain torch.nn (channels_last), `requires_grad_(False)` on frozen layers,
-  `clip_grad_norm_` over the trainable params (its return value is the logged norm), `.item()` on
-  loss and norm every step (what a logging loop does).
-- keras: `keras.applications.VGG16(weights=None, include_top=False)` + the head, `layer.trainable=False`
-  on `base.layers[:8]`, SGD(global_clipnorm=1.0), `train_on_batch`. Keras computes no grad norm to log.
+- flaxtl: the step the trainer builds, from a `configs/base.py` config
+  (head 'mlp', `freeze.first_layers`, `optim`): `setup.build_model`,
+  `setup.freeze_plan`, `setup.train_step` (multi_transform + masked clipping,
+  grad-norm logging on, the phase's XLA options), `jax.jit(donate_argnums=0)`.
+  Also reports lower/compile seconds and the convolutions left in the
+  compiled step.
+- *_tuned: the same in a process that first calls `common.tune_malloc()`, so
+  each framework is compared both stock and with the same settings.
+  flaxtl_tuned is the step as `launch.py` runs it (config.tune_malloc, and
+  config.xla_cpu_ynn='auto': YNNPACK off while a stem conv trains); stock
+  flaxtl is xla_cpu_ynn='on' (XLA's defaults).
+- torch: the same layers in plain torch.nn (channels_last),
+  `requires_grad_(False)` on frozen layers, `clip_grad_norm_` over the
+  trainable params (its return value is the logged norm), `.item()` on loss
+  and norm every step (what a logging loop does).
+- keras: `keras.applications.VGG16(weights=None, include_top=False)` + the
+  head, `layer.trainable=False` on `base.layers[:8]`,
+  SGD(global_clipnorm=1.0), `train_on_batch`. Keras logs no grad norm.
 
-Each (framework, case) runs in its own process so that peak RSS (max RSS) is per run.
+Each (framework, case) runs in its own process so that peak RSS (max RSS) is
+per run; each worker imports its framework inside its own function, so a torch
+process never loads jax (nor the other way round).
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 from pathlib import Path
@@ -41,9 +51,9 @@ import re
 import sys
 import time
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 from forward import torch_vgg16_features
+import numpy as np
 
 FRAMEWORKS = (
   "flaxtl",
@@ -53,136 +63,116 @@ FRAMEWORKS = (
   "keras",
   "keras_tuned",
 )
-# Not run by default: flaxtl with --options but without tune_malloc (isolates the XLA options).
+# Not run by default: flaxtl with --options but without tune_malloc (isolates
+# the XLA options).
 EXTRA_FRAMEWORKS = ("flaxtl_xla",)
 CASES = ("freeze8", "full", "frozen_backbone", "head_cached")
-FIRST_LAYERS = {
-  "freeze8": 8,
-  "full": 0,
-  "frozen_backbone": 19,  # 19 = every layer of VGG16 no-top.
-  "freeze4": 4,
-}  # Not run by default: block1 frozen (used to choose the XLA:CPU options).
+# freeze.first_layers per case (Keras' model.layers[:k] of VGG16 no-top).
+# freeze4 (block1 frozen) is not run by default; it chose the XLA:CPU options.
+FIRST_LAYERS = {"freeze8": 8, "full": 0, "frozen_backbone": 19, "freeze4": 4}
 SIZE, BATCH, CLASSES, HIDDEN = 64, 16, 10, 256
 LR, MOMENTUM, CLIP = 1e-3, 0.9, 1.0
+# Rows of block5_pool features the head_cached case slices its batches from.
+N_CACHED = 4096
 
 
 def _batch(n: int | None = None, seed: int = 0):
   n = n or BATCH
-  import numpy as np
-
   rng = np.random.default_rng(seed)
-  x = rng.uniform(-120, 140, (n, SIZE, SIZE, 3)).astype(
-    np.float32
-  )  # Like caffe-preprocessed pixels.
+  # Like caffe-preprocessed pixels.
+  x = rng.uniform(-120, 140, (n, SIZE, SIZE, 3)).astype(np.float32)
   y = rng.integers(0, CLASSES, n).astype(np.int32)
   return x, y
 
 
-# --- flaxtl ---------------------------------------------------------------------------------------
+# --- flaxtl -------------------------------------------------------------------
 
 
-def _make_step(model, tx, mask, schedule, prepare, size: int):
-  """`steps.make_train_step` across its two signatures (prepare= or image_size=/preprocess=)."""
-  from flaxtl import steps
-
-  kw = dict(log_grad_norm=True)
-  if "prepare" in inspect.signature(steps.make_train_step).parameters:
-    kw["prepare"] = prepare
-  else:
-    kw.update(image_size=size, preprocess="none")
-  return steps.make_train_step(model, tx, mask, schedule, **kw)
-
-
-def _optim_cfg():
+def _config(first_layers: int, ynn: str):
+  """The trainer's config for this benchmark's model and optimiser."""
   from configs import base
 
-  cfg = base.get_base().optim
-  cfg.update(
-    dict(
-      name="sgd",
-      lr=LR,
-      momentum=MOMENTUM,
-      nesterov=True,
-      clip_norm=CLIP,
-      schedule="constant",
-    )
+  config = base.get_base()
+  config.image_size = SIZE
+  config.batch_size = BATCH
+  config.model.weights = "none"
+  config.model.head = "mlp"
+  config.model.hidden = (HIDDEN,)
+  config.model.activations = ("relu",)
+  config.model.dropout = (0.0,)
+  config.freeze.first_layers = first_layers
+  config.optim.update(
+    {
+      "name": "sgd",
+      "lr": LR,
+      "momentum": MOMENTUM,
+      "nesterov": True,
+      "clip_norm": CLIP,
+      "schedule": "constant",
+    }
   )
-  return cfg
+  config.log_grad_norm = True
+  config.xla_cpu_ynn = ynn
+  return config
 
 
-def flaxtl_case(case: str, budget: float, options: dict | None) -> dict:
-  """options: XLA compile options; None = what flaxtl.train picks (config.xla_cpu_ynn='auto')."""
+def _count_convolutions(hlo: str) -> int:
+  return len(re.findall(r"= \S+ convolution\(", hlo)) + len(
+    re.findall(r'custom_call_target="__onednn\$convolution', hlo)
+  )
+
+
+def flaxtl_case(case: str, budget: float, options: dict | None, ynn: str):
+  """options: XLA compile options; None: the trainer's choice under `ynn`."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
-  from flaxtl import freeze, optim, steps
-  from flaxtl.models.heads import TransferModel
+  from flaxtl import models
+  from flaxtl.train import config as config_lib
+  from flaxtl.train import setup, steps
 
-  model = TransferModel(
-    arch="vgg16",
-    head="mlp",
-    hidden=(HIDDEN,),
-    activations=("relu",),
-    dropout=(0.0,),
-    num_classes=CLASSES,
-  )
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)))[
-    "params"
-  ]
-  out: dict = {}
+  config = _config(0 if case == "head_cached" else FIRST_LAYERS[case], ynn)
+  config_lib.validate(config)
+  model = setup.build_model(config, CLASSES)
+  variables = models.init_variables(model, SIZE)
   if case == "head_cached":
-    return _head_cached(model, params, budget, options)
+    return _head_cached(config, model, variables, budget, options)
 
-  plan = freeze.plan(
-    params,
-    freeze.first_layers_rules(
-      FIRST_LAYERS[case], params, arch="vgg16", include_top=False
-    ),
+  params = variables["params"]
+  batch_stats = variables.get("batch_stats", {})
+  plan = setup.freeze_plan(
+    config, params, config.freeze.first_layers, log_matches=False
   )
-  tx, schedule = optim.make_optimizer(_optim_cfg(), plan, 10_000)
-  step = _make_step(
-    model,
-    tx,
-    plan.trainable_mask(),
-    schedule,
-    lambda x: x.astype(jnp.float32),
-    SIZE,
+  tx, step, auto_options = setup.train_step(
+    config, model, plan, 10_000, lambda x: x.astype(jnp.float32), batch_stats
   )
+  options = auto_options if options is None else options
   state = steps.TrainState(
-    jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(1)
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=tx.init(params),
+    rng=jax.random.PRNGKey(1),
   )
   x, y = _batch()
-  batch = {
-    "image": x,
-    "label": y,
-  }  # Host arrays: each call transfers them, as the training loop does.
+  # Host arrays: each call transfers them, as the training loop does.
+  batch = {"image": x, "label": y}
 
+  out: dict = {"xla_options": options or {}}
   t0 = time.perf_counter()
   lowered = jax.jit(step, donate_argnums=0).lower(state, batch)
   t1 = time.perf_counter()
-  if options is None:
-    from flaxtl import runtime
-
-    options = (
-      runtime.compiler_options("auto", SIZE, plan.trainable_paths()) or {}
-    )
-  out["xla_options"] = options
   compiled = lowered.compile(options or None)
   t2 = time.perf_counter()
-  hlo = compiled.as_text()
   out.update(
     lower_s=t1 - t0,
     compile_s=t2 - t1,
-    convolutions=len(re.findall(r"= \S+ convolution\(", hlo))
-    + len(re.findall(r'custom_call_target="__onednn\$convolution', hlo)),
+    convolutions=_count_convolutions(compiled.as_text()),
   )
   holder = [state]
 
-  def run(n: int = 1):
-    s = holder[0]
-    for _ in range(n):
-      s, metrics = compiled(s, batch)
+  def run():
+    s, metrics = compiled(holder[0], batch)
     jax.block_until_ready((s, metrics))
     holder[0] = s
     return metrics
@@ -198,73 +188,79 @@ def flaxtl_case(case: str, budget: float, options: dict | None) -> dict:
   return out
 
 
-def _head_cached(model, params, budget: float, options: dict) -> dict:
-  """Head-only step on cached block5_pool features, plus the one-off extraction cost."""
+def _head_cached(config, model, variables, budget: float, options):
+  """Head-only step on cached features, plus the one-off extraction cost.
+
+  Built as the trainer's `model.cache_features` mode builds it: the backbone
+  up to the feature layer in inference mode, then a `HeadOnly` model.
+  """
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
-  from flaxtl import freeze, optim, steps
-  from flaxtl.models import heads
-  from flaxtl.models.vgg import VGG
+  from flaxtl.models.heads import HeadOnly, MLPHead
+  from flaxtl.train import config as config_lib
+  from flaxtl.train import setup, steps
 
-  # What the cache holds: block5_pool features of every image, computed once (batch 32 as features.py).
+  spec = config_lib.backbone(config)
+  backbone = spec.build(
+    include_top=False,
+    output_layer=config_lib.feature_layer(config),
+    dtype=config_lib.DTYPES[config.model.dtype],
+    **config_lib.backbone_options(config),
+  )
+  backbone_vars = {"params": variables["params"]["backbone"]}
+  extract_options = options
+  if extract_options is None:
+    extract_options = setup.compiler_options(config, dtype=config.model.dtype)
+  # The cache holds every image's features, computed once in batches of 32
+  # (flaxtl.train.features.BATCH_SIZE).
   extract_batch = 32
-  backbone = VGG(arch="vgg16", include_top=False, output_layer="block5_pool")
-  fwd = (
-    jax.jit(lambda p, x: backbone.apply({"params": p}, x))
-    .lower(params["backbone"], jnp.zeros((extract_batch, SIZE, SIZE, 3)))
-    .compile(options or None)
-  )
   xe, _ = _batch(extract_batch, seed=1)
+  fwd = (
+    jax.jit(lambda v, x: backbone.apply(v, x, train=False))
+    .lower(backbone_vars, xe)
+    .compile(extract_options or None)
+  )
   ext = common.time_fn(
-    lambda: fwd(params["backbone"], xe).block_until_ready(), budget_s=budget
+    lambda: fwd(backbone_vars, xe).block_until_ready(), budget_s=budget
   )
-  n_cached = 4096
-  feats = np.asarray(fwd(params["backbone"], xe))
-  feats = np.concatenate(
-    [feats] * (n_cached // extract_batch)
-  )  # (4096, 2, 2, 512) float32 on the host.
-  labels = (
-    np.random.default_rng(0).integers(0, CLASSES, n_cached).astype(np.int32)
-  )
+  feats = np.asarray(fwd(backbone_vars, xe))
+  # (4096, 2, 2, 512) float32 on the host at 64x64.
+  feats = np.concatenate([feats] * (N_CACHED // extract_batch))
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, CLASSES, N_CACHED).astype(np.int32)
 
-  # Built directly (not model.make_head()): outside apply a submodule made in an unbound method has no scope.
-  head_model = heads.HeadOnly(
-    heads.MLPHead((HIDDEN,), ("relu",), (0.0,), CLASSES), pooling=None
+  head_model = HeadOnly(
+    MLPHead(**model.head_kwargs(), parent=None), pooling=config.model.pooling
   )
-  head_params = {"head": params["head"]}
-  plan = freeze.plan(head_params)
-  tx, schedule = optim.make_optimizer(_optim_cfg(), plan, 10_000)
-  step = _make_step(
-    head_model,
-    tx,
-    plan.trainable_mask(),
-    schedule,
-    lambda f: f.astype(jnp.float32),
-    SIZE,
+  head_params = {"head": variables["params"]["head"]}
+  plan = setup.freeze_plan(config, head_params, 0, log_matches=False)
+  tx, step, auto_options = setup.train_step(
+    config, head_model, plan, 10_000, lambda f: f.astype(jnp.float32), {}
   )
+  options = auto_options if options is None else options
   state = steps.TrainState(
-    jnp.zeros((), jnp.int32),
-    head_params,
-    tx.init(head_params),
-    jax.random.PRNGKey(1),
+    step=jnp.zeros((), jnp.int32),
+    params=head_params,
+    batch_stats={},
+    opt_state=tx.init(head_params),
+    rng=jax.random.PRNGKey(1),
   )
+  first = {"image": feats[:BATCH], "label": labels[:BATCH]}
   compiled = (
-    jax.jit(step, donate_argnums=0)
-    .lower(state, {"image": feats[:BATCH], "label": labels[:BATCH]})
-    .compile(options or None)
+    jax.jit(step, donate_argnums=0).lower(state, first).compile(options or None)
   )
-  steps_per_call = 256  # One step is tens of microseconds: time many, slicing host batches like an epoch.
+  # One step is tens of microseconds: time many, slicing host batches like an
+  # epoch does.
+  steps_per_call = 256
   holder = [state, 0]
 
   def run():
     s, i = holder
     for _ in range(steps_per_call):
-      j = (i % (n_cached // BATCH)) * BATCH
-      s, metrics = compiled(
-        s, {"image": feats[j : j + BATCH], "label": labels[j : j + BATCH]}
-      )
+      j = (i % (N_CACHED // BATCH)) * BATCH
+      batch = {"image": feats[j : j + BATCH], "label": labels[j : j + BATCH]}
+      s, metrics = compiled(s, batch)
       i += 1
     jax.block_until_ready((s, metrics))
     holder[:] = [s, i]
@@ -274,11 +270,12 @@ def _head_cached(model, params, budget: float, options: dict) -> dict:
     "img_s": steps_per_call * BATCH / res["median_s"],
     "extract_img_s": extract_batch / ext["median_s"],
     "extract_batch": extract_batch,
+    "xla_options": options or {},
     **res,
   }
 
 
-# --- PyTorch --------------------------------------------------------------------------------------
+# --- PyTorch ------------------------------------------------------------------
 
 
 def torch_case(case: str, budget: float) -> dict:
@@ -295,17 +292,15 @@ def torch_case(case: str, budget: float) -> dict:
   )
   model = model.to(memory_format=torch.channels_last).train()
   convs = [m for m in features if isinstance(m, torch.nn.Conv2d)]
-  n_frozen = {"freeze8": 5, "full": 0, "frozen_backbone": len(convs)}[case]
+  # Convs among Keras' model.layers[:FIRST_LAYERS[case]].
+  n_frozen = {"freeze4": 2, "freeze8": 5, "full": 0}.get(case, len(convs))
   for conv in convs[:n_frozen]:
     conv.requires_grad_(False)
   trainable = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.SGD(trainable, lr=LR, momentum=MOMENTUM, nesterov=True)
   x, y = _batch()
-  x = (
-    torch.from_numpy(x)
-    .permute(0, 3, 1, 2)
-    .contiguous(memory_format=torch.channels_last)
-  )
+  x = torch.from_numpy(x).permute(0, 3, 1, 2)
+  x = x.contiguous(memory_format=torch.channels_last)
   y = torch.from_numpy(y).long()
 
   def run():
@@ -328,7 +323,7 @@ def torch_case(case: str, budget: float) -> dict:
   }
 
 
-# --- Keras 3 --------------------------------------------------------------------------------------
+# --- Keras 3 ------------------------------------------------------------------
 
 
 def keras_case(case: str, budget: float) -> dict:
@@ -339,8 +334,7 @@ def keras_case(case: str, budget: float) -> dict:
   base = keras.applications.VGG16(
     weights=None, include_top=False, input_shape=(SIZE, SIZE, 3)
   )
-  n_frozen = FIRST_LAYERS[case]
-  for layer in base.layers[:n_frozen]:
+  for layer in base.layers[: FIRST_LAYERS[case]]:
     layer.trainable = False
   model = keras.Sequential(
     [
@@ -372,9 +366,11 @@ def worker(fw: str, case: str, budget: float, options: dict | None) -> None:
   if tuned:
     common.tune_malloc()  # Before the framework's first allocation.
   if base == "flaxtl":
-    rec = flaxtl_case(case, budget, options if tuned else {})
+    # Stock: XLA's defaults (xla_cpu_ynn='on'); tuned: as the trainer runs.
+    ynn = "auto" if tuned else "on"
+    rec = flaxtl_case(case, budget, options if tuned else None, ynn)
   elif base == "flaxtl_xla":
-    rec = flaxtl_case(case, budget, options)
+    rec = flaxtl_case(case, budget, options, "auto")
   elif base == "torch":
     rec = torch_case(case, budget)
   elif base == "keras":
@@ -391,12 +387,12 @@ def worker(fw: str, case: str, budget: float, options: dict | None) -> None:
   )
 
 
-# --- driver ---------------------------------------------------------------------------------------
+# --- driver -------------------------------------------------------------------
 
 
-def summarise(results: dict) -> tuple[str, dict]:
-  def get(fw, case, key="img_s"):
-    return results.get(fw, {}).get(case, {}).get(key)
+def _speed_table(results, fws, cases, derived) -> str:
+  def get(fw, case):
+    return results.get(fw, {}).get(case, {}).get("img_s")
 
   def cell(fw, case):
     r = results.get(fw, {}).get(case)
@@ -404,111 +400,107 @@ def summarise(results: dict) -> tuple[str, dict]:
       return "-"
     return common.fmt(r["img_s"]) + ("*" if r.get("contended") else "")
 
-  fws = [f for f in FRAMEWORKS + EXTRA_FRAMEWORKS if f in results]
-  flax_fws = [f for f in fws if f.startswith("flaxtl")]
-  cases = [
-    c
-    for c in ("freeze8", "full", "frozen_backbone")
-    if any(c in results.get(f, {}) for f in fws)
-  ]
-  derived: dict = {}
   header = ["case", *[f"{f} img/s" for f in fws]]
   pairs = common.present_pairs(fws)
   header += [f"{a}/{b}" for a, b in pairs]
   rows = []
   for case in cases:
     row = [case, *[cell(f, case) for f in fws]]
-    row += common.ratio_cells(pairs, lambda f: get(f, case), case, derived)
-    rows.append(row)
-  out = [common.markdown_table(header, rows)]
-
-  # Step-time ratio freeze-8 / full (time, so the inverse of images/s).
-  rows2 = []
-  for f in fws:
-    r = common.ratio(get(f, "full"), get(f, "freeze8"))
-    if r is not None:
-      derived[f"freeze8_over_full_time/{f}"] = r
-      rows2.append([f, common.fmt_ratio(r)])
-  if rows2:
-    out.append(
-      "Step time, freeze-8 / full fine-tune (lower is better; target <= 0.65):\n\n"
-      + common.markdown_table(["framework", "freeze-8 / full step time"], rows2)
+    row += common.ratio_cells(
+      pairs, lambda f, case=case: get(f, case), case, derived
     )
+    rows.append(row)
+  return common.markdown_table(header, rows)
 
-  rows3 = []
-  for f in flax_fws:
+
+def _freeze_ratio_table(results, fws, derived) -> str | None:
+  """Step time freeze-8 / full (time, so the inverse of images/s)."""
+  rows = []
+  for f in fws:
     r = results.get(f, {})
-    for case in cases:
-      c = r.get(case)
-      if c and "compile_s" in c:
-        rows3.append(
-          [
-            f,
-            case,
-            f"{c['lower_s']:.2f}",
-            f"{c['compile_s']:.2f}",
-            f"{c['first_step_s']:.2f}",
-            str(c.get("convolutions", "-")),
-            f"{c['peak_rss_mb']:.0f}",
-          ]
-        )
-  for f in (f for f in fws if not f.startswith("flaxtl")):
+    ratio = common.ratio(
+      r.get("full", {}).get("img_s"), r.get("freeze8", {}).get("img_s")
+    )
+    if ratio is not None:
+      derived[f"freeze8_over_full_time/{f}"] = ratio
+      rows.append([f, common.fmt_ratio(ratio)])
+  if not rows:
+    return None
+  return (
+    "Step time, freeze-8 / full fine-tune (lower is better; target <= "
+    "0.65):\n\n"
+    + common.markdown_table(["framework", "freeze-8 / full step time"], rows)
+  )
+
+
+def _compile_memory_table(results, fws, cases) -> str | None:
+  rows = []
+  for f in fws:
     for case in cases:
       c = results.get(f, {}).get(case)
-      if c and "peak_rss_mb" in c:
-        rows3.append(
-          [
-            f,
-            case,
-            "-",
-            "-",
-            f"{c.get('first_step_s', 0):.2f}",
-            "-",
-            f"{c['peak_rss_mb']:.0f}",
-          ]
-        )
-  if rows3:
-    out.append(
-      "Compilation and memory (each row its own process; peak RSS = max RSS of that process):\n\n"
-      + common.markdown_table(
+      if not c or "peak_rss_mb" not in c:
+        continue
+      if f.startswith("flaxtl") and "compile_s" in c:
+        lower, compile_s = f"{c['lower_s']:.2f}", f"{c['compile_s']:.2f}"
+      else:
+        lower = compile_s = "-"
+      rows.append(
         [
-          "framework",
-          "case",
-          "lower s",
-          "compile s",
-          "first step s",
-          "convs in compiled step",
-          "peak RSS MB",
-        ],
-        rows3,
+          f,
+          case,
+          lower,
+          compile_s,
+          f"{c.get('first_step_s', 0):.2f}",
+          str(c.get("convolutions", "-")),
+          f"{c['peak_rss_mb']:.0f}",
+        ]
       )
-    )
+  if not rows:
+    return None
+  header = [
+    "framework",
+    "case",
+    "lower s",
+    "compile s",
+    "first step s",
+    "convs in compiled step",
+    "peak RSS MB",
+  ]
+  return (
+    "Compilation and memory (each row its own process; peak RSS = max RSS "
+    "of that process):\n\n" + common.markdown_table(header, rows)
+  )
 
-  rows4 = []
-  for f in flax_fws:
-    hc = results.get(f, {}).get("head_cached")
+
+def _cached_table(results, fws, derived) -> str | None:
+  rows = []
+  for f in fws:
+    r = results.get(f, {})
+    hc = r.get("head_cached")
     if not hc or "img_s" not in hc:
       continue
     for case in ("frozen_backbone", "freeze8"):
-      base_ips = get(f, case)
-      r = common.ratio(hc["img_s"], base_ips)
-      derived[f"head_cached_speedup/{f}@{case}"] = r
-      rows4.append(
+      base_ips = r.get(case, {}).get("img_s")
+      ratio = common.ratio(hc["img_s"], base_ips)
+      derived[f"head_cached_speedup/{f}@{case}"] = ratio
+      rows.append(
         [
           f,
           f"head on cached features vs {case} step",
           common.fmt(hc["img_s"]),
           common.fmt(base_ips),
-          common.fmt_ratio(r),
+          common.fmt_ratio(ratio),
         ]
       )
-    # Ten epochs over N images: cached = one extraction pass + 10 head epochs; else 10 backbone epochs.
-    if get(f, "frozen_backbone"):
+    # Ten epochs over N images: cached = one extraction pass + 10 head
+    # epochs; otherwise 10 epochs through the backbone.
+    backbone_ips = r.get("frozen_backbone", {}).get("img_s")
+    if backbone_ips:
       epochs = 10
       cached_t = 1 / hc["extract_img_s"] + epochs / hc["img_s"]
-      plain_t = epochs / get(f, "frozen_backbone")
+      plain_t = epochs / backbone_ips
       derived[f"ten_epochs_speedup/{f}"] = plain_t / cached_t
-      rows4.append(
+      rows.append(
         [
           f,
           f"{epochs} epochs incl. the one-off extraction (s per 1000 images)",
@@ -517,30 +509,46 @@ def summarise(results: dict) -> tuple[str, dict]:
           common.fmt_ratio(plain_t / cached_t),
         ]
       )
-  if rows4:
-    out.append(
-      f"Cached features (head-only step, batch {BATCH}) vs running the backbone every step:\n\n"
-      + common.markdown_table(
-        ["framework", "comparison", "cached", "backbone", "speed-up"], rows4
-      )
-    )
-  out.append(
-    "`*`: other processes used > 15% of the machine during that measurement (retried, least contended kept)."
+  if not rows:
+    return None
+  header = ["framework", "comparison", "cached", "backbone", "speed-up"]
+  return (
+    f"Cached features (head-only step, batch {BATCH}) vs running the "
+    "backbone every step:\n\n" + common.markdown_table(header, rows)
   )
-  return "\n\n".join(out), derived
 
 
-EXPERIMENTS: dict = {}  # Recorded with each result so a what-if run is never mistaken for a plain one.
+def summarise(results: dict) -> tuple[str, dict]:
+  fws = [f for f in FRAMEWORKS + EXTRA_FRAMEWORKS if f in results]
+  cases = [
+    c
+    for c in ("freeze4", "freeze8", "full", "frozen_backbone")
+    if any(c in results.get(f, {}) for f in fws)
+  ]
+  derived: dict = {}
+  tables = [
+    _speed_table(results, fws, cases, derived),
+    _freeze_ratio_table(results, fws, derived),
+    _compile_memory_table(results, fws, cases),
+    _cached_table(results, [f for f in fws if f.startswith("flaxtl")], derived),
+    common.STAR_NOTE,
+  ]
+  return "\n\n".join(t for t in tables if t), derived
 
 
-def _experiments(im2col_max_pixels) -> None:
+# What-if settings, recorded with each result so that an experiment is never
+# mistaken for a plain run.
+EXPERIMENTS: dict = {}
+
+
+def _experiments(im2col_max_pixels: int | None) -> None:
   """What-if switch for the flaxtl workers (see README.md); off by default."""
   if im2col_max_pixels is None:
     return
-  from flaxtl.models import vgg
+  from flaxtl.ops import conv as conv_ops  # A flaxtl worker only.
 
   EXPERIMENTS["im2col_max_pixels"] = im2col_max_pixels
-  vgg._IM2COL_MAX_PIXELS = im2col_max_pixels
+  conv_ops._IM2COL_MAX_PIXELS = im2col_max_pixels
 
 
 def main() -> None:
@@ -557,13 +565,15 @@ def main() -> None:
   ap.add_argument(
     "--options",
     default="null",
-    help="XLA options (JSON) for flaxtl_tuned; default: flaxtl.train's own per-phase choice",
+    help="XLA options (JSON) for flaxtl_tuned and flaxtl_xla; default: the "
+    "trainer's own per-phase choice",
   )
   ap.add_argument(
     "--im2col-max-pixels",
     type=int,
     default=None,
-    help="experiment: override flaxtl.models.vgg._IM2COL_MAX_PIXELS in the flaxtl workers",
+    help="experiment: override flaxtl.ops.conv._IM2COL_MAX_PIXELS in the "
+    "flaxtl workers",
   )
   ap.add_argument(
     "--size", type=int, default=SIZE, help="input size (the tutorial's is 224)"
@@ -579,11 +589,8 @@ def main() -> None:
     worker(args.worker, args.case, args.budget, json.loads(args.options))
     return
   extra = ["--size", str(SIZE), "--batch", str(BATCH)]
-  extra += (
-    []
-    if args.im2col_max_pixels is None
-    else ["--im2col-max-pixels", str(args.im2col_max_pixels)]
-  )
+  if args.im2col_max_pixels is not None:
+    extra += ["--im2col-max-pixels", str(args.im2col_max_pixels)]
 
   results: dict[str, dict] = {}
   for fw in args.frameworks.split(","):

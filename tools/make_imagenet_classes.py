@@ -5,7 +5,8 @@ not resolve offline. The same synsets, in the same (sorted wnid) order, ship in
 the PyPI wheel of timm (Apache-2.0); names are the first WordNet lemma with
 spaces as underscores, as in the Keras file.
 
-    pip download --no-deps timm -d /tmp/timm && python tools/make_imagenet_classes.py /tmp/timm/timm-*.whl
+    pip download --no-deps timm -d /tmp/timm
+    python tools/make_imagenet_classes.py /tmp/timm/timm-*.whl
 """
 
 import json
@@ -13,27 +14,20 @@ from pathlib import Path
 import sys
 import zipfile
 
-OUT = (
-  Path(__file__).resolve().parents[1]
-  / "flaxtl"
-  / "resources"
-  / "imagenet_classes.json"
-)
+RESOURCES = Path(__file__).resolve().parents[1] / "flaxtl" / "resources"
+OUT = RESOURCES / "imagenet_classes.json"
+INFO = "timm/data/_info/"
 
 
 def main(wheel: str) -> None:
   with zipfile.ZipFile(wheel) as z:
-    synsets = z.read("timm/data/_info/imagenet_synsets.txt").decode().split()
-    lemmas = dict(
-      line.split("\t", 1)
-      for line in z.read("timm/data/_info/imagenet_synset_to_lemma.txt")
-      .decode()
-      .splitlines()
-      if "\t" in line
-    )
-  assert len(synsets) == 1000 and synsets == sorted(synsets), (
-    "unexpected synset list"
+    synsets = z.read(INFO + "imagenet_synsets.txt").decode().split()
+    lemma_lines = z.read(INFO + "imagenet_synset_to_lemma.txt").decode()
+  lemmas = dict(
+    line.split("\t", 1) for line in lemma_lines.splitlines() if "\t" in line
   )
+  if len(synsets) != 1000 or synsets != sorted(synsets):
+    raise SystemExit(f"{wheel}: expected 1000 sorted synsets")
   classes = [
     [wnid, lemmas[wnid].split(",")[0].strip().replace(" ", "_")]
     for wnid in synsets
