@@ -1,0 +1,52 @@
+"""torchvision EfficientNet-B0..B7 state_dicts -> tv_efficientnet_* variables.
+
+The variables are named like the state_dict keys (`tv_common`), so the map is
+by name; which variant a file holds is told by its stem width and the number
+of blocks in each stage, which differ between every two variants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import re
+
+import numpy as np
+
+from flaxtl.models import tv_efficientnet
+from flaxtl.weights.converted import Converted
+from flaxtl.weights.mappings import tv_common
+
+FAMILY = "tv_efficientnet"
+_BLOCK = re.compile(r"features\.(\d+)\.(\d+)\.block\.")
+_STEM = "features.0.0.weight"
+_TOP = "classifier.1.weight"
+
+
+def detect_torch(tensors: Mapping[str, np.ndarray]) -> str | None:
+  """The tv_efficientnet arch whose stem and stage depths the keys show."""
+  tensors = tv_common.unwrap(tensors)
+  stem = tv_common.shape_of(tensors, _STEM)
+  if stem is None or tuple(stem[1:]) != (3, 3, 3):
+    return None
+  depths = tv_common.stage_depths(tensors, _BLOCK)
+  for arch in tv_efficientnet.VARIANTS:
+    stages = tv_efficientnet.blocks(arch)
+    want = {s[0].stage: len(s) for s in stages}
+    if stem[0] == tv_efficientnet.stem_width(arch) and depths == want:
+      return arch
+  return None
+
+
+def from_torch(
+  tensors: Mapping[str, np.ndarray],
+  arch: str | None = None,
+  include_top: bool | None = None,
+  src: str = "state_dict",
+) -> Converted:
+  """Maps a torchvision EfficientNet state_dict onto `arch` (detected if None).
+
+  include_top: None takes the classifier when the file has one.
+  """
+  tensors = tv_common.unwrap(tensors)
+  arch = tv_common.resolve_arch(src, detect_torch(tensors), arch, FAMILY)
+  return tv_common.from_torch(src, tensors, arch, include_top, _TOP)
