@@ -44,7 +44,7 @@ class Slot:
 
   def shape(self, torch_shape: tuple[int, ...]) -> tuple[int, ...]:
     shape = tuple(torch_shape)
-    if self.perm is not None:
+    if self.perm is not None and len(self.perm) == len(shape):
       shape = tuple(shape[i] for i in self.perm)
     while self.squeeze and len(shape) > 1 and shape[-1] == 1:
       shape = shape[:-1]
@@ -52,7 +52,7 @@ class Slot:
 
   def array(self, a: np.ndarray) -> np.ndarray:
     shape = self.shape(a.shape)
-    if self.perm is not None:
+    if self.perm is not None:  # Shapes were checked: perm fits.
       a = np.transpose(a, self.perm)
     return np.ascontiguousarray(a.reshape(shape))
 
@@ -156,7 +156,7 @@ def from_torch(
   flat: dict[str, dict[str, np.ndarray]] = {}
   skipped = []
   for key, array in tensors.items():
-    s = slot(key, np.ndim(array))
+    s = _expected_slot(key, np.ndim(array), expected)
     if s is None:
       continue
     want = expected.get(s.collection, {}).get(s.path)
@@ -188,6 +188,23 @@ def from_torch(
   return Converted(
     variables, arch, include_top, num_classes, "by_name", skipped, options
   )
+
+
+def _expected_slot(key: str, ndim: int, expected: dict) -> Slot | None:
+  """`slot`, but a `weight` goes where the model has a kernel or scale for it.
+
+  So a conv weight of the wrong rank is reported as mis-shaped, not missing.
+  """
+  s = slot(key, ndim)
+  if s is None or s.path in expected.get(s.collection, {}):
+    return s
+  if key.endswith(".weight"):
+    layer = s.path.rsplit("/", 1)[0]
+    for var in ("kernel", "scale"):
+      shape = expected.get("params", {}).get(f"{layer}/{var}")
+      if shape is not None:
+        return slot(key, len(shape))
+  return s
 
 
 def _torch_shape(s: Slot, shape: tuple[int, ...]) -> tuple[int, ...]:

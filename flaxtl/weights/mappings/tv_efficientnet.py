@@ -1,8 +1,8 @@
 """torchvision EfficientNet-B0..B7 state_dicts -> tv_efficientnet_* variables.
 
 The variables are named like the state_dict keys (`tv_common`), so the map is
-by name; which variant a file holds is told by its stem width and the number
-of blocks in each stage, which differ between every two variants.
+by name; which variant a file holds is told by its stem width, head width
+(B1 and B2 differ only there) and the number of blocks in each stage.
 """
 
 from __future__ import annotations
@@ -19,20 +19,25 @@ from flaxtl.weights.mappings import tv_common
 FAMILY = "tv_efficientnet"
 _BLOCK = re.compile(r"features\.(\d+)\.(\d+)\.block\.")
 _STEM = "features.0.0.weight"
+_HEAD = "features.8.0.weight"
 _TOP = "classifier.1.weight"
 
 
 def detect_torch(tensors: Mapping[str, np.ndarray]) -> str | None:
-  """The tv_efficientnet arch whose stem and stage depths the keys show."""
+  """The tv_efficientnet arch whose stem, head and stage depths keys show."""
   tensors = tv_common.unwrap(tensors)
   stem = tv_common.shape_of(tensors, _STEM)
-  if stem is None or tuple(stem[1:]) != (3, 3, 3):
+  head = tv_common.shape_of(tensors, _HEAD)
+  if stem is None or head is None or tuple(stem[1:]) != (3, 3, 3):
     return None
   depths = tv_common.stage_depths(tensors, _BLOCK)
   for arch in tv_efficientnet.VARIANTS:
-    stages = tv_efficientnet.blocks(arch)
-    want = {s[0].stage: len(s) for s in stages}
-    if stem[0] == tv_efficientnet.stem_width(arch) and depths == want:
+    want = {s[0].stage: len(s) for s in tv_efficientnet.blocks(arch)}
+    widths = (
+      tv_efficientnet.stem_width(arch),
+      tv_efficientnet.head_width(arch),
+    )
+    if (stem[0], head[0]) == widths and depths == want:
       return arch
   return None
 

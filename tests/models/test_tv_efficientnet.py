@@ -1,0 +1,245 @@
+"""tv_efficientnet_b0..b7 against torchvision's own EfficientNet.
+
+One real model (B0, random weights, BN statistics perturbed) for outputs;
+every variant's names, shapes and layer order from torchvision's modules on
+the meta device (no memory, no FLOPs).
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from flaxtl import models, tree
+from flaxtl.errors import UserError
+from flaxtl.models import common, tv_efficientnet
+from flaxtl.preprocess import preprocess_input
+from flaxtl.weights.mappings import tv_common
+from flaxtl.weights.mappings import tv_efficientnet as mapping
+from tests import torch_oracle
+
+ARCHS = sorted(tv_efficientnet.VARIANTS)
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def tvm():
+  return torch_oracle.torchvision_models()
+
+
+@pytest.fixture(scope="module")
+def b0(tvm):
+  """torchvision's B0 (random init, perturbed BN) and its state_dict."""
+  import torch
+
+  torch.manual_seed(0)
+  net = torch_oracle.perturb(tvm.efficientnet_b0().eval())
+  return net, torch_oracle.state_dict(net)
+
+
+@pytest.fixture(scope="module")
+def x(images64):
+  return preprocess_input(images64, "torch")
+
+
+@pytest.fixture(scope="module")
+def variables(b0):
+  converted = mapping.from_torch(b0[1])
+  assert (converted.arch, converted.include_top) == ("tv_efficientnet_b0", True)
+  assert converted.num_classes == 1000 and converted.skipped == []
+  return converted.variables
+
+
+def test_logits_match_torchvision(b0, variables, x):
+  import torch
+
+  with torch.no_grad():
+    want = b0[0](torch_oracle.nchw(x)).numpy()
+  model = models.create("tv_efficientnet_b0")
+  got = jax.jit(model.apply)(variables, x)
+  assert torch_oracle.rel_err(got, want) < 1e-4
+
+
+def test_features_without_top_match_torchvision(b0, x):
+  import torch
+
+  net, sd = b0
+  converted = mapping.from_torch(sd, include_top=False)
+  assert converted.num_classes is None
+  assert converted.skipped == [
+    "classifier.1.weight (top)",
+    "classifier.1.bias (top)",
+  ]
+  assert "classifier" not in converted.variables["params"]
+  with torch.no_grad():
+    stage3 = net.features[:4](torch_oracle.nchw(x))
+    pooled = net.avgpool(net.features[4:](stage3)).flatten(1).numpy()
+  early = models.create(
+    "tv_efficientnet_b0", include_top=False, output_layer="features/3"
+  )
+  got = jax.jit(early.apply)(converted.variables, x)
+  assert torch_oracle.rel_err(got, torch_oracle.nhwc(stage3)) < 1e-4
+  avg = models.create("tv_efficientnet_b0", include_top=False, pooling="avg")
+  got = jax.jit(avg.apply)(converted.variables, x)
+  assert torch_oracle.rel_err(got, pooled) < 1e-4
+  # A model that stops early has no parameters after its output layer.
+  params = common.variable_shapes(early, SIZE)["params"]["features"]
+  assert sorted(params, key=int) == ["0", "1", "2", "3"]
+
+
+def test_train_mode_matches_torch_train_mode(b0, variables, x):
+  """Batch statistics, momentum 0.1 == Flax 0.9, and a BN kept in eval."""
+  import copy
+
+  import torch
+
+  net = copy.deepcopy(b0[0]).train()
+  for m in net.modules():  # Deterministic: no dropout, no stochastic depth.
+    if hasattr(m, "p"):
+      m.p = 0.0
+  net.features[0][1].eval()  # The stem BN keeps its running statistics.
+  with torch.no_grad():
+    want = net(torch_oracle.nchw(x)).numpy()
+  after = torch_oracle.state_dict(net)
+  model = models.create(
+    "tv_efficientnet_b0", dropout=0.0, stochastic_depth_prob=0.0
+  )
+  train = common.TrainMode(bn_inference=frozenset({"features/0/1"}))
+  got, updates = model.apply(variables, x, train=train, mutable=["batch_stats"])
+  assert torch_oracle.rel_err(got, want) < 1e-4
+  stats = tree.flatten(updates["batch_stats"])
+  before = tree.flatten(variables["batch_stats"])
+  np.testing.assert_array_equal(
+    stats["features/0/1/mean"], before["features/0/1/mean"]
+  )
+  for path, mean in stats.items():
+    if path.endswith("/mean") and not path.startswith("features/0/"):
+      key = tv_common.torch_key("batch_stats", path)
+      np.testing.assert_allclose(mean, after[key], rtol=1e-5, atol=1e-6)
+  # torch updates running_var with the unbiased batch variance, Flax with
+  # the biased one: equal to within n/(n-1), n = 2*32*32 for features/1.
+  np.testing.assert_allclose(
+    stats["features/1/0/block/0/1/var"],
+    after["features.1.0.block.0.1.running_var"],
+    rtol=5e-4,
+  )
+
+
+@pytest.fixture
+def recorded_taps(monkeypatch):
+  """Every Taps a model creates, to read the layer names it went through."""
+  made = []
+
+  class Recording(common.Taps):
+    def __init__(self, output_layer=None):
+      super().__init__(output_layer)
+      made.append(self)
+
+  monkeypatch.setattr(common, "Taps", Recording)
+  return made
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_names_shapes_and_order_match_torchvision(tvm, recorded_taps, arch):
+  net = torch_oracle.meta_model(getattr(tvm, arch.removeprefix("tv_")))
+  sd = net.state_dict()
+  assert mapping.detect_torch(sd) == arch
+  want = {}
+  for key, t in sd.items():
+    s = tv_common.slot(key, t.ndim)
+    if s is not None:
+      want.setdefault(s.collection, {})[s.path] = s.shape(tuple(t.shape))
+  shapes = common.variable_shapes(models.create(arch), 32)
+  got = {
+    c: {p: tuple(a.shape) for p, a in tree.flatten(v).items()}
+    for c, v in shapes.items()
+  }
+  assert got == want
+  # Layer names: the order torch's forward calls return, and our taps'.
+  names = models.get(arch).layers(include_top=True)
+  assert names == torch_oracle.forward_order(net, 32)
+  assert recorded_taps[-1].seen == names
+  bn = [m for m in net.modules() if m.__class__.__name__ == "BatchNorm2d"]
+  variant = tv_efficientnet.VARIANTS[arch]
+  assert {(m.eps, 1 - m.momentum) for m in bn} == {
+    (variant.bn_eps, variant.bn_momentum)
+  }
+
+
+def test_registry_metadata():
+  spec = models.get("tv_efficientnet_b3")
+  assert (spec.family, spec.naming, spec.preprocess) == (
+    "tv_efficientnet",
+    "torch",
+    "torch",
+  )
+  names = spec.layers(include_top=True)
+  for layer in (spec.feature_layer, spec.classifier, *spec.stem_layers):
+    assert layer in names
+  assert spec.layers(include_top=False, pooling="max")[-2:] == [
+    "features",
+    "maxpool",
+  ]
+  with pytest.raises(UserError, match="output_layer 'classifier/1'"):
+    models.create(
+      "tv_efficientnet_b0", include_top=False, output_layer="classifier/1"
+    ).init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
+  with pytest.raises(UserError, match="at least 32x32"):
+    common.variable_shapes(models.create("tv_efficientnet_b0"), 16)
+
+
+def _mutated(sd, key, value):
+  out = dict(sd)
+  if value is None:
+    del out[key]
+  else:
+    out[key] = value
+  return out
+
+
+@pytest.mark.parametrize(
+  "change,kwargs,message",
+  [
+    (
+      ("features.3.0.block.1.1.running_var", None),
+      {},
+      "missing tensor.*features.3.0.block.1.1.running_var",
+    ),
+    (
+      ("features.8.0.weight", np.zeros((1280, 320, 3, 3), np.float32)),
+      {},
+      r"features.8.0.weight has shape \(1280, 320, 3, 3\), "
+      r"expected \(1280, 320, 1, 1\)",
+    ),
+    (
+      ("features.0.0.weight", np.zeros((32, 3, 3, 3), np.int32)),
+      {},
+      "features.0.0.weight holds int32",
+    ),
+    (
+      ("classifier.1.weight", None),
+      {"include_top": True},
+      "no classifier.1.weight .*--notop",
+    ),
+    (
+      ("features.0.0.weight", None),
+      {},
+      "match no tv_efficientnet architecture; pass --arch",
+    ),
+    (None, {"arch": "tv_efficientnet_b1"}, "holds a tv_efficientnet_b0 model"),
+  ],
+)
+def test_bad_state_dicts_are_refused(b0, change, kwargs, message):
+  sd = _mutated(b0[1], *change) if change else b0[1]
+  with pytest.raises(UserError, match=message):
+    mapping.from_torch(sd, src="b0.pth", **kwargs)
+
+
+def test_wrapped_half_precision_state_dict_converts(b0, variables):
+  """DataParallel's 'module.' prefix; float16 tensors become float32."""
+  sd = {f"module.{k}": v.astype(np.float16) for k, v in b0[1].items()}
+  got = tree.flatten(mapping.from_torch(sd).variables)
+  want = tree.flatten(variables)
+  assert got.keys() == want.keys()
+  assert all(a.dtype == np.float32 for a in got.values())
+  key = "params/features/8/0/kernel"
+  np.testing.assert_allclose(got[key], want[key], rtol=1e-3, atol=1e-4)
