@@ -6,6 +6,7 @@ definitions need none of it, so an empty module stands in for it
 (REFERENCE.md section 6). Tests skip when torch is not installed.
 """
 
+from pathlib import Path
 import sys
 import types
 
@@ -50,6 +51,26 @@ def perturb(net, seed: int = 0):
       if isinstance(getattr(m, "layer_scale", None), torch.nn.Parameter):
         uniform(m.layer_scale, 0.3, 1.0)
   return net
+
+
+LAYOUTS = ("torch_zip", "torch_legacy", "safetensors")
+
+
+def save(net, out: Path, layout: str) -> Path:
+  """Writes `net.state_dict()` as torch / safetensors write it."""
+  import torch
+
+  sd = net.state_dict()
+  if layout == "safetensors":
+    from safetensors.torch import save_file
+
+    path = out / "model.safetensors"
+    save_file(sd, path)
+  else:
+    path = out / f"model_{layout}.pth"
+    zip_format = layout == "torch_zip"
+    torch.save(sd, path, _use_new_zipfile_serialization=zip_format)
+  return path
 
 
 def state_dict(net) -> dict[str, np.ndarray]:
@@ -100,3 +121,10 @@ def rel_err(got, want) -> float:
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
   assert got.shape == want.shape, (got.shape, want.shape)
   return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def weights(tensors, name: str = "state_dict.pth"):
+  """A state_dict as `torch_file.read` hands it to the mappings."""
+  from flaxtl.weights.torch_file import TorchWeights
+
+  return TorchWeights(Path(name), "in_memory", dict(tensors))

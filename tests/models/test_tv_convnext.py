@@ -13,7 +13,8 @@ from flaxtl import models, tree
 from flaxtl.errors import UserError
 from flaxtl.models import common, tv_convnext
 from flaxtl.preprocess import preprocess_input
-from flaxtl.weights.mappings import tv_common
+from flaxtl.weights import torch_file
+from flaxtl.weights.mappings import torch_names
 from flaxtl.weights.mappings import tv_convnext as mapping
 from tests import torch_oracle
 
@@ -41,28 +42,43 @@ def x(images64):
   return preprocess_input(images64, "torch")
 
 
-def test_logits_match_torchvision(tiny, x):
+@pytest.fixture(scope="module")
+def logits(tiny, x):
+  """torchvision's logits, and ConvNeXt-Tiny's jitted forward pass."""
   import torch
 
-  net, sd = tiny
-  converted = mapping.from_torch(sd)
+  with torch.no_grad():
+    want = tiny[0](torch_oracle.nchw(x)).numpy()
+  return want, jax.jit(models.create("tv_convnext_tiny").apply)
+
+
+def test_logits_match_torchvision(tiny, logits, x):
+  sd = tiny[1]
+  converted = mapping.from_torch(torch_oracle.weights(sd))
   assert (converted.arch, converted.include_top) == ("tv_convnext_tiny", True)
   assert converted.skipped == [] and "batch_stats" not in converted.variables
   scale = converted.variables["params"]["features"]["1"]["0"]["layer_scale"]
   np.testing.assert_array_equal(
     scale, sd["features.1.0.layer_scale"].reshape(-1)
   )
-  with torch.no_grad():
-    want = net(torch_oracle.nchw(x)).numpy()
-  got = jax.jit(models.create("tv_convnext_tiny").apply)(converted.variables, x)
-  assert torch_oracle.rel_err(got, want) < 1e-4
+  want, forward = logits
+  assert torch_oracle.rel_err(forward(converted.variables, x), want) < 1e-4
+
+
+def test_torch_file_converts_to_the_same_logits(tiny, logits, x, tmp_path):
+  """torch.save's zip format (the reader's layouts are tested with B0)."""
+  path = torch_oracle.save(tiny[0], tmp_path, "torch_zip")
+  converted = mapping.from_torch(torch_file.read(path))
+  assert converted.arch == "tv_convnext_tiny"
+  want, forward = logits
+  assert torch_oracle.rel_err(forward(converted.variables, x), want) < 1e-4
 
 
 def test_features_without_top_match_torchvision(tiny, x):
   import torch
 
   net, sd = tiny
-  converted = mapping.from_torch(sd, include_top=False)
+  converted = mapping.from_torch(torch_oracle.weights(sd), include_top=False)
   assert converted.skipped == [
     f"classifier.{i}.{v} (top)" for i in (0, 2) for v in ("weight", "bias")
   ]
@@ -89,7 +105,9 @@ def test_stochastic_depth_drops_whole_samples_in_training(tiny, x):
     output_layer="features/7/2/stochastic_depth",
     stochastic_depth_prob=1.0,
   )
-  variables = mapping.from_torch(tiny[1], include_top=False).variables
+  variables = mapping.from_torch(
+    torch_oracle.weights(tiny[1]), include_top=False
+  ).variables
   rngs = {"dropout": jax.random.PRNGKey(0)}
   dropped = jax.jit(lambda v: early.apply(v, x, train=True, rngs=rngs))
   kept = jax.jit(lambda v: early.apply(v, x, train=False))
@@ -115,10 +133,10 @@ def recorded_taps(monkeypatch):
 def test_names_shapes_and_order_match_torchvision(tvm, recorded_taps, arch):
   net = torch_oracle.meta_model(getattr(tvm, arch.removeprefix("tv_")))
   sd = net.state_dict()
-  assert mapping.detect_torch(sd) == arch
+  assert mapping.detect(torch_oracle.weights(sd)) == arch
   want = {}
   for key, t in sd.items():
-    s = tv_common.slot(key, t.ndim)
+    s = torch_names.slot(key, t.ndim)
     if s is not None:
       want.setdefault(s.collection, {})[s.path] = s.shape(tuple(t.shape))
   shapes = common.variable_shapes(models.create(arch), 32)
@@ -179,10 +197,12 @@ def test_bad_state_dicts_are_refused(tiny, key, value, message):
   else:
     sd[key] = value
   with pytest.raises(UserError, match=message):
-    mapping.from_torch(sd, arch="tv_convnext_tiny", src="tiny.pth")
+    mapping.from_torch(
+      torch_oracle.weights(sd, "tiny.pth"), arch="tv_convnext_tiny"
+    )
 
 
 def test_small_file_is_not_tiny(tvm):
   sd = torch_oracle.meta_model(tvm.convnext_small).state_dict()
   with pytest.raises(UserError, match="holds a tv_convnext_small model"):
-    mapping.from_torch(sd, arch="tv_convnext_tiny")
+    mapping.from_torch(torch_oracle.weights(sd), arch="tv_convnext_tiny")

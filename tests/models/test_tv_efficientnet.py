@@ -13,7 +13,8 @@ from flaxtl import models, tree
 from flaxtl.errors import UserError
 from flaxtl.models import common, tv_efficientnet
 from flaxtl.preprocess import preprocess_input
-from flaxtl.weights.mappings import tv_common
+from flaxtl.weights import torch_file
+from flaxtl.weights.mappings import torch_names
 from flaxtl.weights.mappings import tv_efficientnet as mapping
 from tests import torch_oracle
 
@@ -43,27 +44,49 @@ def x(images64):
 
 @pytest.fixture(scope="module")
 def variables(b0):
-  converted = mapping.from_torch(b0[1])
+  converted = mapping.from_torch(torch_oracle.weights(b0[1]))
   assert (converted.arch, converted.include_top) == ("tv_efficientnet_b0", True)
   assert converted.num_classes == 1000 and converted.skipped == []
   return converted.variables
 
 
-def test_logits_match_torchvision(b0, variables, x):
+@pytest.fixture(scope="module")
+def logits(b0, x):
+  """torchvision's logits, and B0's jitted forward pass."""
   import torch
 
   with torch.no_grad():
     want = b0[0](torch_oracle.nchw(x)).numpy()
-  model = models.create("tv_efficientnet_b0")
-  got = jax.jit(model.apply)(variables, x)
-  assert torch_oracle.rel_err(got, want) < 1e-4
+  return want, jax.jit(models.create("tv_efficientnet_b0").apply)
+
+
+def test_logits_match_torchvision(logits, variables, x):
+  want, forward = logits
+  assert torch_oracle.rel_err(forward(variables, x), want) < 1e-4
+
+
+@pytest.mark.parametrize("layout", torch_oracle.LAYOUTS)
+def test_files_torch_wrote_convert_to_the_same_model(
+  b0, logits, variables, x, tmp_path, layout
+):
+  path = torch_oracle.save(b0[0], tmp_path, layout)
+  weights = torch_file.read(path)
+  assert weights.layout == layout
+  converted = mapping.from_torch(weights)
+  got, want = tree.flatten(converted.variables), tree.flatten(variables)
+  assert got.keys() == want.keys()
+  for k in got:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  assert (
+    torch_oracle.rel_err(logits[1](converted.variables, x), logits[0]) < 1e-4
+  )
 
 
 def test_features_without_top_match_torchvision(b0, x):
   import torch
 
   net, sd = b0
-  converted = mapping.from_torch(sd, include_top=False)
+  converted = mapping.from_torch(torch_oracle.weights(sd), include_top=False)
   assert converted.num_classes is None
   assert converted.skipped == [
     "classifier.1.weight (top)",
@@ -113,7 +136,7 @@ def test_train_mode_matches_torch_train_mode(b0, variables, x):
   )
   for path, mean in stats.items():
     if path.endswith("/mean") and not path.startswith("features/0/"):
-      key = tv_common.torch_key("batch_stats", path)
+      key = torch_names.torch_key("batch_stats", path)
       np.testing.assert_allclose(mean, after[key], rtol=1e-5, atol=1e-6)
   # torch updates running_var with the unbiased batch variance, Flax with
   # the biased one: equal to within n/(n-1), n = 2*32*32 for features/1.
@@ -142,10 +165,10 @@ def recorded_taps(monkeypatch):
 def test_names_shapes_and_order_match_torchvision(tvm, recorded_taps, arch):
   net = torch_oracle.meta_model(getattr(tvm, arch.removeprefix("tv_")))
   sd = net.state_dict()
-  assert mapping.detect_torch(sd) == arch
+  assert mapping.detect(torch_oracle.weights(sd)) == arch
   want = {}
   for key, t in sd.items():
-    s = tv_common.slot(key, t.ndim)
+    s = torch_names.slot(key, t.ndim)
     if s is not None:
       want.setdefault(s.collection, {})[s.path] = s.shape(tuple(t.shape))
   shapes = common.variable_shapes(models.create(arch), 32)
@@ -231,13 +254,12 @@ def _mutated(sd, key, value):
 def test_bad_state_dicts_are_refused(b0, change, kwargs, message):
   sd = _mutated(b0[1], *change) if change else b0[1]
   with pytest.raises(UserError, match=message):
-    mapping.from_torch(sd, src="b0.pth", **kwargs)
+    mapping.from_torch(torch_oracle.weights(sd, "b0.pth"), **kwargs)
 
 
-def test_wrapped_half_precision_state_dict_converts(b0, variables):
-  """DataParallel's 'module.' prefix; float16 tensors become float32."""
-  sd = {f"module.{k}": v.astype(np.float16) for k, v in b0[1].items()}
-  got = tree.flatten(mapping.from_torch(sd).variables)
+def test_half_precision_state_dict_converts_to_float32(b0, variables):
+  sd = {k: v.astype(np.float16) for k, v in b0[1].items()}
+  got = tree.flatten(mapping.from_torch(torch_oracle.weights(sd)).variables)
   want = tree.flatten(variables)
   assert got.keys() == want.keys()
   assert all(a.dtype == np.float32 for a in got.values())

@@ -1,20 +1,18 @@
 """torchvision EfficientNet-B0..B7 state_dicts -> tv_efficientnet_* variables.
 
-The variables are named like the state_dict keys (`tv_common`), so the map is
+The variables are named like the state_dict keys (`torch_names`), so the map is
 by name; which variant a file holds is told by its stem width, head width
 (B1 and B2 differ only there) and the number of blocks in each stage.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import re
-
-import numpy as np
 
 from flaxtl.models import tv_efficientnet
 from flaxtl.weights.converted import Converted
-from flaxtl.weights.mappings import tv_common
+from flaxtl.weights.mappings import torch_names
+from flaxtl.weights.torch_file import TorchWeights
 
 FAMILY = "tv_efficientnet"
 _BLOCK = re.compile(r"features\.(\d+)\.(\d+)\.block\.")
@@ -23,14 +21,14 @@ _HEAD = "features.8.0.weight"
 _TOP = "classifier.1.weight"
 
 
-def detect_torch(tensors: Mapping[str, np.ndarray]) -> str | None:
+def detect(weights: TorchWeights) -> str | None:
   """The tv_efficientnet arch whose stem, head and stage depths keys show."""
-  tensors = tv_common.unwrap(tensors)
-  stem = tv_common.shape_of(tensors, _STEM)
-  head = tv_common.shape_of(tensors, _HEAD)
+  tensors = weights.tensors
+  stem = torch_names.shape_of(tensors, _STEM)
+  head = torch_names.shape_of(tensors, _HEAD)
   if stem is None or head is None or tuple(stem[1:]) != (3, 3, 3):
     return None
-  depths = tv_common.stage_depths(tensors, _BLOCK)
+  depths = torch_names.stage_depths(tensors, _BLOCK)
   for arch in tv_efficientnet.VARIANTS:
     want = {s[0].stage: len(s) for s in tv_efficientnet.blocks(arch)}
     widths = (
@@ -43,15 +41,14 @@ def detect_torch(tensors: Mapping[str, np.ndarray]) -> str | None:
 
 
 def from_torch(
-  tensors: Mapping[str, np.ndarray],
+  weights: TorchWeights,
   arch: str | None = None,
   include_top: bool | None = None,
-  src: str = "state_dict",
 ) -> Converted:
   """Maps a torchvision EfficientNet state_dict onto `arch` (detected if None).
 
   include_top: None takes the classifier when the file has one.
   """
-  tensors = tv_common.unwrap(tensors)
-  arch = tv_common.resolve_arch(src, detect_torch(tensors), arch, FAMILY)
-  return tv_common.from_torch(src, tensors, arch, include_top, _TOP)
+  found = detect(weights)
+  arch = torch_names.resolve_arch(weights.path, found, arch, FAMILY)
+  return torch_names.from_torch(weights, arch, include_top, _TOP)

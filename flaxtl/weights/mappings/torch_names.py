@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 
@@ -27,10 +28,10 @@ from flaxtl import tree
 from flaxtl.errors import UserError
 from flaxtl.weights.converted import Converted
 from flaxtl.weights.mappings import keras_names
+from flaxtl.weights.torch_file import TorchWeights
 
 _STATS = {"running_mean": "mean", "running_var": "var"}
 _DROPPED = ("num_batches_tracked",)
-_WRAPPER_PREFIXES = ("module.",)  # nn.DataParallel / DistributedDataParallel.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,14 +89,6 @@ def torch_key(collection: str, path: str) -> str:
   return f"{layer.replace('/', '.')}.{name}"
 
 
-def unwrap(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Drops a 'module.' prefix that every key carries (DataParallel)."""
-  for prefix in _WRAPPER_PREFIXES:
-    if tensors and all(k.startswith(prefix) for k in tensors):
-      return {k[len(prefix) :]: v for k, v in tensors.items()}
-  return dict(tensors)
-
-
 def stage_depths(tensors: Mapping[str, np.ndarray], pattern) -> dict:
   """{stage: number of blocks} for keys matching `pattern` (stage, block)."""
   seen: dict[int, set[int]] = {}
@@ -112,7 +105,7 @@ def shape_of(tensors: Mapping[str, np.ndarray], key: str) -> tuple | None:
 
 
 def resolve_arch(
-  src: str, found: str | None, arch: str | None, family: str
+  src: Path, found: str | None, arch: str | None, family: str
 ) -> str:
   """The arch to convert to: the one asked for, checked against the file's."""
   if arch is None:
@@ -127,8 +120,7 @@ def resolve_arch(
 
 
 def from_torch(
-  src: str,
-  tensors: Mapping[str, np.ndarray],
+  weights: TorchWeights,
   arch: str,
   include_top: bool | None,
   top_key: str,
@@ -139,6 +131,7 @@ def from_torch(
   top_key: the classifier's weight ('classifier.1.weight'); include_top None
   takes the top when the file has it, and its rows are the classes.
   """
+  src, tensors = weights.path, weights.tensors
   top = shape_of(tensors, top_key)
   if include_top is None:
     include_top = top is not None
@@ -214,7 +207,7 @@ def _torch_shape(s: Slot, shape: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(shape[s.perm.index(i)] for i in range(len(shape)))
 
 
-def _floats(src: str, key: str, a: np.ndarray) -> np.ndarray:
+def _floats(src: Path, key: str, a: np.ndarray) -> np.ndarray:
   """float32 copies of float tensors (float16 / bfloat16 included)."""
   if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
     raise UserError(f"{src}: tensor {key} holds {a.dtype}, expected floats")
