@@ -9,10 +9,11 @@ keeps (C, 1, 1). Kernels are HWIO (depthwise: (7, 7, 1, C)), dense kernels
 in torchvision. No BatchNorm, so no batch_stats. Inputs are NHWC, normalised
 with ImageNet mean/std (`preprocess_input(x, 'torch')`).
 
-Layer names (`layer_names`, `output_layer`) follow the rule of
-`tv_efficientnet`: every module path in the order its output is ready, a
-container after its last child. Outputs are NHWC where torch's are NCHW, so
-the two Permute modules of a block (`block/1`, `block/6`) change nothing here.
+`output_layer` and `layer_names` follow `tv_efficientnet`: every module path
+(`module_paths`) in the order its output is ready, a container after its
+last child; `layer_names` those with parameters. Outputs are NHWC where
+torch's are NCHW, so a block's two Permutes (`block/1`, `block/6`) change
+nothing here.
 """
 
 from __future__ import annotations
@@ -53,48 +54,63 @@ def stage_index(stage: int) -> int:
   return 2 * stage + 1
 
 
-def _block_names(prefix: str) -> list[str]:
-  return [f"{prefix}/block/{i}" for i in range(7)] + [
-    f"{prefix}/block",
-    f"{prefix}/stochastic_depth",
-    prefix,
+# (module path, whether it holds parameters), in the order outputs are ready.
+Modules = list[tuple[str, bool]]
+# CNBlock's `block`: dwconv, Permute, LayerNorm, Linear, GELU, Linear, Permute.
+_BLOCK_PARAMS = (True, False, True, True, False, True, False)
+
+
+def _cnblock(prefix: str) -> Modules:
+  mods = [(f"{prefix}/block/{i}", p) for i, p in enumerate(_BLOCK_PARAMS)]
+  # The block itself holds layer_scale, applied after `block`.
+  return [
+    *mods,
+    (f"{prefix}/block", False),
+    (f"{prefix}/stochastic_depth", False),
+    (prefix, True),
   ]
 
 
 @functools.cache
-def _feature_names(arch: str) -> tuple[str, ...]:
-  names = ["features/0/0", "features/0/1", "features/0"]
+def _features(arch: str) -> tuple[tuple[str, bool], ...]:
+  mods = [("features/0/0", True), ("features/0/1", True), ("features/0", False)]
   depths = VARIANTS[arch].depths
   for s, depth in enumerate(depths):
     stage = f"features/{stage_index(s)}"
     for j in range(depth):
-      names += _block_names(f"{stage}/{j}")
-    names.append(stage)
+      mods += _cnblock(f"{stage}/{j}")
+    mods.append((stage, False))
     if s < len(depths) - 1:
       down = f"features/{stage_index(s) + 1}"
-      names += [f"{down}/0", f"{down}/1", down]
-  names.append("features")
-  return tuple(names)
+      mods += [(f"{down}/0", True), (f"{down}/1", True), (down, False)]
+  return (*mods, ("features", False))
+
+
+def _modules(arch: str, include_top: bool, pooling: str | None) -> Modules:
+  mods = list(_features(arch))
+  if include_top:
+    top = [(f"classifier/{i}", i != 1) for i in range(3)]
+    return [*mods, ("avgpool", False), *top, ("classifier", False)]
+  if pooling is not None:
+    mods.append(("avgpool" if pooling == "avg" else "maxpool", False))
+  return mods
+
+
+def module_paths(
+  arch: str, include_top: bool = True, pooling: str | None = None
+) -> list[str]:
+  """Every module path in the order its output is ready: `output_layer`s."""
+  return [m for m, _ in _modules(arch, include_top, pooling)]
 
 
 def layer_names(
   arch: str, include_top: bool = True, pooling: str | None = None
 ) -> list[str]:
-  """Every module path in the order its output is ready."""
-  names = list(_feature_names(arch))
-  if include_top:
-    names += [
-      "avgpool",
-      "classifier/0",
-      "classifier/1",
-      "classifier/2",
-      "classifier",
-    ]
-  elif pooling == "avg":
-    names.append("avgpool")
-  elif pooling == "max":
-    names.append("maxpool")
-  return names
+  """The modules with parameters, in forward order.
+
+  A CNBlock ('features/1/0') is one: it holds its layer_scale.
+  """
+  return [m for m, params in _modules(arch, include_top, pooling) if params]
 
 
 # torchvision's trunc_normal_(std=0.02) truncates at +-2 absolute, i.e. never:
@@ -265,7 +281,7 @@ class TVConvNeXt(nn.Module):
     include_top: keep avgpool + classifier (LayerNorm, Flatten, Linear).
     num_classes: outputs of `classifier/2`.
     pooling: without the top: None (4D features), 'avg' or 'max'.
-    output_layer: stop at this layer (any of `layer_names`) and return it.
+    output_layer: stop at this module (any of `module_paths`), return it.
     stochastic_depth_prob: None is torchvision's rate for the arch; scaled
       linearly from 0 at the first block to it at the last.
     dtype: compute dtype; param_dtype: storage dtype of the parameters.
@@ -313,7 +329,7 @@ class TVConvNeXt(nn.Module):
       raise UserError(
         f"pooling must be None, 'avg' or 'max', got {self.pooling!r}"
       )
-    names = layer_names(self.arch, self.include_top, self.pooling)
+    names = module_paths(self.arch, self.include_top, self.pooling)
     common.check_output_layer(self.arch, self.output_layer, names)
     common.check_input(self.arch, tuple(shape), MIN_SIZE)
 

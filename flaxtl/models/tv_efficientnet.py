@@ -9,11 +9,12 @@ eps (1e-5 for B0-B4, 1e-3 for B5-B7) and momentum (torch 0.1 / 0.01 is
 Flax's 0.9 / 0.99). Inputs are NHWC, normalised with ImageNet mean/std
 (`preprocess_input(x, 'torch')`).
 
-Layer names (`layer_names`, `output_layer`) are every module path in the
-order its output is ready: a leaf (`features/0/0`, `features/0/2` the SiLU)
-right after it runs, a container (`features/1/0`, `features/3`, `features`)
-after its last child, so "up to and including `features/3`" covers the whole
-stage. Outputs are NHWC where torch's are NCHW.
+`output_layer` takes every module path (`module_paths`), in the order its
+output is ready, as a torch forward hook sees it: a leaf (`features/0/0`,
+`features/0/2` the SiLU) right after it runs, a container (`features/1/0`,
+`features/3`, `features`) after its last child, so "up to and including
+`features/3`" covers the whole stage. `layer_names` are the modules with
+parameters, in the same order. Outputs are NHWC where torch's are NCHW.
 """
 
 from __future__ import annotations
@@ -128,55 +129,71 @@ def head_width(arch: str) -> int:
   return 4 * blocks(arch)[-1][-1].cout
 
 
-def _conv_norm_act_names(prefix: str, act: bool = True) -> list[str]:
-  names = [f"{prefix}/0", f"{prefix}/1"]
-  return [*names, f"{prefix}/2", prefix] if act else [*names, prefix]
+# (module path, whether it holds parameters), in the order outputs are ready.
+Modules = list[tuple[str, bool]]
 
 
-def _block_names(b: Block) -> list[str]:
-  p = f"features/{b.stage}/{b.index}/block"
-  names, i = [], 0
+def _conv_norm_act(prefix: str, act: bool = True) -> Modules:
+  mods = [(f"{prefix}/0", True), (f"{prefix}/1", True)]
+  return [*mods, *([(f"{prefix}/2", False)] if act else []), (prefix, False)]
+
+
+def _mbconv(b: Block) -> Modules:
+  p = f"features/{b.stage}/{b.index}"
+  mods, i = [], 0
   if b.expanded != b.cin:
-    names += _conv_norm_act_names(f"{p}/0")
+    mods += _conv_norm_act(f"{p}/block/0")
     i = 1
-  names += _conv_norm_act_names(f"{p}/{i}")
-  se = f"{p}/{i + 1}"
-  names += [f"{se}/{n}" for n in ("avgpool", "fc1", "activation", "fc2")] + [
-    f"{se}/scale_activation",
-    se,
+  mods += _conv_norm_act(f"{p}/block/{i}")
+  se = f"{p}/block/{i + 1}"
+  mods += [
+    (f"{se}/avgpool", False),
+    (f"{se}/fc1", True),
+    (f"{se}/activation", False),
+    (f"{se}/fc2", True),
+    (f"{se}/scale_activation", False),
+    (se, False),
   ]
-  names += _conv_norm_act_names(f"{p}/{i + 2}", act=False)
-  names.append(p)
+  mods += _conv_norm_act(f"{p}/block/{i + 2}", act=False)
+  mods.append((f"{p}/block", False))
   if b.residual:
-    names.append(f"features/{b.stage}/{b.index}/stochastic_depth")
-  names.append(f"features/{b.stage}/{b.index}")
-  return names
+    mods.append((f"{p}/stochastic_depth", False))
+  return [*mods, (p, False)]
 
 
 @functools.cache
-def _feature_names(arch: str) -> tuple[str, ...]:
-  names = _conv_norm_act_names("features/0")
+def _features(arch: str) -> tuple[tuple[str, bool], ...]:
+  mods = _conv_norm_act("features/0")
   for stage in blocks(arch):
     for b in stage:
-      names += _block_names(b)
-    names.append(f"features/{stage[0].stage}")
-  names += _conv_norm_act_names(f"features/{len(STAGES) + 1}")
-  names.append("features")
-  return tuple(names)
+      mods += _mbconv(b)
+    mods.append((f"features/{stage[0].stage}", False))
+  mods += _conv_norm_act(f"features/{len(STAGES) + 1}")
+  return (*mods, ("features", False))
+
+
+def _modules(arch: str, include_top: bool, pooling: str | None) -> Modules:
+  mods = list(_features(arch))
+  if include_top:
+    top = ("avgpool", False), ("classifier/0", False), ("classifier/1", True)
+    return [*mods, *top, ("classifier", False)]
+  if pooling is not None:
+    mods.append(("avgpool" if pooling == "avg" else "maxpool", False))
+  return mods
+
+
+def module_paths(
+  arch: str, include_top: bool = True, pooling: str | None = None
+) -> list[str]:
+  """Every module path in the order its output is ready: `output_layer`s."""
+  return [m for m, _ in _modules(arch, include_top, pooling)]
 
 
 def layer_names(
   arch: str, include_top: bool = True, pooling: str | None = None
 ) -> list[str]:
-  """Every module path in the order its output is ready (see the docstring)."""
-  names = list(_feature_names(arch))
-  if include_top:
-    names += ["avgpool", "classifier/0", "classifier/1", "classifier"]
-  elif pooling == "avg":
-    names.append("avgpool")
-  elif pooling == "max":
-    names.append("maxpool")
-  return names
+  """The modules with parameters ('features/0/0'), in forward order."""
+  return [m for m, params in _modules(arch, include_top, pooling) if params]
 
 
 # torchvision's initialisers, so a model trained from scratch starts where
@@ -374,7 +391,7 @@ class TVEfficientNet(nn.Module):
     include_top: keep avgpool + classifier (Dropout, Linear).
     num_classes: outputs of `classifier/1`.
     pooling: without the top: None (4D features), 'avg' or 'max'.
-    output_layer: stop at this layer (any of `layer_names`) and return it.
+    output_layer: stop at this module (any of `module_paths`), return it.
     dropout: before the classifier; None is torchvision's rate for the arch.
     stochastic_depth_prob: torchvision's; scaled by depth per block.
     dtype: compute dtype; param_dtype: storage dtype of the parameters.
@@ -424,7 +441,7 @@ class TVEfficientNet(nn.Module):
       raise UserError(
         f"pooling must be None, 'avg' or 'max', got {self.pooling!r}"
       )
-    names = layer_names(self.arch, self.include_top, self.pooling)
+    names = module_paths(self.arch, self.include_top, self.pooling)
     common.check_output_layer(self.arch, self.output_layer, names)
     common.check_input(self.arch, tuple(shape), MIN_SIZE)
 

@@ -145,9 +145,13 @@ def test_names_shapes_and_order_match_torchvision(tvm, recorded_taps, arch):
     for c, v in shapes.items()
   }
   assert got == want
-  names = models.get(arch).layers(include_top=True)
-  assert names == torch_oracle.forward_order(net, 32)
-  assert recorded_taps[-1].seen == names
+  paths = tv_convnext.module_paths(arch)
+  assert paths == torch_oracle.forward_order(net, 32)
+  assert recorded_taps[-1].seen == paths
+  # layer_names: the modules holding parameters, in that order.
+  layers = models.get(arch).layers(include_top=True)
+  owners = set(tree.layers(tree.paths(shapes["params"])))
+  assert layers == [p for p in paths if p in owners]
   norms = [m for m in net.modules() if "LayerNorm" in type(m).__name__]
   assert {m.eps for m in norms} == {tv_convnext.EPS}
   sd_rates = [
@@ -166,9 +170,10 @@ def test_registry_metadata():
     "torch",
     False,
   )
-  names = spec.layers(include_top=True)
-  for layer in (spec.feature_layer, spec.classifier, *spec.stem_layers):
-    assert layer in names
+  names = tv_convnext.module_paths("tv_convnext_base")
+  assert spec.feature_layer in names
+  for layer in (spec.classifier, *spec.stem_layers):
+    assert layer in spec.layers(include_top=True)
   # "Up to and including features/3" reaches the end of the second stage.
   up_to = names[: names.index("features/3") + 1]
   assert "features/3/2/block/5" in up_to and "features/4/0" not in up_to

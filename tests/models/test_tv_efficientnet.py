@@ -177,10 +177,14 @@ def test_names_shapes_and_order_match_torchvision(tvm, recorded_taps, arch):
     for c, v in shapes.items()
   }
   assert got == want
-  # Layer names: the order torch's forward calls return, and our taps'.
-  names = models.get(arch).layers(include_top=True)
-  assert names == torch_oracle.forward_order(net, 32)
-  assert recorded_taps[-1].seen == names
+  # Module paths: the order torch's forward calls return, and our taps'.
+  paths = tv_efficientnet.module_paths(arch)
+  assert paths == torch_oracle.forward_order(net, 32)
+  assert recorded_taps[-1].seen == paths
+  # layer_names: the modules holding parameters, in that order.
+  layers = models.get(arch).layers(include_top=True)
+  owners = set(tree.layers(tree.paths(shapes["params"])))
+  assert layers == [p for p in paths if p in owners]
   bn = [m for m in net.modules() if m.__class__.__name__ == "BatchNorm2d"]
   variant = tv_efficientnet.VARIANTS[arch]
   assert {(m.eps, 1 - m.momentum) for m in bn} == {
@@ -195,13 +199,12 @@ def test_registry_metadata():
     "torch",
     "torch",
   )
-  names = spec.layers(include_top=True)
-  for layer in (spec.feature_layer, spec.classifier, *spec.stem_layers):
-    assert layer in names
-  assert spec.layers(include_top=False, pooling="max")[-2:] == [
-    "features",
-    "maxpool",
-  ]
+  names = tv_efficientnet.module_paths("tv_efficientnet_b3")
+  assert spec.feature_layer in names
+  for layer in (spec.classifier, *spec.stem_layers):
+    assert layer in spec.layers(include_top=True)
+  paths = tv_efficientnet.module_paths(spec.arch, False, pooling="max")
+  assert paths[-2:] == ["features", "maxpool"]
   with pytest.raises(UserError, match="output_layer 'classifier/1'"):
     models.create(
       "tv_efficientnet_b0", include_top=False, output_layer="classifier/1"
