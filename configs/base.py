@@ -82,6 +82,8 @@ def get_base() -> ml_collections.ConfigDict:
   c.freeze = ml_collections.ConfigDict()
   # Freeze Keras model.layers[:k] (input and pooling layers count).
   c.freeze.first_layers = 0
+  # Freeze every layer through this one or this stage ('block3', 'layer2').
+  c.freeze.until = _optional(str)
   # Extra ((regex, 'frozen'|'trainable'), ...) on param paths; first wins.
   c.freeze.rules = ()
   # ((regex, multiplier), ...) learning-rate multipliers.

@@ -8,9 +8,13 @@ Adding a family: a module here that calls `registry.register` for each of its
 architectures (imported below), a weight mapping in `flaxtl.weights`, tests.
 """
 
-from flaxtl.models import (  # noqa: F401 (they register their architectures)
+from flaxtl.models import (  # noqa: F401 (registers its architectures)
+  efficientnet_lite,
   tv_convnext,
   tv_efficientnet,
+  tv_mobilenet_v2,
+  tv_resnet,
+  tv_vgg,
   vgg,
 )
 from flaxtl.models.common import TrainMode, init_variables, variable_shapes

@@ -55,6 +55,10 @@ class Backbone:
     stem_layers: its first convolutions (XLA:CPU tuning, `flaxtl.ops.cpu`).
     options: family options with their defaults (e.g. {'alpha': 1.0}).
     naming: 'keras' (Keras layer names) or 'torch' (PyTorch module paths).
+    output_layers: `output_layers(include_top, pooling, **options)`: every
+      name `output_layer` (and so a head's feature layer) accepts, in forward
+      order. None: `layer_names` without the input layer. PyTorch families
+      accept every module path, containers and weightless modules included.
   """
 
   arch: str
@@ -72,6 +76,7 @@ class Backbone:
     default_factory=lambda: MappingProxyType({})
   )
   naming: str = "keras"
+  output_layers: Callable[..., list[str]] | None = None
 
   def __post_init__(self):
     if self.preprocess not in PREPROCESS_MODES:
@@ -101,6 +106,19 @@ class Backbone:
   ) -> list[str]:
     self.check_options({"pooling": pooling, **options})
     return self.layer_names(include_top=include_top, pooling=pooling, **options)
+
+  def outputs(
+    self, include_top: bool = True, pooling: str | None = None, **options: Any
+  ) -> list[str]:
+    """The layers `output_layer` can name, in forward order."""
+    self.check_options({"pooling": pooling, **options})
+    if self.output_layers is None:
+      return self.layer_names(
+        include_top=include_top, pooling=pooling, **options
+      )[1:]
+    return self.output_layers(
+      include_top=include_top, pooling=pooling, **options
+    )
 
   def input_size(self, include_top: bool) -> int:
     """The smallest square input the model takes with or without its top."""

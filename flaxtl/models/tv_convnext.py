@@ -343,6 +343,9 @@ for _arch in VARIANTS:
       layer_names=lambda include_top=True, pooling=None, arch=_arch, **_: (
         layer_names(arch, include_top, pooling)
       ),
+      output_layers=lambda include_top=True, pooling=None, arch=_arch, **_: (
+        module_paths(arch, include_top, pooling)
+      ),
       preprocess="torch",
       min_size=MIN_SIZE,
       feature_layer="features",

@@ -109,7 +109,7 @@ def _validate_transfer(config, spec: registry.Backbone) -> None:
       f"{spec.min_size}"
     )
   if m.head != "keras_top":
-    layers = spec.layers(include_top=False)[1:]
+    layers = spec.outputs(include_top=False)
     if feature_layer(config) not in layers:
       raise UserError(
         f"model.feature_layer={m.feature_layer!r} is not a {spec.arch} "

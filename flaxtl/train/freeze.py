@@ -3,7 +3,8 @@
 Rules are tried in order with `re.fullmatch`; the first match wins; a final
 catch-all makes every parameter trainable unless a rule said otherwise. A rule
 that matches nothing is an error (a typo would otherwise silently train
-everything). `first_layers: k` turns Keras' `model.layers[:k]` into rules.
+everything). `first_layers: k` turns Keras' `model.layers[:k]` into rules;
+`until: NAME` freezes every layer up to and including NAME in forward order.
 The resulting labels drive `optax.multi_transform` (see `flaxtl.train.optim`).
 """
 
@@ -61,6 +62,48 @@ def first_layers_rules(
         f"layers: {layers}"
       )
     frozen = layers[:k]
+  return [(re.escape(n) + "/.*", FROZEN) for n in frozen]
+
+
+def until_rules(
+  name: str,
+  params: dict,
+  backbone: registry.Backbone | None = None,
+  include_top: bool = True,
+  pooling: str | None = None,
+  options: dict | None = None,
+  prefix: str = "backbone/",
+) -> list[tuple[str, str]]:
+  """Rules freezing every layer up to and including `name`, in forward order.
+
+  `name` is a layer ('block2_conv2', 'layer2/1/bn2') or a stage, i.e. a name
+  prefix ('block2' for block2_*, Keras naming; 'layer2' for layer2/..., torch
+  naming), which freezes through its last layer. PyTorch-named backbones also
+  take weightless modules ('maxpool'). Without a registered backbone, the
+  parameter tree's layers count, '/'-prefixes as stages.
+  """
+  weighted = tree.layers(tree.paths(params))
+  if backbone is None:
+    names, sep, arch, at = weighted, "/", "the model", ""
+  else:
+    at = prefix
+    arch = backbone.arch
+    if backbone.naming == "torch":
+      names = backbone.outputs(include_top, pooling, **(options or {}))
+      sep = "/"
+    else:
+      names = backbone.layers(include_top, pooling, **(options or {}))
+      sep = "_"
+  hits = [
+    i for i, n in enumerate(names) if n == name or n.startswith(name + sep)
+  ]
+  if not hits:
+    raise UserError(
+      f"freeze.until={name!r} is not a layer or stage of {arch} (layers "
+      f"look like {[n for n in names if n.startswith(at)][:4] or names[:4]})"
+    )
+  through = {at + n for n in names[: hits[-1] + 1]}
+  frozen = [layer for layer in weighted if layer in through]
   return [(re.escape(n) + "/.*", FROZEN) for n in frozen]
 
 

@@ -86,13 +86,16 @@ def freeze_plan(
   log_matches: bool = True,
 ) -> freeze.Plan:
   spec = config_lib.backbone(config)
-  rules = freeze.first_layers_rules(
-    first_layers,
-    params,
-    backbone=spec if "backbone" in params else None,
-    include_top=config.model.head == "keras_top",
-    pooling=config.model.pooling,
-  )
+  where = {
+    "backbone": spec if "backbone" in params else None,
+    "include_top": config.model.head == "keras_top",
+    "pooling": config.model.pooling,
+  }
+  rules = freeze.first_layers_rules(first_layers, params, **where)
+  until = config.freeze.get("until")
+  if until and "backbone" in params:  # Cached features: frozen anyway.
+    rules += freeze.until_rules(until, params, **where)
+  rules = list(dict.fromkeys(rules))  # first_layers and until may overlap.
   rules += [tuple(r) for r in config.freeze.rules]
   lr_mults = [tuple(r) for r in config.freeze.lr_mults]
   return freeze.plan(params, rules, lr_mults, log_matches)

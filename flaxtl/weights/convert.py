@@ -1,9 +1,11 @@
-"""Keras file -> flaxtl variables -> orbax checkpoint.
+"""Keras or PyTorch weight file -> flaxtl variables -> orbax checkpoint.
 
-The family is taken from `arch` when given, otherwise detected: each family's
-mapping (`flaxtl.weights.mappings`) says whether the file holds one of its
-architectures. A file of another family than the one asked for is an error
-that names what it holds.
+PyTorch files (.pth/.pt zip or legacy pickle, .safetensors) are told from
+Keras files by their first bytes and go to the TORCH mappings; the rest to
+the KERAS ones. The family is taken from `arch` when given, otherwise
+detected: each family's mapping (`flaxtl.weights.mappings`) says whether the
+file holds one of its architectures. A file of another family than the one
+asked for is an error that names what it holds.
 """
 
 from __future__ import annotations
@@ -14,24 +16,35 @@ from pathlib import Path
 from flaxtl import files
 from flaxtl.errors import UserError
 from flaxtl.models import registry
-from flaxtl.weights import keras_file, mappings, store
+from flaxtl.weights import keras_file, mappings, store, torch_file
 from flaxtl.weights.converted import Converted
 
 log = logging.getLogger(__name__)
 
 
-def detect(weights: keras_file.KerasWeights) -> str | None:
+Weights = keras_file.KerasWeights | torch_file.TorchWeights
+
+
+def _family_mappings(weights: Weights) -> dict:
+  if isinstance(weights, torch_file.TorchWeights):
+    return mappings.TORCH
+  return mappings.KERAS
+
+
+def detect(weights: Weights) -> str | None:
   """The architecture the file holds, if exactly one family recognises it."""
-  found = [a for m in mappings.KERAS.values() if (a := m.detect(weights))]
+  found = [
+    a for m in _family_mappings(weights).values() if (a := m.detect(weights))
+  ]
   return found[0] if len(found) == 1 else None
 
 
 def to_variables(
-  weights: keras_file.KerasWeights,
+  weights: Weights,
   arch: str | None = None,
   include_top: bool | None = None,
 ) -> Converted:
-  """Maps the file's layers onto `arch` (detected when None)."""
+  """Maps the file's tensors onto `arch` (detected when None)."""
   found = detect(weights)
   if arch is None:
     if found is None:
@@ -45,33 +58,80 @@ def to_variables(
     raise UserError(
       f"{weights.path}: holds a {found} model, not {arch}; use --arch {found}"
     )
+  if isinstance(weights, torch_file.TorchWeights):
+    if found is not None and found != arch:
+      raise UserError(
+        f"{weights.path}: holds a {found} model, not {arch}; use --arch {found}"
+      )
+    if family not in mappings.TORCH:
+      raise UserError(
+        f"{weights.path}: a PyTorch file, but {arch} has no PyTorch weight "
+        f"mapping; PyTorch-named architectures: {torch_archs()}"
+      )
+    return mappings.TORCH[family].from_torch(weights, arch, include_top)
   if family not in mappings.KERAS:
-    raise UserError(f"{arch}: no Keras weight mapping for the {family} family")
+    raise UserError(
+      f"{weights.path}: a Keras file, but {arch} has no Keras weight mapping "
+      f"(its weights come from PyTorch files)"
+    )
   return mappings.KERAS[family].from_keras(weights, arch, include_top)
+
+
+def torch_archs() -> list[str]:
+  return [a for f in mappings.TORCH for a in registry.names(f)]
+
+
+def read(path: str | Path) -> Weights:
+  """A Keras or PyTorch file's weights, told apart by their first bytes."""
+  path = Path(path)
+  if path.is_file() and path.stat().st_size:
+    try:
+      is_torch = torch_file.sniff(path) is not None
+    except OSError as e:
+      raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+    if is_torch:
+      return torch_file.read(path)
+  return keras_file.read(path)
 
 
 def load_file(
   path: str | Path, arch: str | None = None, include_top: bool | None = None
 ) -> tuple[Converted, dict]:
-  """Reads and maps a Keras file; returns the variables and their provenance."""
-  weights = keras_file.read(path)
+  """Reads and maps a weight file; returns the variables and provenance."""
+  weights = read(path)
   converted = to_variables(weights, arch, include_top)
-  for s in converted.skipped:
-    log.info("skipped file layer %s", s)
-  provenance = {
+  if isinstance(weights, torch_file.TorchWeights):
+    if converted.skipped:
+      log.info(
+        "skipped %d file tensors the model does not use (%s ...)",
+        len(converted.skipped),
+        ", ".join(converted.skipped[:3]),
+      )
+    return converted, {
+      **_provenance(path, weights.layout, converted),
+      "torch_wrapper": weights.wrapper,
+      "torch_prefix": weights.prefix,
+      "torch_metadata": weights.metadata,
+    }
+  return converted, {
+    **_provenance(path, weights.layout, converted),
+    "keras_version": weights.keras_version,
+    "keras_backend": weights.backend,
+  }
+
+
+def _provenance(path: str | Path, layout: str, converted: Converted) -> dict:
+  return {
     "source_file": str(Path(path).resolve()),
     "source_sha256": files.file_hash(path, "sha256"),
-    "layout": weights.layout,
+    "layout": layout,
     "mapping": converted.mapping,
     "arch": converted.arch,
     "include_top": converted.include_top,
     "num_classes": converted.num_classes,
     "options": converted.options,
-    "keras_version": weights.keras_version,
-    "keras_backend": weights.backend,
     "skipped_file_layers": converted.skipped,
   }
-  return converted, provenance
 
 
 def convert_file(
@@ -82,7 +142,7 @@ def convert_file(
   force: bool = False,
   extra_provenance: dict | None = None,
 ) -> Path:
-  """Converts a Keras file into a checkpoint directory at `out`."""
+  """Converts a Keras or PyTorch file into a checkpoint directory at `out`."""
   converted, provenance = load_file(src, arch, include_top)
   provenance.update(extra_provenance or {})
   return store.save(converted.variables, out, provenance, force=force)

@@ -25,7 +25,8 @@ def merge_pretrained(
 
   Both are variable dicts ({'params': ..., 'batch_stats': ...}). Every fresh
   variable under `into` must come from `pretrained` with the same shape,
-  except layers listed in `reinit` (e.g. a new `predictions`), which keep their
+  except layers listed in `reinit` (e.g. a new `predictions`, or a module
+  path like 'classifier/6'), which keep their
   fresh init. Variables outside `into` (the head) stay fresh. Pretrained ones
   the model has no use for are skipped and logged. Returns (merged, report).
   """
@@ -41,7 +42,7 @@ def merge_pretrained(
   def pick(collection: str, path, value):
     key = tree.path_str(path)
     inner = key[len(prefix) :]
-    if not key.startswith(prefix) or inner.split("/")[0] in reinit:
+    if not key.startswith(prefix) or _under(inner, reinit):
       fresh_kept.append(key)
       return value
     src = flat_pre.get(f"{collection}:{inner}")
@@ -80,3 +81,8 @@ def merge_pretrained(
     ", ".join(tree.layers(fresh_kept)) or "nothing",
   )
   return merged, {"loaded": loaded, "fresh": fresh_kept, "skipped": skipped}
+
+
+def _under(path: str, layers: set[str]) -> bool:
+  """Whether `path` is in one of `layers` ('fc', or 'classifier/6')."""
+  return any(path == n or path.startswith(n + "/") for n in layers)

