@@ -9,11 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from flaxtl import models, tree
+from flaxtl import convert, models, tree, weights
 from flaxtl.errors import UserError
 from flaxtl.models import common, tv_convnext
 from flaxtl.preprocess import preprocess_input
-from flaxtl.weights import torch_file
 from flaxtl.weights.mappings import torch_names
 from flaxtl.weights.mappings import tv_convnext as mapping
 from tests import torch_oracle
@@ -66,12 +65,14 @@ def test_logits_match_torchvision(tiny, logits, x):
 
 
 def test_torch_file_converts_to_the_same_logits(tiny, logits, x, tmp_path):
-  """torch.save's zip format (the reader's layouts are tested with B0)."""
-  path = torch_oracle.save(tiny[0], tmp_path, "torch_zip")
-  converted = mapping.from_torch(torch_file.read(path))
-  assert converted.arch == "tv_convnext_tiny"
+  """python -m flaxtl.convert on torch.save's zip (B0 tests every layout)."""
+  src = torch_oracle.save(tiny[0], tmp_path, "torch_zip")
+  out = convert.main([str(src), "--out", str(tmp_path / "ckpt")])
+  assert weights.read_provenance(out)["arch"] == "tv_convnext_tiny"
+  restored = weights.restore_variables(out)
+  assert set(restored) == {"params"}
   want, forward = logits
-  assert torch_oracle.rel_err(forward(converted.variables, x), want) < 1e-4
+  assert torch_oracle.rel_err(forward(restored, x), want) < 1e-4
 
 
 def test_features_without_top_match_torchvision(tiny, x):

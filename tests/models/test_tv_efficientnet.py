@@ -9,11 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from flaxtl import models, tree
+from flaxtl import convert, models, tree, weights
 from flaxtl.errors import UserError
 from flaxtl.models import common, tv_efficientnet
 from flaxtl.preprocess import preprocess_input
-from flaxtl.weights import torch_file
 from flaxtl.weights.mappings import torch_names
 from flaxtl.weights.mappings import tv_efficientnet as mapping
 from tests import torch_oracle
@@ -69,17 +68,30 @@ def test_logits_match_torchvision(logits, variables, x):
 def test_files_torch_wrote_convert_to_the_same_model(
   b0, logits, variables, x, tmp_path, layout
 ):
-  path = torch_oracle.save(b0[0], tmp_path, layout)
-  weights = torch_file.read(path)
-  assert weights.layout == layout
-  converted = mapping.from_torch(weights)
-  got, want = tree.flatten(converted.variables), tree.flatten(variables)
+  """python -m flaxtl.convert on torch.save (zip, legacy) / safetensors."""
+  src = torch_oracle.save(b0[0], tmp_path, layout)
+  out = convert.main([str(src), "--out", str(tmp_path / "ckpt")])
+  prov = weights.read_provenance(out)
+  assert (prov["arch"], prov["layout"]) == ("tv_efficientnet_b0", layout)
+  assert prov["include_top"] and prov["num_classes"] == 1000
+  restored = weights.restore_variables(out)
+  got, want = tree.flatten(restored), tree.flatten(variables)
   assert got.keys() == want.keys()
   for k in got:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-  assert (
-    torch_oracle.rel_err(logits[1](converted.variables, x), logits[0]) < 1e-4
-  )
+  assert torch_oracle.rel_err(logits[1](restored, x), logits[0]) < 1e-4
+
+
+def test_convert_cli_refuses_another_variant(b0, tmp_path, capsys):
+  src = torch_oracle.save(b0[0], tmp_path, "torch_zip")
+  out = tmp_path / "ckpt"
+  argv = [str(src), "--arch", "tv_efficientnet_b1", "--out", str(out)]
+  with pytest.raises(SystemExit) as exit_:
+    convert.main(argv)
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "holds a tv_efficientnet_b0 model" in err[0]
+  assert not out.exists()
 
 
 def test_features_without_top_match_torchvision(b0, x):
