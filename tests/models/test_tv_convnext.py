@@ -13,6 +13,7 @@ from flaxtl import convert, models, tree, weights
 from flaxtl.errors import UserError
 from flaxtl.models import common, tv_convnext
 from flaxtl.preprocess import preprocess_input
+from flaxtl.train import freeze
 from flaxtl.weights.mappings import torch_names
 from flaxtl.weights.mappings import tv_convnext as mapping
 from tests import torch_oracle
@@ -175,9 +176,16 @@ def test_registry_metadata():
   assert spec.feature_layer in names
   for layer in (spec.classifier, *spec.stem_layers):
     assert layer in spec.layers(include_top=True)
-  # "Up to and including features/3" reaches the end of the second stage.
-  up_to = names[: names.index("features/3") + 1]
-  assert "features/3/2/block/5" in up_to and "features/4/0" not in up_to
+
+
+def test_freeze_until_a_stage_freezes_its_layer_scales():
+  spec = models.get("tv_convnext_tiny")
+  shapes = common.variable_shapes(spec.create(include_top=False), 32)
+  params = {"backbone": shapes["params"]}
+  rules = freeze.until_rules("features/1", params, spec, include_top=False)
+  frozen = freeze.plan(params, rules, log_matches=False).frozen_layers()
+  assert "backbone/features/1/2" in frozen  # The last block's layer_scale.
+  assert {layer.split("/")[2] for layer in frozen} == {"0", "1"}
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from flaxtl import convert, models, tree, weights
 from flaxtl.errors import UserError
 from flaxtl.models import common, tv_efficientnet
 from flaxtl.preprocess import preprocess_input
+from flaxtl.train import freeze
 from flaxtl.weights.mappings import torch_names
 from flaxtl.weights.mappings import tv_efficientnet as mapping
 from tests import torch_oracle
@@ -280,3 +281,14 @@ def test_half_precision_state_dict_converts_to_float32(b0, variables):
   assert all(a.dtype == np.float32 for a in got.values())
   key = "params/features/8/0/kernel"
   np.testing.assert_allclose(got[key], want[key], rtol=1e-3, atol=1e-4)
+
+
+def test_freeze_until_a_stage_freezes_through_its_last_block():
+  spec = models.get("tv_efficientnet_b0")
+  shapes = common.variable_shapes(spec.create(include_top=False), 32)
+  params = {"backbone": shapes["params"]}
+  rules = freeze.until_rules("features/3", params, spec, include_top=False)
+  frozen = freeze.plan(params, rules, log_matches=False).frozen_layers()
+  stages = {layer.split("/")[2] for layer in frozen}
+  assert stages == {"0", "1", "2", "3"}
+  assert "backbone/features/3/1/block/3/1" in frozen  # Its last layer.
