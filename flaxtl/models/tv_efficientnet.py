@@ -6,8 +6,9 @@ PyTorch user's freeze rules read like their own code:
 Kernels are HWIO (depthwise: (kh, kw, 1, C)), dense kernels (in, out);
 BatchNorm has `scale`, `bias` and batch_stats `mean`, `var` with torchvision's
 eps (1e-5 for B0-B4, 1e-3 for B5-B7) and momentum (torch 0.1 / 0.01 is
-Flax's 0.9 / 0.99). Inputs are NHWC, normalised with ImageNet mean/std
-(`preprocess_input(x, 'torch')`).
+Flax's 0.9 / 0.99; while training, torch moves running_var towards the
+unbiased batch variance, Flax towards the biased one, n/(n-1) apart). Inputs
+are NHWC, normalised with ImageNet mean/std (`preprocess_input(x, 'torch')`).
 
 `output_layer` takes every module path (`module_paths`), in the order its
 output is ready, as a torch forward hook sees it: a leaf (`features/0/0`,
