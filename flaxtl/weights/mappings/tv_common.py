@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-import jax
 import numpy as np
 
 from flaxtl import tree
@@ -35,15 +34,20 @@ SUFFIX = {
   ("params", "bias"): "bias",
   ("batch_stats", "mean"): "running_mean",
   ("batch_stats", "var"): "running_var",
+  # ConvNeXt's LayerScale, (C, 1, 1) in torch: its mapping reshapes it.
+  ("params", "layer_scale"): "layer_scale",
 }
 # A family's special case for one variable: (torch array, flax shape) -> array.
 Fixup = Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
 
 
-def torch_key(path: str) -> str:
+def torch_key(path: str, collection: str = "params") -> str:
   """'layer1/0/conv1/kernel' in params -> 'layer1.0.conv1.weight'."""
   layer, leaf = path.rsplit("/", 1)
-  return layer.replace("/", ".") + "." + leaf
+  suffix = SUFFIX.get((collection, leaf))
+  if suffix is None:
+    raise ValueError(f"no torch name for {collection}/{path}")
+  return layer.replace("/", ".") + "." + suffix
 
 
 def expected_shapes(
@@ -99,11 +103,8 @@ def convert(
   for collection, shapes in want.items():
     flat = {}
     for path, spec in shapes.items():
-      layer, leaf = path.rsplit("/", 1)
-      suffix = SUFFIX.get((collection, leaf))
-      if suffix is None:
-        raise ValueError(f"{arch}: no torch name for {collection}/{path}")
-      key = layer.replace("/", ".") + "." + suffix
+      leaf = path.rsplit("/", 1)[1]
+      key = torch_key(path, collection)
       if key not in tensors:
         missing.append(key)
         continue
@@ -191,7 +192,3 @@ def from_torch(
       "without the top (--notop)"
     )
   return convert(weights, arch, include_top, n, fixups=fixups)
-
-
-def leaves_of(variables: dict) -> int:
-  return sum(int(np.size(a)) for a in jax.tree.leaves(variables))

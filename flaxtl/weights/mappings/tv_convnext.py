@@ -1,49 +1,53 @@
-"""torchvision ConvNeXt state_dicts -> tv_convnext_* variables.
+"""torchvision ConvNeXt state dicts -> tv_convnext_* variables.
 
-By name (`torch_names`); `layer_scale` (C, 1, 1) becomes (C,). Which variant a
-file holds is told by its stem width and the number of blocks per stage
-(Tiny and Small share widths, not depths; Small, Base and Large share depths,
-not widths).
+By name (`tv_common`); each block's `layer_scale`, (C, 1, 1) in torch, becomes
+(C,). Which variant a file holds is told by its stem width and the number of
+blocks per stage (Tiny and Small share widths, not depths; Small, Base and
+Large share depths, not widths).
 """
 
 from __future__ import annotations
 
-import re
+import numpy as np
 
 from flaxtl.models import tv_convnext
 from flaxtl.weights.converted import Converted
-from flaxtl.weights.mappings import torch_names
+from flaxtl.weights.mappings import tv_common
 from flaxtl.weights.torch_file import TorchWeights
 
-FAMILY = "tv_convnext"
-_BLOCK = re.compile(r"features\.(\d+)\.(\d+)\.block\.")
+CLASSIFIER = "classifier.2.weight"
 _STEM = "features.0.0.weight"
-_TOP = "classifier.2.weight"
 
 
 def detect(weights: TorchWeights) -> str | None:
-  """The tv_convnext arch whose stem and stage depths the keys show."""
-  tensors = weights.tensors
-  stem = torch_names.shape_of(tensors, _STEM)
-  if stem is None or tuple(stem[1:]) != (3, 4, 4):
+  """The variant whose stem width and stage depths the file has."""
+  if not tv_common.has(weights, _STEM, "features.1.0.layer_scale"):
     return None
-  depths = torch_names.stage_depths(tensors, _BLOCK)
+  stem = weights.tensors[_STEM].shape
+  if tuple(stem[1:]) != (3, 4, 4):
+    return None
+  depths = tuple(
+    tv_common.count(weights, f"features.{tv_convnext.stage_index(s)}")
+    for s in range(4)
+  )
   for arch, v in tv_convnext.VARIANTS.items():
-    want = {tv_convnext.stage_index(s): d for s, d in enumerate(v.depths)}
-    if stem[0] == v.widths[0] and depths == want:
+    if stem[0] == v.widths[0] and depths == v.depths:
       return arch
   return None
 
 
-def from_torch(
-  weights: TorchWeights,
-  arch: str | None = None,
-  include_top: bool | None = None,
-) -> Converted:
-  """Maps a torchvision ConvNeXt state_dict onto `arch` (detected if None).
+def _layer_scale(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """(C, 1, 1) -> (C,); anything else is left to fail the shape check."""
+  return array.reshape(shape) if array.shape == (*shape, 1, 1) else array
 
-  include_top: None takes the classifier when the file has one.
-  """
-  found = detect(weights)
-  arch = torch_names.resolve_arch(weights.path, found, arch, FAMILY)
-  return torch_names.from_torch(weights, arch, include_top, _TOP)
+
+def from_torch(
+  weights: TorchWeights, arch: str, include_top: bool | None = None
+) -> Converted:
+  depths = tv_convnext.VARIANTS[arch].depths
+  fixups = {
+    f"features/{tv_convnext.stage_index(s)}/{j}/layer_scale": _layer_scale
+    for s, depth in enumerate(depths)
+    for j in range(depth)
+  }
+  return tv_common.from_torch(weights, arch, include_top, CLASSIFIER, fixups)

@@ -1,36 +1,35 @@
-"""torchvision EfficientNet-B0..B7 state_dicts -> tv_efficientnet_* variables.
+"""torchvision EfficientNet-B0..B7 state dicts -> tv_efficientnet_* variables.
 
-The variables are named like the state_dict keys (`torch_names`), so the map is
-by name; which variant a file holds is told by its stem width, head width
-(B1 and B2 differ only there) and the number of blocks in each stage.
+The variables are named like the state dict's keys (`tv_common`). Which
+variant a file holds is told by its stem width, head width (B1 and B2
+differ only there) and the number of blocks in each stage.
 """
 
 from __future__ import annotations
 
-import re
-
 from flaxtl.models import tv_efficientnet
 from flaxtl.weights.converted import Converted
-from flaxtl.weights.mappings import torch_names
+from flaxtl.weights.mappings import tv_common
 from flaxtl.weights.torch_file import TorchWeights
 
-FAMILY = "tv_efficientnet"
-_BLOCK = re.compile(r"features\.(\d+)\.(\d+)\.block\.")
+CLASSIFIER = "classifier.1.weight"
 _STEM = "features.0.0.weight"
-_HEAD = "features.8.0.weight"
-_TOP = "classifier.1.weight"
+_HEAD = f"features.{len(tv_efficientnet.STAGES) + 1}.0.weight"
 
 
 def detect(weights: TorchWeights) -> str | None:
-  """The tv_efficientnet arch whose stem, head and stage depths keys show."""
-  tensors = weights.tensors
-  stem = torch_names.shape_of(tensors, _STEM)
-  head = torch_names.shape_of(tensors, _HEAD)
-  if stem is None or head is None or tuple(stem[1:]) != (3, 3, 3):
+  """The variant whose stem, head and stage depths the file has."""
+  if not tv_common.has(weights, _STEM, _HEAD, "features.1.0.block.0.0.weight"):
     return None
-  depths = torch_names.stage_depths(tensors, _BLOCK)
+  stem, head = weights.tensors[_STEM].shape, weights.tensors[_HEAD].shape
+  if tuple(stem[1:]) != (3, 3, 3) or len(head) != 4:
+    return None
+  depths = [
+    tv_common.count(weights, f"features.{s}")
+    for s in range(1, len(tv_efficientnet.STAGES) + 1)
+  ]
   for arch in tv_efficientnet.VARIANTS:
-    want = {s[0].stage: len(s) for s in tv_efficientnet.blocks(arch)}
+    want = [len(stage) for stage in tv_efficientnet.blocks(arch)]
     widths = (
       tv_efficientnet.stem_width(arch),
       tv_efficientnet.head_width(arch),
@@ -41,14 +40,6 @@ def detect(weights: TorchWeights) -> str | None:
 
 
 def from_torch(
-  weights: TorchWeights,
-  arch: str | None = None,
-  include_top: bool | None = None,
+  weights: TorchWeights, arch: str, include_top: bool | None = None
 ) -> Converted:
-  """Maps a torchvision EfficientNet state_dict onto `arch` (detected if None).
-
-  include_top: None takes the classifier when the file has one.
-  """
-  found = detect(weights)
-  arch = torch_names.resolve_arch(weights.path, found, arch, FAMILY)
-  return torch_names.from_torch(weights, arch, include_top, _TOP)
+  return tv_common.from_torch(weights, arch, include_top, CLASSIFIER)
