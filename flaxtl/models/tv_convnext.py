@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxtl.errors import UserError
-from flaxtl.models import common, registry
+from flaxtl.models import common, registry, tv_common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,7 +330,7 @@ class TVConvNeXt(nn.Module):
         f"pooling must be None, 'avg' or 'max', got {self.pooling!r}"
       )
     names = module_paths(self.arch, self.include_top, self.pooling)
-    common.check_output_layer(self.arch, self.output_layer, names)
+    tv_common.check_output_layer(self.arch, self.output_layer, names)
     common.check_input(self.arch, tuple(shape), MIN_SIZE)
 
 

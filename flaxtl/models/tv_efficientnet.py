@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxtl.errors import UserError
-from flaxtl.models import common, registry
+from flaxtl.models import common, registry, tv_common
 
 # torchvision's EfficientNet-B0 stages: (expand_ratio, kernel, stride,
 # input_channels, out_channels, num_layers), before width/depth scaling.
@@ -198,9 +198,9 @@ def layer_names(
 
 
 # torchvision's initialisers, so a model trained from scratch starts where
-# torchvision's does: convs kaiming normal (fan_out), BN ones/zeros, linear
-# uniform(+-1/sqrt(out)).
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torchvision's does: convs kaiming normal (fan_out, tv_common.conv_init), BN
+# ones/zeros, linear uniform(+-1/sqrt(out)).
+conv_init = tv_common.conv_init
 
 
 def _linear_init(key, shape, dtype=jnp.float32):
@@ -443,7 +443,7 @@ class TVEfficientNet(nn.Module):
         f"pooling must be None, 'avg' or 'max', got {self.pooling!r}"
       )
     names = module_paths(self.arch, self.include_top, self.pooling)
-    common.check_output_layer(self.arch, self.output_layer, names)
+    tv_common.check_output_layer(self.arch, self.output_layer, names)
     common.check_input(self.arch, tuple(shape), MIN_SIZE)
 
 
