@@ -12,12 +12,12 @@ import sys
 import numpy as np
 from PIL import Image
 import pytest
+from skimage import data as skimage_data
 
 from flaxtl import classify, imagenet, preprocess
 from flaxtl.weights import sources
 from tests import torch_oracle
 
-skimage_data = pytest.importorskip("skimage.data")
 CATS = {"Egyptian_cat", "tiger_cat", "tabby"}
 
 

@@ -102,8 +102,8 @@ def until_rules(
       f"freeze.until={name!r} is not a layer or stage of {arch} (layers "
       f"look like {[n for n in names if n.startswith(at)][:4] or names[:4]})"
     )
-  through = {at + n for n in names[: hits[-1] + 1]}
-  frozen = [layer for layer in weighted if layer in through]
+  has_params = set(weighted)
+  frozen = [at + n for n in names[: hits[-1] + 1] if at + n in has_params]
   return [(re.escape(n) + "/.*", FROZEN) for n in frozen]
 
 
