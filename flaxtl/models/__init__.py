@@ -10,6 +10,8 @@ architectures (imported below), a weight mapping in `flaxtl.weights`, tests.
 
 from flaxtl.models import (  # noqa: F401 (registers its architectures)
   efficientnet_lite,
+  tv_convnext,
+  tv_efficientnet,
   tv_mobilenet_v2,
   tv_resnet,
   tv_vgg,

@@ -138,3 +138,20 @@ def variable_shapes(model: nn.Module, image_size: int) -> dict:
   return jax.eval_shape(
     lambda: init_variables(model, image_size, jax.random.PRNGKey(0))
   )
+
+
+def stochastic_depth(
+  module: nn.Module, x: jax.Array, rate: float, train: bool | TrainMode
+) -> jax.Array:
+  """torchvision's StochasticDepth(rate, 'row'): drops whole samples.
+
+  While training, each sample's `x` is zeroed with probability `rate` and
+  scaled by 1 / (1 - rate) otherwise (module's 'dropout' rng); identity in
+  inference.
+  """
+  if not train or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(
+    module.make_rng("dropout"), 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1)
+  )
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)

@@ -13,6 +13,8 @@ listed in TORCH likewise.
 
 from flaxtl.weights.mappings import (
   efficientnet_lite,
+  tv_convnext,
+  tv_efficientnet,
   tv_mobilenet_v2,
   tv_resnet,
   tv_vgg,
@@ -25,4 +27,6 @@ TORCH = {
   "tv_resnet": tv_resnet,
   "tv_mobilenet_v2": tv_mobilenet_v2,
   "efficientnet_lite": efficientnet_lite,
+  "tv_efficientnet": tv_efficientnet,
+  "tv_convnext": tv_convnext,
 }

@@ -34,6 +34,8 @@ SUFFIX = {
   ("params", "bias"): "bias",
   ("batch_stats", "mean"): "running_mean",
   ("batch_stats", "var"): "running_var",
+  # ConvNeXt's LayerScale, (C, 1, 1) in torch: its mapping reshapes it.
+  ("params", "layer_scale"): "layer_scale",
 }
 # A family's special case for one variable: (torch array, flax shape) -> array.
 Fixup = Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
