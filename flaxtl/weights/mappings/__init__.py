@@ -6,6 +6,6 @@ Each family module provides
 and is listed in KERAS under the family name its models register with.
 """
 
-from flaxtl.weights.mappings import vgg
+from flaxtl.weights.mappings import densenet, resnet, vgg
 
-KERAS = {"vgg": vgg}
+KERAS = {"vgg": vgg, "resnet": resnet, "densenet": densenet}
