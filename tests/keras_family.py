@@ -110,8 +110,8 @@ class Case:
   ):
     self.include_top = include_top
     kwargs = {"classes": 10} if include_top else {}
-    model = keras_model(keras, builder, include_top, size, **kwargs)
     keras.utils.set_random_seed(seed)
+    model = keras_model(keras, builder, include_top, size, **kwargs)
     keras_layouts.perturb(model, seed)
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (2, size, size, 3)).astype(np.float32)

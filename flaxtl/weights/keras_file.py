@@ -147,18 +147,21 @@ def _legacy_layers(g: h5py.Group) -> Iterator[LayerWeights]:
 def _legacy_inner_layer(group_name: str, weight_name: str) -> str:
   """The layer a legacy weight belongs to.
 
-  'block1_conv1/kernel:0' -> 'block1_conv1'; Keras-1 'x_W_1:0' -> the group;
+  In its own group: 'block1_conv1/kernel:0', Keras-1 'block1_conv1_W_1:0',
   Keras-2-era names with a slash ('conv1/conv/kernel:0' in group
-  'conv1/conv', DenseNet's official files) -> the group; a TF-1 nested
-  model's 'resnet50/conv1_conv/kernel:0' in group 'resnet50' ->
-  'conv1_conv'.
+  'conv1/conv': DenseNet's official files). In a nested model's group:
+  'conv1_conv/kernel' (Keras 2/3) or 'resnet50/conv1_conv/kernel:0' (TF 1)
+  in group 'resnet50' -> 'conv1_conv'.
   """
+  rest = weight_name.removeprefix(group_name)
+  if rest != weight_name and (
+    (rest.startswith("/") and rest.count("/") == 1)
+    or (rest.startswith("_") and "/" not in rest)
+  ):
+    return group_name
   if "/" not in weight_name:
     return group_name
-  prefix = weight_name.rsplit("/", 1)[0]
-  if prefix == group_name or prefix.endswith("/" + group_name):
-    return group_name
-  return prefix.removeprefix(group_name + "/")
+  return weight_name.removeprefix(group_name + "/").rsplit("/", 1)[0]
 
 
 def _keras3_layers(g: h5py.Group) -> Iterator[LayerWeights]:
