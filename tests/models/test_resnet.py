@@ -1,10 +1,12 @@
 """ResNet v1/v2 against Keras' own: layers, shapes, outputs in every layout."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from flaxtl import models, weights
+from flaxtl.errors import UserError
 from flaxtl.models import common, resnet
 from tests import keras_family
 
@@ -61,6 +63,48 @@ def test_registry_entries():
     assert names[-2:] == ["avg_pool", spec.classifier]
     notop = models.keras_layer_names(arch, include_top=False)
     assert spec.feature_layer == notop[-1]
+
+
+@pytest.mark.parametrize(
+  "options,shape",
+  [
+    ({"num_classes": 7}, (2, 7)),
+    ({"include_top": False}, (2, 2, 2, 2048)),
+    ({"include_top": False, "pooling": "avg"}, (2, 2048)),
+    ({"include_top": False, "pooling": "max"}, (2, 2048)),
+    (
+      {"include_top": False, "output_layer": "conv3_block4_out"},
+      (2, 4, 4, 512),
+    ),
+    ({"include_top": False, "dtype": jnp.bfloat16}, (2, 2, 2, 2048)),
+  ],
+)
+def test_options_and_output_shapes(options, shape):
+  model = models.create("resnet50v2", **options)
+  x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+  out = jax.eval_shape(model.apply, variables, x)
+  assert out.shape == shape
+  assert {a.dtype for a in jax.tree.leaves(variables)} == {np.dtype("float32")}
+
+
+@pytest.mark.parametrize(
+  "options,size,msg",
+  [
+    ({"output_layer": "block5_pool"}, 64, "not a layer of resnet50"),
+    ({"pooling": "sum"}, 64, "pooling"),
+    ({"classifier_activation": "tanh"}, 64, "classifier_activation"),
+    ({}, 16, "at least 32x32"),
+  ],
+)
+def test_bad_options_are_clear_errors(options, size, msg):
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  with pytest.raises(UserError, match=msg):
+    jax.eval_shape(
+      resnet.ResNet(include_top=False, **options).init,
+      jax.random.PRNGKey(0),
+      x,
+    )
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
