@@ -37,13 +37,17 @@ READ_AS = {
 ALL_LAYOUTS = tuple(READ_AS)
 
 
-def keras_model(keras, builder, include_top: bool, size: int, **kwargs):
+def keras_model(
+  keras, builder, include_top: bool, size: int, seed: int = 0, **kwargs
+):
   """`builder(weights=None, ...)` built first in a fresh Keras session.
 
   A fresh session gives unnamed layers the names flaxtl lists
-  ('zero_padding2d', 'max_pooling2d', ...).
+  ('zero_padding2d', 'max_pooling2d', ...); the seed, set after clearing it,
+  the same initial weights on every run.
   """
   keras.utils.clear_session()
+  keras.utils.set_random_seed(seed)
   if include_top:
     kwargs.setdefault("classifier_activation", None)
   return builder(
@@ -110,8 +114,7 @@ class Case:
   ):
     self.include_top = include_top
     kwargs = {"classes": 10} if include_top else {}
-    keras.utils.set_random_seed(seed)
-    model = keras_model(keras, builder, include_top, size, **kwargs)
+    model = keras_model(keras, builder, include_top, size, seed, **kwargs)
     keras_layouts.perturb(model, seed)
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (2, size, size, 3)).astype(np.float32)

@@ -69,7 +69,9 @@ class Layers:
   """The Keras Applications layer vocabulary (channels-last).
 
   Every method takes the Keras layer name first and returns the layer's
-  output; subclasses decide what a "tensor" is through `apply`.
+  output; subclasses decide what a "tensor" is through `apply`. A layer not
+  listed here is `apply(name, inputs, fn, weighted)` with `fn` computing it
+  from arrays (creating any Flax submodule with `name=name`).
   """
 
   def __init__(self, bn_momentum: float = 0.99, bn_epsilon: float = 1e-3):
@@ -156,9 +158,17 @@ class Layers:
   def relu(self, name: str, x: Any) -> Any:
     return self.apply(name, (x,), nn.relu, weighted=False)
 
-  def pad(self, name: str, x: Any, pad: int) -> Any:
+  def pad(
+    self,
+    name: str,
+    x: Any,
+    pad: int | tuple[tuple[int, int], tuple[int, int]],
+  ) -> Any:
+    """ZeroPadding2D: `pad` pixels each side, or ((top, bottom), (l, r))."""
+    rows, cols = ((pad, pad), (pad, pad)) if isinstance(pad, int) else pad
+
     def fn(a):
-      return jnp.pad(a, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+      return jnp.pad(a, ((0, 0), tuple(rows), tuple(cols), (0, 0)))
 
     return self.apply(name, (x,), fn, weighted=False)
 

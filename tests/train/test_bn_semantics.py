@@ -46,7 +46,6 @@ def _config(weights_path):
 @pytest.fixture(scope="module")
 def run(keras, tmp_path_factory):
   """Both frameworks' weights before and after one step, and the losses."""
-  keras.utils.set_random_seed(0)
   model = keras_family.keras_model(
     keras, keras.applications.ResNet50, True, SIZE, classes=CLASSES
   )

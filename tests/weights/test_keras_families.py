@@ -29,8 +29,9 @@ def files(keras, tmp_path_factory):
   """
   root = tmp_path_factory.mktemp("families")
   out = {}
-  keras.utils.set_random_seed(5)
-  r50 = keras_family.keras_model(keras, keras.applications.ResNet50, False, 32)
+  r50 = keras_family.keras_model(
+    keras, keras.applications.ResNet50, False, 32, seed=5
+  )
   keras_layouts.perturb(r50, 5)
   out["resnet50"] = keras_layouts.write_official(
     r50, root / "resnet50_notop.h5", "keras2"
@@ -39,7 +40,7 @@ def files(keras, tmp_path_factory):
   r50.save_weights(out["resnet50_keras3"])
   out["resnet50_arrays"] = keras_family.keras_arrays(r50)
   d121 = keras_family.keras_model(
-    keras, keras.applications.DenseNet121, True, 32
+    keras, keras.applications.DenseNet121, True, 32, seed=6
   )
   keras_layouts.perturb(d121, 6)
   out["densenet121"] = keras_layouts.write_official(
