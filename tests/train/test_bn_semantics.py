@@ -3,10 +3,11 @@
 One SGD step on the same batch from the same weights: Keras' ResNet50 with
 `model.layers[:K]` frozen (`layer.trainable = False`, so those BN layers run
 in inference mode) against flaxtl's `freeze.first_layers=K` run through
-`setup.load_pretrained`, `setup.freeze_plan`, `setup.train_step` (which
-applies `setup.train_mode`) and `steps.TrainState`. K cuts the first
-residual block between its two parallel BN layers: conv2_block1_0_bn is
-frozen, conv2_block1_3_bn trains.
+`weights.resolve` and `weights.merge_pretrained` (what setup does with
+`model.weights`), `setup.freeze_plan`, `setup.train_step` (which applies
+`setup.train_mode`) and `steps.TrainState`. K cuts the first residual block
+between its two parallel BN layers: conv2_block1_0_bn is frozen,
+conv2_block1_3_bn trains.
 """
 
 import jax
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from flaxtl import preprocess
+from flaxtl import preprocess, weights
 from flaxtl.train import config as config_lib
 from flaxtl.train import setup, steps
 from tests import keras_family, keras_layouts
@@ -71,7 +72,12 @@ def run(keras, tmp_path_factory):
   config = _config(path)
   net = setup.build_model(config, CLASSES)
   fresh = setup.init_fn(net, SIZE)(jax.random.PRNGKey(0))
-  variables, _ = setup.load_pretrained(config, fresh)
+  # What setup does with model.weights: resolve the Keras file, merge strictly
+  # (batch_stats included), a fresh classifier for the keras_top head.
+  pretrained, _ = weights.resolve(config.model.weights, ARCH, True)
+  variables, _ = weights.merge_pretrained(
+    fresh, pretrained, into="backbone", reinit=["predictions"]
+  )
   # keras_top gets a fresh classifier; start it where Keras' is.
   top = variables["params"]["backbone"]["predictions"]
   kernel, bias = before["predictions"]
