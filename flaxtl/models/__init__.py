@@ -9,7 +9,9 @@ architectures (imported below), a weight mapping in `flaxtl.weights`, tests.
 """
 
 from flaxtl.models import (  # noqa: F401 (registers its architectures)
+  densenet,
   efficientnet_lite,
+  resnet,
   tv_convnext,
   tv_efficientnet,
   tv_mobilenet_v2,

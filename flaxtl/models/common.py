@@ -44,8 +44,12 @@ class BatchNorm(nn.BatchNorm):
   """`nn.BatchNorm` that takes `train` and follows Keras' frozen-layer rule.
 
   Flax's momentum has Keras' meaning (moving = m * moving + (1 - m) * batch);
-  PyTorch's momentum 0.1 is Flax's 0.9.
+  PyTorch's momentum 0.1 is Flax's 0.9. Batch variance in two passes, as
+  Keras (jnp.var) and PyTorch compute it: Flax's default E[x²] - E[x]² loses
+  the digits that matter when |mean| >> std (tests/train/test_bn_semantics).
   """
+
+  use_fast_variance: bool = False
 
   def __call__(
     self, x: jax.Array, train: bool | TrainMode = False

@@ -129,27 +129,39 @@ def _legacy_layers(g: h5py.Group) -> Iterator[LayerWeights]:
   """Layers of the legacy format, in `layer_names` order.
 
   A nested model's weights all sit in one group; its `weight_names` prefixes
-  (`block1_conv1/kernel:0`) tell the inner layers apart.
+  (`block1_conv1/kernel:0`) tell the inner layers apart. Keras lists a nested
+  model's trainable weights before its non-trainable ones, so a
+  BatchNormalization layer's moving statistics come long after its gamma and
+  beta: arrays are gathered per inner layer, in first-seen order.
   """
   for layer_name in _attr_list(g.attrs["layer_names"]):
     group = g[layer_name]
-    current: LayerWeights | None = None
+    inner: dict[str, LayerWeights] = {}
     for weight_name in _attr_list(group.attrs.get("weight_names", [])):
-      inner = _legacy_inner_layer(layer_name, weight_name)
-      if current is None or current.name != inner:
-        if current is not None:
-          yield current
-        current = LayerWeights(inner, f"{group.name}", [])
-      current.arrays.append(np.asarray(group[weight_name]))
-    if current is not None:
-      yield current
+      name = _legacy_inner_layer(layer_name, weight_name)
+      layer = inner.setdefault(name, LayerWeights(name, group.name, []))
+      layer.arrays.append(np.asarray(group[weight_name]))
+    yield from inner.values()
 
 
 def _legacy_inner_layer(group_name: str, weight_name: str) -> str:
-  """'block1_conv1/kernel:0' -> 'block1_conv1'; Keras-1 'x_W_1:0' -> group."""
-  if "/" in weight_name:
-    return weight_name.rsplit("/", 1)[0].rsplit("/", 1)[-1]
-  return group_name
+  """The layer a legacy weight belongs to.
+
+  In its own group: 'block1_conv1/kernel:0', Keras-1 'block1_conv1_W_1:0',
+  Keras-2-era names with a slash ('conv1/conv/kernel:0' in group
+  'conv1/conv': DenseNet's official files). In a nested model's group:
+  'conv1_conv/kernel' (Keras 2/3) or 'resnet50/conv1_conv/kernel:0' (TF 1)
+  in group 'resnet50' -> 'conv1_conv'.
+  """
+  rest = weight_name.removeprefix(group_name)
+  if rest != weight_name and (
+    (rest.startswith("/") and rest.count("/") == 1)
+    or (rest.startswith("_") and "/" not in rest)
+  ):
+    return group_name
+  if "/" not in weight_name:
+    return group_name
+  return weight_name.removeprefix(group_name + "/").rsplit("/", 1)[0]
 
 
 def _keras3_layers(g: h5py.Group) -> Iterator[LayerWeights]:

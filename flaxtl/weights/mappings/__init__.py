@@ -12,7 +12,9 @@ listed in TORCH likewise.
 """
 
 from flaxtl.weights.mappings import (
+  densenet,
   efficientnet_lite,
+  resnet,
   tv_convnext,
   tv_efficientnet,
   tv_mobilenet_v2,
@@ -21,7 +23,7 @@ from flaxtl.weights.mappings import (
   vgg,
 )
 
-KERAS = {"vgg": vgg}
+KERAS = {"vgg": vgg, "resnet": resnet, "densenet": densenet}
 TORCH = {
   "tv_vgg": tv_vgg,
   "tv_resnet": tv_resnet,

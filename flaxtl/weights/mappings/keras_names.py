@@ -2,15 +2,27 @@
 
 Such a family (flaxtl.models registry, naming='keras') has a flat parameter
 tree with one entry per weighted Keras layer, named like the layer, with
-Keras' shapes. A file layer then maps onto the model by name (or, when the
-file records no usable names, by position among weighted layers), and its
-arrays, in Keras' stored order, onto the layer's variables sorted by
-KERAS_ORDER. Every shape is checked; nothing is transposed.
+Keras' shapes. A file layer then maps onto the model by name (after the
+family's `aliases` for names older Keras versions used, e.g. DenseNet's
+'conv1/conv'), or, when the file records no usable names, by position among
+the weighted layers of the same kind (conv, BN, dense: Keras 3 `.weights.h5`
+groups are numbered per layer class). Its arrays, in Keras' stored order, go
+onto the layer's variables sorted by KERAS_ORDER. Every shape is checked;
+nothing is transposed.
+
+A family mapping module is typically:
+
+    def detect(weights):
+      return keras_names.detect(weights, "resnet", weighted=resnet.weighted)
+    def from_keras(weights, arch, include_top=None):
+      return keras_names.from_keras(weights, arch, include_top,
+                                    found=detect(weights))
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -78,26 +90,59 @@ def ordered_layers(arch: str, include_top: bool, slots: dict) -> list[str]:
   return ordered + [n for n in slots if n not in ordered]
 
 
-def detect(weights: keras_file.KerasWeights, family: str) -> str | None:
-  """The smallest architecture of `family` whose layers cover the file's.
+def renamed(
+  weights: keras_file.KerasWeights, aliases: Mapping[str, str] | None
+) -> keras_file.KerasWeights:
+  """`weights` with older Keras layer names replaced by today's."""
+  if not aliases:
+    return weights
+  layers = [
+    dataclasses.replace(layer, name=aliases.get(layer.name, layer.name))
+    for layer in weights.layers
+  ]
+  return dataclasses.replace(weights, layers=layers)
+
+
+def detect(
+  weights: keras_file.KerasWeights,
+  family: str,
+  *,
+  aliases: Mapping[str, str] | None = None,
+  weighted: Callable[[str], Iterable[str]] | None = None,
+  min_coverage: float = 0.75,
+) -> str | None:
+  """The architecture of `family` the file holds, from its layer names.
 
   Only file layer names that some architecture of the family uses count, so
-  a backbone nested in a bigger model (with its own head) is still found;
-  the stem layer must be there.
+  a backbone nested in a bigger model (with its own head) is still found.
+  Those names must all belong to the architecture. With `weighted` (arch ->
+  its weighted layers without the top), the file must also hold at least
+  `min_coverage` of them and the best-covered architecture wins (a file
+  missing a layer is still recognised, so the error can name the layer);
+  without it, the smallest architecture whose first stem layer is present.
   """
+  weights = renamed(weights, aliases)
   file_names = {layer.name for layer in weights.layers if layer.name}
   archs = registry.names(family)
   known = {a: set(registry.get(a).layers(include_top=True)) for a in archs}
   family_names = set().union(*known.values()) if known else set()
   ours = file_names & family_names
-  fits = [
-    a
-    for a in archs
-    if ours
-    and ours <= known[a]
-    and all(s in file_names for s in registry.get(a).stem_layers[:1])
-  ]
-  return min(fits, key=lambda a: len(known[a])) if fits else None
+  if not ours:
+    return None
+  candidates = [a for a in archs if ours <= known[a]]
+  if weighted is None:
+    fits = [
+      a
+      for a in candidates
+      if all(s in file_names for s in registry.get(a).stem_layers[:1])
+    ]
+    return min(fits, key=lambda a: len(known[a])) if fits else None
+  coverage = {}
+  for a in candidates:
+    need = set(weighted(a))
+    coverage[a] = len(need & file_names) / max(1, len(need))
+  fits = [a for a in candidates if coverage[a] >= min_coverage]
+  return max(fits, key=lambda a: (coverage[a], -len(known[a])), default=None)
 
 
 def from_keras(
@@ -105,18 +150,29 @@ def from_keras(
   arch: str,
   include_top: bool | None = None,
   option_candidates: Sequence[dict[str, Any]] = ({},),
+  *,
+  aliases: Mapping[str, str] | None = None,
+  found: str | None = None,
 ) -> Converted:
   """Maps the file's layers onto `arch`, trying each options dict in turn.
 
   option_candidates: e.g. [{'alpha': a} for a in ALPHAS]; the first whose
   shapes all match the file wins and is recorded in the provenance.
+  found: the architecture the family's `detect` sees in the file; another
+  one than `arch` is an error that says which.
   """
   spec = registry.get(arch)
   src = weights.path
+  if found is not None and found != arch:
+    raise UserError(
+      f"{src}: holds a {found} model, not {arch}; use --arch {found}"
+    )
+  weights = renamed(weights, aliases)
   by_name = {layer.name: layer for layer in weights.layers if layer.name}
   if include_top is None:
-    include_top = spec.classifier in by_name
-  num_classes = _num_classes(src, by_name, spec, include_top)
+    include_top = _has_top(weights.layers, by_name, spec)
+  top = _top_layer(src, weights.layers, by_name, spec) if include_top else None
+  num_classes = int(_kernel(top).shape[-1]) if top else None
   errors = []
   for options in option_candidates:
     shapes = model_shapes(arch, include_top, num_classes, dict(options))
@@ -146,18 +202,37 @@ def from_keras(
   )
 
 
-def _num_classes(
-  src, by_name: dict, spec: registry.Backbone, include_top: bool
-) -> int | None:
-  if not include_top:
-    return None
-  top = by_name.get(spec.classifier)
-  if top is None:
+def _kind(ndims: Iterable[int]) -> tuple[int, ...]:
+  """A layer's kind as its arrays' ranks: conv (4, 1), BN (1, 1, 1, 1), ..."""
+  return tuple(ndims)
+
+
+_DENSE = (2, 1)
+
+
+def _has_top(layers, by_name: dict, spec: registry.Backbone) -> bool:
+  """Named files: a layer named like the classifier. Unnamed: a dense layer."""
+  if by_name:
+    return spec.classifier in by_name
+  return any(_kind(a.ndim for a in layer.arrays) == _DENSE for layer in layers)
+
+
+def _top_layer(src, layers, by_name: dict, spec: registry.Backbone):
+  if by_name:
+    top = by_name.get(spec.classifier)
+  else:
+    dense = [x for x in layers if _kind(a.ndim for a in x.arrays) == _DENSE]
+    top = dense[-1] if dense else None
+  if top is None or not top.arrays:
     raise UserError(
       f"{src}: no {spec.classifier!r} layer (the top of {spec.arch}); "
       "convert without the top (--notop)"
     )
-  return int(max(top.arrays, key=lambda a: a.ndim).shape[-1])
+  return top
+
+
+def _kernel(layer: keras_file.LayerWeights) -> np.ndarray:
+  return max(layer.arrays, key=lambda a: a.ndim)
 
 
 def _assign(
@@ -170,7 +245,8 @@ def _assign(
   if all(name in by_name for name in order):
     chosen, mapping = [by_name[n] for n in order], "by_name"
   else:
-    chosen, mapping = _by_position(src, layers, by_name, order), "by_order"
+    chosen = _by_position(src, layers, by_name, order, slots)
+    mapping = "by_order"
   flat: dict[str, dict[str, np.ndarray]] = {}
   for name, layer in zip(order, chosen):
     for (collection, var, shape), array in zip(
@@ -206,18 +282,36 @@ def _by_position(
   layers: Sequence[keras_file.LayerWeights],
   by_name: dict,
   order: list[str],
+  slots: dict,
 ) -> list[keras_file.LayerWeights]:
-  """The file's weighted layers in order, when its names are not the model's."""
+  """The file's layers by position, when its names are not the model's.
+
+  Matched per kind, in order: the n-th BN layer of the model takes the n-th
+  BN layer of the file. This is the model order whether the file lists its
+  layers in `model.layers` order (legacy h5) or grouped by layer class
+  (Keras 3 `.weights.h5`, `conv2d_N` before `dense_N`).
+  """
   named = [n for n in order if n in by_name]
   if named and len(named) > len(order) // 2:
     missing = [n for n in order if n not in by_name]
     raise UserError(f"{src}: missing layer(s) {', '.join(_preview(missing))}")
-  if len(layers) < len(order):
-    raise UserError(
-      f"{src}: holds {len(layers)} weighted layers, the model needs "
-      f"{len(order)} (first missing: {order[len(layers)]})"
-    )
-  return list(layers[: len(order)])
+  queues: dict[tuple[int, ...], list[keras_file.LayerWeights]] = {}
+  for layer in layers:
+    queues.setdefault(_kind(a.ndim for a in layer.arrays), []).append(layer)
+  chosen = []
+  for name in order:
+    kind = _kind(len(shape) for _, _, shape in slots[name])
+    queue = queues.get(kind)
+    if not queue:
+      have = sum(
+        1 for n in order if _kind(len(s) for *_, s in slots[n]) == kind
+      )
+      raise UserError(
+        f"{src}: missing layer {name}: the file holds fewer layers with "
+        f"arrays of rank {kind} than the {have} the model needs"
+      )
+    chosen.append(queue.pop(0))
+  return chosen
 
 
 def _preview(names: Iterable[str], limit: int = 8) -> list[str]:
