@@ -8,7 +8,11 @@ Adding a family: a module here that calls `registry.register` for each of its
 architectures (imported below), a weight mapping in `flaxtl.weights`, tests.
 """
 
-from flaxtl.models import vgg  # noqa: F401 (registers its architectures)
+from flaxtl.models import (  # noqa: F401 (they register their architectures)
+  efficientnet,
+  mobilenet,
+  vgg,
+)
 from flaxtl.models.common import TrainMode, init_variables, variable_shapes
 from flaxtl.models.registry import (
   Backbone,

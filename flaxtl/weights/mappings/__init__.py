@@ -6,6 +6,6 @@ Each family module provides
 and is listed in KERAS under the family name its models register with.
 """
 
-from flaxtl.weights.mappings import vgg
+from flaxtl.weights.mappings import efficientnet, mobilenet, vgg
 
-KERAS = {"vgg": vgg}
+KERAS = {"efficientnet": efficientnet, "mobilenet": mobilenet, "vgg": vgg}
