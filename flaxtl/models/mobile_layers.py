@@ -296,6 +296,7 @@ class FlaxLayers(Layers):
     bn = common.BatchNorm(
       momentum=self.bn_momentum,
       epsilon=self.bn_epsilon,
+      use_fast_variance=False,  # Keras' moments: jnp.var, not E[x²] - E[x]².
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       name=name,

@@ -119,7 +119,7 @@ def test_output_layer_has_no_params_after_it(arch, layer):
   names = models.keras_layer_names(arch)
   model = models.create(arch, include_top=False, output_layer=layer)
   shapes = common.variable_shapes(model, SIZE)
-  have = set(tree.layers(tree.paths(shapes)))
+  have = {n for v in shapes.values() for n in tree.layers(tree.paths(v))}
   before = set(names[: names.index(layer) + 1])
   assert have <= before
   assert have == before & set(_flax_slots(arch, True))
