@@ -154,6 +154,16 @@ def test_dropout_acts_in_training_and_normalization_never_moves():
   np.testing.assert_array_equal(infer(variables, x), infer(variables, x))
 
 
+def test_bfloat16_compute():
+  x = jnp.zeros((2, SIZE, SIZE, 3))
+  for arch in REPRESENTATIVES:
+    model = models.create(arch, include_top=False, dtype=jnp.bfloat16)
+    v = common.variable_shapes(model, SIZE)
+    assert v["params"]["stem_conv"]["kernel"].dtype == jnp.float32
+    y = jax.eval_shape(lambda v, m=model: m.apply(v, x), v)
+    assert y.dtype == jnp.bfloat16 and y.shape[-1] == 1280
+
+
 @pytest.mark.parametrize(
   "kwargs,shape,msg",
   [

@@ -151,6 +151,21 @@ def test_pooling_and_classes():
   assert jax.eval_shape(lambda v: m.apply(v, x), v).shape == (2, 7)
 
 
+def test_bfloat16_compute():
+  x = jnp.zeros((2, SIZE, SIZE, 3))
+  for arch in ("mobilenetv2", "mobilenetv3small"):
+    model = models.create(arch, dtype=jnp.bfloat16)
+    v = common.variable_shapes(model, SIZE)
+    assert (
+      v["params"]["predictions" if arch == "mobilenetv2" else "logits"][
+        "kernel"
+      ].dtype
+      == jnp.float32
+    )
+    y = jax.eval_shape(lambda v, m=model: m.apply(v, x), v)
+    assert (y.shape, y.dtype) == ((2, 1000), jnp.float32)
+
+
 @pytest.mark.parametrize(
   "kwargs,shape,msg",
   [

@@ -85,6 +85,36 @@ def test_parity_with_keras(refs, forward, record_property, arch, top, layout):
     assert "normalization" not in s  # V2's is a constant layer.
 
 
+OUTPUT_LAYERS = {
+  "efficientnetb0": [
+    "normalization",
+    "stem_conv_pad",
+    "block1a_se_reshape",
+    "block2b_drop",
+    "top_dropout",
+  ],
+  "efficientnetv2b0": [
+    "normalization",
+    "block1a_project_activation",
+    "block2b_drop",
+    "block4a_se_excite",
+  ],
+}
+
+
+@pytest.mark.parametrize("arch", list(REPS))
+def test_any_layer_is_an_output_layer(keras, refs, arch):
+  ref = refs(arch)
+  names = OUTPUT_LAYERS[arch]
+  outputs = [ref.model.get_layer(n).output for n in names]
+  want = keras.Model(ref.model.inputs, outputs)(ref.x)
+  converted, _ = weights.load_file(ref.files[(True, "keras_archive")])
+  for name, w in zip(names, want):
+    model = models.create(arch, output_layer=name)
+    got = jax.jit(model.apply)(converted.variables, ref.x)
+    assert oracle.max_rel_diff(got, w) <= oracle.TOL, name
+
+
 def test_checkpoint_round_trip(refs, forward, tmp_path):
   ref = refs("efficientnetb0")
   out = weights.convert_file(ref.files[(True, "keras_archive")], tmp_path / "c")

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from flaxtl import convert as convert_cli
 from flaxtl import files, models, weights
 from flaxtl.errors import UserError
 from flaxtl.preprocess import preprocess_input
@@ -112,6 +113,48 @@ def test_checkpoint_round_trip(refs, forward, tmp_path, arch):
   assert set(variables) == {"params", "batch_stats"}
   got = forward(arch, False)(variables, ref.x)
   assert oracle.max_rel_diff(got, ref.want[False]) <= oracle.TOL
+
+
+# Layers of every kind, auto-named ones included (V3's hard sigmoid is
+# ReLU(6)(x + 3) * (1/6): 're_lu_1' is the ReLU's output, before the 1/6).
+OUTPUT_LAYERS = {
+  "mobilenetv2": ["Conv1_relu", "block_1_pad", "block_2_add"],
+  "mobilenetv3small": [
+    "rescaling",
+    "re_lu_1",
+    "expanded_conv_squeeze_excite_mul",
+    "expanded_conv_3_depthwise_pad",
+    "dropout",
+  ],
+}
+
+
+@pytest.mark.parametrize("arch", list(REPS))
+def test_any_layer_is_an_output_layer(keras, refs, arch):
+  ref = refs(arch)
+  names = OUTPUT_LAYERS[arch]
+  outputs = [ref.model.get_layer(n).output for n in names]
+  want = keras.Model(ref.model.inputs, outputs)(ref.x)
+  converted, _ = weights.load_file(ref.files[(True, "keras_archive")])
+  for name, w in zip(names, want):
+    model = models.create(arch, alpha=_alpha(arch), output_layer=name)
+    got = jax.jit(model.apply)(converted.variables, ref.x)
+    assert oracle.max_rel_diff(got, w) <= oracle.TOL, name
+
+
+def test_cli_converts_and_refuses_another_family(refs, tmp_path, capsys):
+  src = refs("mobilenetv3small").files[(False, "legacy_model_h5")]
+  out = convert_cli.main([str(src), "--out", str(tmp_path / "ok")])
+  assert weights.read_provenance(out)["arch"] == "mobilenetv3small"
+  capsys.readouterr()
+  bad = tmp_path / "bad"
+  with pytest.raises(SystemExit) as e:
+    convert_cli.main([str(src), "--out", str(bad), "--arch", "efficientnetb0"])
+  assert e.value.code == 2
+  lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+  assert len(lines) == 1
+  assert lines[0].startswith("error: ") and "mobilenetv3small" in lines[0]
+  assert not bad.exists()
 
 
 def test_keras3_file_without_names_maps_by_class_keys(refs, tmp_path):
