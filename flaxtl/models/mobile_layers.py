@@ -86,11 +86,16 @@ class Layers:
     self.counts[prefix] = n + 1
     return prefix if n == 0 else f"{prefix}_{n}"
 
-  # Subclass hooks.
+  # Subclass hooks. `spec` is ('kind', *arguments), or a function for the
+  # input layer; `activation` is fused into the layer, as Keras does.
   def channels(self, x) -> int:
     raise NotImplementedError
 
-  def _apply(self, name: str, cls: str, fn: Callable, x, **meta):
+  def _apply(self, name: str | None, cls: str, spec, x, activation=None):
+    raise NotImplementedError
+
+  def op(self, fn: Callable[[jax.Array], jax.Array], x):
+    """A tensor op between layers (`x + 3.0`): not a layer in Keras 3."""
     raise NotImplementedError
 
   # The Keras layers (name first; None means Keras' automatic name).
@@ -170,10 +175,6 @@ class Layers:
     spec = ("dense", units, kernel_init)
     return self._apply(name, "Dense", spec, x, activation=activation)
 
-  def op(self, fn: Callable[[jax.Array], jax.Array], x):
-    """A tensor op between layers (`x + 3.0`): not a layer in Keras 3."""
-    return x if isinstance(x, int) else fn(x)
-
 
 class Names(Layers):
   """Runs a forward on channel counts; `layers` is Keras' model.layers."""
@@ -189,7 +190,10 @@ class Names(Layers):
   def channels(self, x) -> int:
     return x
 
-  def _apply(self, name, cls, spec, x, **meta):
+  def op(self, fn, x):
+    return x
+
+  def _apply(self, name, cls, spec, x, activation=None):
     name = self._name(name, cls)
     self.layers.append((name, cls))
     kind = spec[0] if isinstance(spec, tuple) else None
@@ -241,6 +245,9 @@ class FlaxLayers(Layers):
 
   def channels(self, x) -> int:
     return x.shape[-1]
+
+  def op(self, fn, x):
+    return fn(x)
 
   def _apply(self, name, cls, spec, x, activation=None):
     name = self._name(name, cls)

@@ -16,7 +16,10 @@ SIZE = 32
 # use; the rest build big Keras models (B7: ~800 layers) and are marked slow.
 BUILDERS = {
   **{a: f"EfficientNetB{a[-1]}" for a in efficientnet.V1_ARCHS},
-  **{a: f"EfficientNetV2{a[-2:].upper()}" for a in efficientnet.V2_ARCHS},
+  **{
+    a: "EfficientNetV2" + a.removeprefix("efficientnetv2").upper()
+    for a in efficientnet.V2_ARCHS
+  },
 }
 REPRESENTATIVES = ("efficientnetb0", "efficientnetv2b0")
 PARAMS = [
