@@ -9,7 +9,7 @@ import pytest
 
 from flaxtl import models, weights
 from flaxtl.models import efficientnet
-from flaxtl.weights import keras_file
+from flaxtl.weights import keras_file, sources
 from flaxtl.weights.mappings import efficientnet as mapping
 from tests.weights import mobile_oracle as oracle
 
@@ -230,21 +230,27 @@ def test_keras_imagenet_model_with_its_extra_rescaling(
   assert not mapping.imagenet_rescaling(keras_file.read(plain))
 
 
-def test_imagenet_file_table_matches_keras_names():
+def test_imagenet_file_table_matches_keras_sources(keras):
+  """Names, paths and digests as keras/src/applications builds them."""
+  kv1 = keras.src.applications.efficientnet
+  kv2 = keras.src.applications.efficientnet_v2
   files = mapping.IMAGENET_FILES
-  assert files[("efficientnetb3", False)] == (
-    "efficientnetb3_notop.h5",
-    "af6d107764bb5b1abb91932881670226",
-  )
-  assert mapping.IMAGENET_BASE_URLS["efficientnetb3"] == (
-    "https://storage.googleapis.com/keras-applications/"
-  )
-  assert files[("efficientnetv2s", True)] == (
-    "efficientnet_v2/efficientnetv2-s.h5",
-    "e1d88a8495beba45748fedd0cecbe016",
-  )
-  assert "efficientnetv2s" not in mapping.IMAGENET_BASE_URLS
-  assert set(models.names("efficientnet")) == {a for a, _ in files}
-  assert mapping.IMAGENET_OPTIONS["efficientnetb0"] == {
-    "imagenet_rescaling": True
-  }
+  for arch in efficientnet.V1_ARCHS:
+    top_md5, notop_md5 = kv1.WEIGHTS_HASHES[arch[-2:]]
+    base = mapping.IMAGENET_BASE_URLS[arch]
+    assert base == kv1.BASE_WEIGHTS_PATH != sources.KERAS_BASE_URL
+    for top, suffix, md5 in ((True, "", top_md5), (False, "_notop", notop_md5)):
+      rel, digest = files[(arch, top)]
+      assert (rel, digest) == (f"{arch}{suffix}.h5", md5)
+    assert mapping.IMAGENET_OPTIONS[arch] == {"imagenet_rescaling": True}
+  for arch in efficientnet.V2_ARCHS:
+    variant = arch.removeprefix("efficientnetv2")
+    key = variant if variant.startswith("b") else "-" + variant
+    top_md5, notop_md5 = kv2.WEIGHTS_HASHES[key]
+    assert arch not in mapping.IMAGENET_BASE_URLS
+    for top, suffix, md5 in ((True, "", top_md5), (False, "_notop", notop_md5)):
+      rel, digest = files[(arch, top)]
+      name = f"efficientnetv2-{variant}{suffix}.h5"
+      assert sources.KERAS_BASE_URL + rel == kv2.BASE_WEIGHTS_PATH + name
+      assert digest == md5
+  assert {a for a, _ in files} == set(models.names("efficientnet"))

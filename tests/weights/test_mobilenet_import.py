@@ -16,6 +16,7 @@ import pytest
 from flaxtl import convert as convert_cli
 from flaxtl import files, models, weights
 from flaxtl.errors import UserError
+from flaxtl.models import mobilenet
 from flaxtl.preprocess import preprocess_input
 from flaxtl.weights import convert, keras_file, sources
 from flaxtl.weights.mappings import mobilenet as mapping
@@ -205,20 +206,44 @@ def test_alpha_is_inferred_from_shapes(refs):
     convert.to_variables(raw, "mobilenetv3small")
 
 
-def test_imagenet_file_table_matches_keras_names():
-  files = mapping.IMAGENET_FILES
-  rel, digest = files[("mobilenetv2", False)]
-  assert rel.endswith(
-    "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+def test_imagenet_file_table_matches_keras_sources(keras):
+  """Names, paths and digests as keras/src/applications builds them."""
+  kv2 = keras.src.applications.mobilenet_v2
+  kv3 = keras.src.applications.mobilenet_v3
+  base = sources.KERAS_BASE_URL
+  table = mapping.IMAGENET_ALPHA_FILES
+  for alpha in mobilenet.V2_ALPHAS:
+    for top, suffix in ((True, ""), (False, "_no_top")):
+      name = (
+        "mobilenet_v2_weights_tf_dim_ordering_tf_kernels"
+        f"_{float(alpha)}_224{suffix}.h5"
+      )
+      rel, digest = table[("mobilenetv2", top, alpha)]
+      assert base + rel == kv2.BASE_WEIGHT_PATH + name
+      assert digest is None  # mobilenet_v2.py passes no file_hash.
+  for arch, (_, minimal, _) in mobilenet.V3_ARCHS.items():
+    kind = "small" if "small" in arch else "large"
+    for alpha in (1.0,) if minimal else mobilenet.V3_ALPHAS:
+      model = f"{kind}{'_minimalistic' if minimal else ''}_224_{alpha}_float"
+      top_md5, notop_md5 = kv3.WEIGHTS_HASHES[model]
+      for top, name, md5 in (
+        (True, f"weights_mobilenet_v3_{model}.h5", top_md5),
+        (False, f"weights_mobilenet_v3_{model}_no_top_v2.h5", notop_md5),
+      ):
+        rel, digest = table[(arch, top, alpha)]
+        assert base + rel == kv3.BASE_WEIGHT_PATH + name
+        assert digest == md5
+  want = {(a, t, 1.0) for a in models.names("mobilenet") for t in (1, 0)}
+  want |= {("mobilenetv2", t, a) for a in mobilenet.V2_ALPHAS for t in (1, 0)}
+  want |= {
+    (f"mobilenetv3{k}", t, 0.75) for k in ("small", "large") for t in (1, 0)
+  }
+  assert set(table) == want  # Every file Keras has, at 224 px.
+  defaults = {(a, t): e for (a, t, x), e in table.items() if x == 1.0}
+  assert defaults == mapping.IMAGENET_FILES
+  assert {a for a, _ in mapping.IMAGENET_FILES} == set(
+    models.names("mobilenet")
   )
-  assert digest is None  # Keras' mobilenet_v2.py verifies no hash.
-  rel, digest = files[("mobilenetv3large", True)]
-  assert rel == "mobilenet_v3/weights_mobilenet_v3_large_224_1.0_float.h5"
-  assert digest == "59e551e166be033d707958cf9e29a6a7"
-  assert set(models.names("mobilenet")) == {a for a, _ in files}
-  alpha_files = mapping.IMAGENET_ALPHA_FILES
-  assert ("mobilenetv2", True, 0.35) in alpha_files
-  assert alpha_files[("mobilenetv2", True, 0.35)][0].endswith("_0.35_224.h5")
 
 
 # A real fine-tuned MobileNetV2 (ImageNet start, last 30 layers trained on
