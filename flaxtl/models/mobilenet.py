@@ -261,9 +261,8 @@ class _MobileNet(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  @staticmethod
-  def forward(kl, x, cfg):
-    raise NotImplementedError
+  def archs(self) -> tuple[str, ...]:
+    return tuple(FORWARDS)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
@@ -273,7 +272,7 @@ class _MobileNet(nn.Module):
       self.arch, self.include_top, self.pooling, self.alpha
     )
     return mobile_layers.run(
-      self.forward, self, x, train, names, BN_MOMENTUM, BN_EPSILON
+      FORWARDS[self.arch], self, x, train, names, BN_MOMENTUM, BN_EPSILON
     )
 
 
@@ -288,7 +287,8 @@ class MobileNetV2(_MobileNet):
     output_layer: any Keras layer name; the model ends there.
   """
 
-  forward = staticmethod(v2_forward)
+  def archs(self) -> tuple[str, ...]:
+    return ("mobilenetv2",)
 
 
 class MobileNetV3(_MobileNet):
@@ -298,7 +298,9 @@ class MobileNetV3(_MobileNet):
   """
 
   arch: str = "mobilenetv3small"
-  forward = staticmethod(v3_forward)
+
+  def archs(self) -> tuple[str, ...]:
+    return tuple(V3_ARCHS)
 
 
 FORWARDS = {"mobilenetv2": v2_forward, **dict.fromkeys(V3_ARCHS, v3_forward)}
@@ -367,8 +369,11 @@ def keras_layer_names(
 
 
 def _check(m: _MobileNet) -> None:
-  if m.arch not in FORWARDS:
-    raise UserError(f"unknown architecture {m.arch!r}")
+  if m.arch not in m.archs():
+    raise UserError(
+      f"{type(m).__name__}: arch must be one of {list(m.archs())}, "
+      f"got {m.arch!r}"
+    )
   if m.pooling not in registry.POOLINGS:
     raise UserError(f"pooling must be None, 'avg' or 'max', got {m.pooling!r}")
   if m.classifier_activation not in (None, "softmax"):

@@ -174,6 +174,7 @@ def test_bfloat16_compute():
     ({"output_layer": "block_99_add"}, (1, 32, 32, 3), "not a layer"),
     ({"pooling": "sum"}, (1, 32, 32, 3), "pooling"),
     ({"alpha": 0}, (1, 32, 32, 3), "alpha must be a positive"),
+    ({"arch": "mobilenetv3small"}, (1, 32, 32, 3), "arch must be one of"),
     (
       {"classifier_activation": "relu"},
       (1, 32, 32, 3),
