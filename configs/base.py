@@ -45,6 +45,8 @@ def get_base() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"
   # VGG 3x3 convs: 'auto' (per layer), 'direct', 'im2col', 'winograd'.
   c.model.conv_impl = "auto"
+  # MobileNet width multiplier (Keras' alpha); must match the weights.
+  c.model.alpha = 1.0
   # BatchNorm: 'keras' (frozen layers in inference mode), 'frozen', 'train'.
   c.model.bn_mode = "keras"
   # mlp/linear head on a frozen backbone: features extracted once.

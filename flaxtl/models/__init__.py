@@ -8,9 +8,11 @@ Adding a family: a module here that calls `registry.register` for each of its
 architectures (imported below), a weight mapping in `flaxtl.weights`, tests.
 """
 
-from flaxtl.models import (  # noqa: F401 (registers its architectures)
+from flaxtl.models import (  # noqa: F401 (they register their architectures)
   densenet,
+  efficientnet,
   efficientnet_lite,
+  mobilenet,
   resnet,
   tv_convnext,
   tv_efficientnet,

@@ -18,7 +18,7 @@ MODEL_NAMES = ("transfer", "mlp", "cnn")
 PREPROCESS = ("auto", "caffe", "tf", "torch", "unit", "none")
 BN_MODES = ("keras", "frozen", "train")
 # Config keys that are options of some backbone family, with their defaults.
-FAMILY_OPTIONS = {"conv_impl": "auto"}
+FAMILY_OPTIONS = {"conv_impl": "auto", "alpha": 1.0}
 
 
 # Numeric keys and the values that make sense: (low, high, low_open, high_open);

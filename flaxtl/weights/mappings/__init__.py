@@ -13,7 +13,9 @@ listed in TORCH likewise.
 
 from flaxtl.weights.mappings import (
   densenet,
+  efficientnet,
   efficientnet_lite,
+  mobilenet,
   resnet,
   tv_convnext,
   tv_efficientnet,
@@ -23,7 +25,13 @@ from flaxtl.weights.mappings import (
   vgg,
 )
 
-KERAS = {"vgg": vgg, "resnet": resnet, "densenet": densenet}
+KERAS = {
+  "vgg": vgg,
+  "resnet": resnet,
+  "densenet": densenet,
+  "mobilenet": mobilenet,
+  "efficientnet": efficientnet,
+}
 TORCH = {
   "tv_vgg": tv_vgg,
   "tv_resnet": tv_resnet,

@@ -257,8 +257,10 @@ def _assign(
           f"{src}: layer {name} ({layer.where}) {var} has shape "
           f"{tuple(array.shape)}, expected {shape}"
         )
-      if not np.issubdtype(array.dtype, np.floating):
-        raise UserError(f"{src}: layer {name} holds {array.dtype} weights")
+      # Normalization's `count` is Keras' only integer variable.
+      kind = np.integer if var == "count" else np.floating
+      if not np.issubdtype(array.dtype, kind):
+        raise UserError(f"{src}: layer {name} holds {array.dtype} {var}")
       flat.setdefault(collection, {})[f"{name}/{var}"] = np.asarray(array)
   variables = {c: tree.nested(v) for c, v in flat.items()}
   return variables, mapping, {id(layer) for layer in chosen}
