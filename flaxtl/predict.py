@@ -41,7 +41,13 @@ def load_run(workdir: Path):
     json.loads((workdir / "config.json").read_text())
   )
   class_names = json.loads((workdir / "class_names.json").read_text())
-  model = setup.build_model(config, len(class_names))
+  provenance_file = workdir / "weights_provenance.json"
+  provenance = (
+    json.loads(provenance_file.read_text())
+    if provenance_file.is_file()
+    else None
+  )
+  model = setup.build_model(config, len(class_names), provenance)
   variables = {
     c: weights.restore_to_host(workdir / c)
     for c in ("params", "batch_stats")

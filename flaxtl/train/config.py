@@ -110,8 +110,15 @@ def backbone(config: ml_collections.ConfigDict) -> registry.Backbone | None:
   return registry.get(config.model.arch)
 
 
-def backbone_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The family options (e.g. conv_impl) the config sets for its backbone."""
+def backbone_options(
+  config: ml_collections.ConfigDict, provenance: dict | None = None
+) -> dict[str, Any]:
+  """The backbone's family options: the config's, and its weights' own.
+
+  Pretrained weights record the options they were converted with (alpha,
+  EfficientNet's ImageNet rescaling): those apply unless the config sets the
+  key to something else, which is an error rather than a silent mismatch.
+  """
   spec = backbone(config)
   options = {}
   for key, default in FAMILY_OPTIONS.items():
@@ -123,6 +130,14 @@ def backbone_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
         f"model.{key}={value!r} is not an option of model.arch="
         f"{config.model.arch!r}"
       )
+  for key, value in ((provenance or {}).get("options") or {}).items():
+    chosen = config.model.get(key, FAMILY_OPTIONS.get(key))
+    if key in FAMILY_OPTIONS and chosen not in (FAMILY_OPTIONS[key], value):
+      raise UserError(
+        f"model.{key}={chosen!r}, but model.weights were converted with "
+        f"{key}={value!r}; set --config.model.{key}={value!r}"
+      )
+    options[key] = value
   return options
 
 

