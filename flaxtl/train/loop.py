@@ -122,7 +122,7 @@ def _check_feature_mode(config: ml_collections.ConfigDict) -> None:
       "model.cache_features trains the head alone (the backbone is frozen by "
       "construction): set freeze.first_layers=0 and freeze.phases=()"
     )
-  if config.data.augment:
+  if data_lib.augment_mode(config.data.augment) != "none":
     raise UserError(
       "model.cache_features cannot augment: features are computed once "
       "per image"
@@ -156,14 +156,15 @@ def _cached_features_run(config, run: Run, compiler_options) -> Run:
     feats = features.extract(
       backbone,
       backbone_vars,
-      ds.images,
+      ds,
       image_size=config.image_size,
       preprocess=config_lib.preprocess_mode(config),
       cache_dir=Path(config.model.features_cache_dir),
       split=split,
       compiler_options=compiler_options,
+      options=data_lib.Options.from_config(config),
     )
-    return features.FeatureSet(feats, ds.labels)
+    return data_lib.Dataset.from_arrays(feats, ds.labels, name=split)
 
   splits = dataclasses.replace(
     run.splits,
@@ -231,6 +232,7 @@ def train_and_evaluate(
   distributed.check_batch(config.batch_size)
   distributed.check_batch(config.eval_batch_size, "eval_batch_size")
 
+  data_opts = data_lib.Options.from_config(config)  # Checks data.* keys.
   splits = load_data(config)
   num_classes = len(splits.class_names)
   mesh = distributed.make_mesh()
@@ -240,6 +242,8 @@ def train_and_evaluate(
   model, splits = run.model, run.splits
   batch_stats = run.variables.get("batch_stats", {})
 
+  if run.frozen_backbone is not None:
+    data_opts = data_opts.for_arrays()  # Cached features pass as they are.
   train_iter = data_lib.TrainIterator(
     splits.train,
     batch_size=config.batch_size,
@@ -247,6 +251,7 @@ def train_and_evaluate(
     shuffle=True,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
+    options=data_opts,
   )
   steps_per_epoch = train_iter.steps_per_epoch
   total_steps = (
@@ -317,9 +322,17 @@ def train_and_evaluate(
     checkpoint.save(manager, step, state, iter_state)
     metrics.last_good_step = step
 
+  skipped_eval: set = set()  # Unreadable files masked out (skip_corrupt).
+
   def evaluate(ds, split: str, step: int) -> dict:
     out = _evaluate(
-      eval_fn, state.variables(), ds, config.eval_batch_size, batch_sharding
+      eval_fn,
+      state.variables(),
+      ds,
+      config.eval_batch_size,
+      batch_sharding,
+      data_opts,
+      skipped_eval,
     )
     writer.write(step, split, out)
     shown = ", ".join(
@@ -328,17 +341,12 @@ def train_and_evaluate(
     writer.print(f"step {step} {split}: {shown}")
     return out
 
-  def producer():
-    while True:
-      batch = next(train_iter)
-      yield batch, train_iter.get_state()
+  def put(batch):
+    return distributed.put_batch(batch, batch_sharding)
 
-  def put(item):
-    return distributed.put_batch(item[0], batch_sharding), item[1]
-
-  batches = data_lib.prefetch(producer(), size=config.data.prefetch, put=put)
+  batches = data_lib.prefetch(train_iter, size=config.data.prefetch, put=put)
   val_metrics: dict = {}
-  iter_state = train_iter.get_state()
+  iter_state = batches.get_state()
   interrupted = None
   step = start_step
   has_val = splits.val is not None and len(splits.val) > 0
@@ -360,10 +368,10 @@ def train_and_evaluate(
             f"from step {step}"
           )
           writer.print(param_table(state.params, plan))
-        batch, iter_state_next = next(batches)
+        batch = next(batches)
         state, step_metrics = train_step(state, batch)
         step += 1
-        iter_state = iter_state_next
+        iter_state = batches.get_state()
         metrics.add(step, step_metrics)
         if step % config.log_every_steps == 0:
           metrics.flush()
@@ -394,6 +402,7 @@ def train_and_evaluate(
     raise
   finally:
     batches.close()
+    train_iter.close()
 
   result: dict[str, Any] = {
     "step": step,
@@ -415,6 +424,7 @@ def train_and_evaluate(
       "trainable_params": param_counts["trainable"],
       "frozen_params": param_counts["frozen"],
       "skipped_updates": metrics.skipped_updates,
+      "corrupt_files_skipped": len(train_iter.skipped) + len(skipped_eval),
       "wall_time_s": time.perf_counter() - t_start,
       "train_images_per_s": float(np.median(metrics.rates))
       if metrics.rates
@@ -448,13 +458,17 @@ def _short(v):
   return f"{v:.4f}" if isinstance(v, float) else v
 
 
-def _evaluate(eval_fn, variables: dict, ds, batch_size: int, sharding) -> dict:
+def _evaluate(
+  eval_fn, variables: dict, ds, batch_size: int, sharding, opts, skipped
+) -> dict:
   total = None
   for batch in data_lib.eval_batches(
     ds,
     batch_size=batch_size,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
+    options=opts,
+    skipped=skipped,
   ):
     sums = eval_fn(variables, distributed.put_batch(batch, sharding))
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
