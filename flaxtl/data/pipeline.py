@@ -163,11 +163,13 @@ class _Loader:
       return record
     where = self.ds.describe(index)
     if isinstance(record, np.ndarray):
-      img, channels = images.from_array(record), record.shape[-1]
+      img = images.from_array(record)
     else:
-      img, channels = images.open_image(record, where), 3
+      img = images.open_image(record, where)
     try:
-      return transforms.fit(img, self.size, rng, self.augment, channels)
+      # RGB whatever the file: batches need one channel count, and a set may
+      # mix grayscale and colour files.
+      return transforms.fit(img, self.size, rng, self.augment)
     except images.DECODE_ERRORS as e:
       raise UserError(f"{where}: cannot read image: {e}") from None
 

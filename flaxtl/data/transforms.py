@@ -1,4 +1,4 @@
-"""Host transforms: an image of any size -> a square uint8 image.
+"""Host transforms: an image of any size -> a square uint8 RGB image.
 
     evaluation, and training without host augmentation:
         the largest centred square, resized to `size` (= shorter side resized
@@ -84,9 +84,8 @@ def fit(
   size: int,
   rng: np.random.Generator | None = None,
   augment: str = "none",
-  channels: int = 3,
 ) -> np.ndarray:
-  """Pillow image -> uint8 (size, size, channels); random for 'inception'."""
+  """Pillow image -> uint8 (size, size, 3); random for 'inception'."""
   width, height = img.size
   if augment == "inception":
     box = inception_box(width, height, rng)
@@ -100,8 +99,8 @@ def fit(
     out = out.transpose(Image.FLIP_LEFT_RIGHT)
   arr = np.asarray(out, dtype=np.uint8)
   arr = arr[..., None] if arr.ndim == 2 else arr
-  if arr.shape[-1] != channels:
-    arr = np.repeat(arr, channels, axis=-1)  # Grayscale tiled to RGB.
+  if arr.shape[-1] == 1:
+    arr = np.repeat(arr, 3, axis=-1)  # Grayscale tiled to RGB.
   return arr
 
 
