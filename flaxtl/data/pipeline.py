@@ -7,15 +7,19 @@ Training is one grain graph over the global example stream:
       [: steps_per_epoch * B]        the incomplete last batch is dropped
       .repeat()                      epochs without end
       .random_map(load)              decode + host transform, rng per position
+      [process-major order]          see `_ProcessMajor`
     ElasticIterator(B, ShardOptions) process p takes positions p::P of the
                                      stream, batches of B/P, on `data.prefetch`
                                      threads or `data.workers` processes
 
-N processes together see the examples one process would see in each global
-batch, and the iterator state is one number, the stream position (grain's
-`global_next_index`), the same on every process and for any worker count: a
-resumed run continues with the exact next batch. Evaluation reads every
-example once, padded to whole batches with mask False.
+N processes together make exactly the global batches one process would, row
+for row (process p holds rows p*B/P..(p+1)*B/P-1, which is how
+`make_array_from_process_local_data` assembles them; dropout masks and any
+per-row randomness then meet the same examples). The iterator state is one
+number, the stream position (grain's `global_next_index`), the same on every
+process and for any worker count: a resumed run continues with the exact
+next batch. Evaluation reads every example once, padded to whole batches
+with mask False.
 
 In-memory arrays of one size (the embedded sample, npz, cached features) are
 read on the consumer's thread (`ReadOptions(num_threads=0)`, grain's advice
@@ -187,6 +191,27 @@ class _Loader:
     return np.zeros((self.size, self.size, 3), np.uint8)
 
 
+class _ProcessMajor(grain.MapDataset):
+  """Reorders each global batch of `batch_size` so that grain's strided
+  sharding (stream position j to process j % P) hands process p the
+  contiguous rows p*b..(p+1)*b-1 of the batch, b = batch_size / P."""
+
+  def __init__(self, parent: grain.MapDataset, batch_size: int, processes: int):
+    super().__init__(parent)
+    self._batch, self._processes = batch_size, processes
+    self._local = batch_size // processes
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    start, j = divmod(index, self._batch)
+    row, process = divmod(j, self._processes)
+    return self._parent[start * self._batch + process * self._local + row]
+
+
 def _local_batch(
   batch_size: int, process_count: int, process_index: int, what: str
 ) -> int:
@@ -274,6 +299,8 @@ class TrainIterator:
       graph = graph.shuffle(seed=shuffle_seed)
     graph = graph[: self.steps_per_epoch * batch_size].repeat()
     graph = graph.random_map(loader, seed=map_seed)
+    if process_count > 1:
+      graph = _ProcessMajor(graph, batch_size, process_count)
     self._stream = ElasticIterator(
       graph,
       batch_size,
@@ -388,9 +415,13 @@ def eval_batches(
   loader = _Loader(
     ds, options.output_size(ds, train=False), "none", options.skip_corrupt
   )
-  total = math.ceil(n / batch_size) * batch_size
-  graph = grain.MapDataset.range(total).map(loader.padded)
-  graph = graph[process_index::process_count].batch(b)
+  batches = math.ceil(n / batch_size)
+
+  def position(i: int) -> int:  # This process's rows of each global batch.
+    return (i // b) * batch_size + process_index * b + i % b
+
+  graph = grain.MapDataset.range(batches * b).map(position)
+  graph = graph.map(loader.padded).batch(b)
   stream = graph.to_iter_dataset(_read_options(ds, options))
   mp = _mp_options(ds, options)
   if mp is not None:

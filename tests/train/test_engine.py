@@ -71,7 +71,9 @@ def test_run_writes_everything_and_learns(reference_run):
   ) == [16, 24]
   train_lines = metrics_lines(workdir)
   assert [line["step"] for line in train_lines] == [4, 8, 12, 16, 20, 24]
-  assert train_lines[-1]["loss"] < train_lines[0]["loss"]
+  # Learns: validation loss below the uniform guess's ln(10). (Comparing two
+  # single-batch train losses depended on the data order.)
+  assert result["val_loss"] < np.log(10)
   assert result["val_count"] == 40  # 20% of 200, each once.
   assert result["val_accuracy"] * 40 == pytest.approx(
     round(result["val_accuracy"] * 40)

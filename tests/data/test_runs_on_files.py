@@ -1,0 +1,147 @@
+"""launch.py and predict on streamed image files, as a user runs them:
+SIGKILL mid-training then rerun is bitwise identical with a grain worker
+process decoding a class folder; predictions keep the test CSV's filenames."""
+
+import csv
+import json
+import os
+from pathlib import Path
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from flaxtl import data, weights
+
+ROOT = Path(__file__).resolve().parents[2]
+PER_CLASS = 12
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+  """Real MNIST digits as PNG files: folder/<class>/<k>.png (12 per class),
+  and the tutorial's test layout: test.csv naming `0.png`.. with the images
+  in Images/test/."""
+  root = tmp_path_factory.mktemp("digits")
+  test = data.load({"source": "mnist_sample", "val_fraction": 0.0}).test
+  counts = dict.fromkeys(range(10), 0)
+  for image, label in zip(test.images, test.labels):
+    k = counts[int(label)]
+    if k < PER_CLASS:
+      out = root / "folder" / str(label) / f"{k}.png"
+      out.parent.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(image[..., 0]).save(out)
+      counts[int(label)] += 1
+  (root / "Images" / "test").mkdir(parents=True)
+  names = []
+  for i, image in enumerate(test.images[-12:]):
+    names.append(f"{i}.png")
+    Image.fromarray(image[..., 0]).save(root / "Images" / "test" / names[-1])
+  (root / "test.csv").write_text("filename\n" + "\n".join(names) + "\n")
+  return root
+
+
+def _launch(workdir: Path, folder: Path):
+  args = [
+    sys.executable,
+    "launch.py",
+    "--config",
+    "configs/mnist_cnn.py:tiny",
+    "--workdir",
+    str(workdir),
+    "--config.progress=False",
+    f"--config.data.source=folder:{folder}",
+    "--config.data.workers=1",  # Decoded in a grain worker process.
+    "--config.total_steps=36",
+    "--config.checkpoint_every_steps=6",
+    "--config.eval_every_epochs=100",  # Validate at the end only.
+  ]
+  return subprocess.Popen(
+    args,
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+
+
+@pytest.fixture(scope="module")
+def finished(digits, tmp_path_factory) -> Path:
+  workdir = tmp_path_factory.mktemp("ref")
+  p = _launch(workdir, digits / "folder")
+  out, _ = p.communicate(timeout=900)
+  assert p.returncode == 0, out
+  return workdir
+
+
+def _steps(workdir: Path) -> list[int]:
+  ck = workdir / "checkpoints"
+  if not ck.exists():
+    return []
+  return sorted(int(x.name) for x in ck.iterdir() if x.name.isdigit())
+
+
+@pytest.mark.slow
+def test_sigkill_on_streamed_folder_then_rerun_is_bitwise_identical(
+  digits, finished, tmp_path
+):
+  p = _launch(tmp_path, digits / "folder")
+  deadline = time.time() + 600
+  while not any(s >= 12 for s in _steps(tmp_path)):
+    assert p.poll() is None, p.stdout.read()
+    assert time.time() < deadline, "no checkpoint in time"
+    time.sleep(0.05)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  left = _steps(tmp_path)
+  assert left and left[-1] < 36  # Really killed mid-training.
+  p = _launch(tmp_path, digits / "folder")
+  out, _ = p.communicate(timeout=900)
+  assert p.returncode == 0, out
+  assert f"resumed from step {left[-1]}" in out
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    weights.restore_to_host(finished / "params"),
+    weights.restore_to_host(tmp_path / "params"),
+  )
+  ref, again = (
+    json.loads((d / "summary.json").read_text()) for d in (finished, tmp_path)
+  )
+  for k in ("val_accuracy", "val_log_loss", "val_count"):
+    assert ref[k] == again[k], k
+  assert ref["val_count"] == 24  # 20% of the 120 files, each once.
+
+
+def _predict(workdir: Path, digits: Path, out: Path, *extra):
+  args = ["--workdir", str(workdir), "--data", f"csv:{digits / 'test.csv'}"]
+  r = subprocess.run(
+    [sys.executable, "-m", "flaxtl.predict", *args, "--out", str(out), *extra],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    timeout=600,
+  )
+  assert r.returncode == 0, r.stderr
+  with open(out, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_predict_submission_keeps_the_csv_filenames(digits, finished, tmp_path):
+  with open(digits / "test.csv", newline="") as f:
+    written = [row["filename"] for row in csv.DictReader(f)]
+  rows = _predict(finished, digits, tmp_path / "submission.csv")
+  assert [r["filename"] for r in rows] == written  # "0.png", not a path.
+  assert all(r["label"] in [str(d) for d in range(10)] for r in rows)
+  full = _predict(finished, digits, tmp_path / "full.csv", "--full-paths")
+  assert [r["filename"] for r in full] == [
+    str((digits / "Images" / "test" / name).absolute()) for name in written
+  ]
+  assert [r["label"] for r in full] == [r["label"] for r in rows]
