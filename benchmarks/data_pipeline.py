@@ -62,17 +62,22 @@ SIZE, BATCH = 224, 16
 
 
 def _jpeg(args: tuple[int, Path]) -> None:
+  """One smooth random picture (sums of sines + noise), JPEG quality 85."""
   seed, path = args
   rng = np.random.default_rng(seed)
   w, h = int(rng.integers(240, 401)), int(rng.integers(200, 301))
-  yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-  phase = rng.uniform(0, 6.3, 3)
-  freq = rng.uniform(0.01, 0.06, 3)
+  x, y = np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32)
+  f, ph = rng.uniform(0.01, 0.08, (3, 2)), rng.uniform(0, 6.3, (3, 2))
   img = np.stack(
-    [127 + 100 * np.sin(freq[c] * (xx + yy * c) + phase[c]) for c in range(3)],
+    [
+      127
+      + 60 * np.sin(f[c, 0] * x + ph[c, 0])[None, :]
+      + 60 * np.sin(f[c, 1] * y + ph[c, 1])[:, None]
+      for c in range(3)
+    ],
     -1,
-  )
-  img += rng.normal(0, 12, img.shape)
+  ).astype(np.int16)
+  img += rng.integers(-12, 13, img.shape, dtype=np.int16)
   Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=85)
 
 

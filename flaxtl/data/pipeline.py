@@ -33,6 +33,10 @@ from collections.abc import Callable, Iterable, Iterator
 import dataclasses
 import logging
 import math
+import multiprocessing
+import os
+import threading
+import time
 from typing import Any
 
 from absl import flags
@@ -115,6 +119,32 @@ class Options:
     return dataclasses.replace(self, image_size=None, augment="none")
 
 
+_watching = threading.Event()
+
+
+def _exit_with_parent() -> None:
+  """In a grain worker: exits when the training process is gone.
+
+  grain's workers are daemon processes, stopped by their parent at a normal
+  exit; a SIGKILLed run would leave them running (found by the SIGKILL resume
+  test). They are spawned from grain's own threads, so PR_SET_PDEATHSIG
+  (tied to the creating thread) does not fit; a polling thread does.
+  """
+  if _watching.is_set():
+    return
+  _watching.set()
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(1.0)
+    os._exit(1)
+
+  threading.Thread(
+    target=watch, name="flaxtl-parent-watch", daemon=True
+  ).start()
+
+
 @dataclasses.dataclass(frozen=True)
 class _Loader:
   """One example -> {'image', ['label'], 'corrupt'}; runs in grain's threads
@@ -125,6 +155,12 @@ class _Loader:
   size: int | None
   augment: str = "none"
   skip_corrupt: bool = False
+
+  def __setstate__(self, state: dict) -> None:
+    # Unpickled only in grain's worker processes.
+    self.__dict__.update(state)
+    if multiprocessing.parent_process() is not None:
+      _exit_with_parent()
 
   def __call__(self, element: dict, rng: np.random.Generator) -> Batch:
     """random_map for training: a corrupt example is replaced by the next

@@ -2,9 +2,13 @@
 process sharding, corrupt files, ArrayRecord packing. Real image files on
 disk, read through grain."""
 
+import contextlib
+import os
 from pathlib import Path
+import signal
 import subprocess
 import sys
+import time
 
 import ml_collections
 import numpy as np
@@ -293,3 +297,50 @@ def test_options_are_checked_with_one_line():
   )
   options = data.Options.from_config(cfg)  # Deprecated key still works.
   assert (options.image_size, options.augment) == (48, "none")
+
+
+_HOLD_WORKERS = """
+import sys, time
+from flaxtl import data
+from flaxtl.data import sources
+ds, _ = sources.read("folder:" + sys.argv[1])
+it = data.TrainIterator(ds, 4, options=data.Options(model_size=24, workers=1))
+next(it)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _descendants(pid: int) -> list[int]:
+  out, todo = [], [pid]
+  while todo:
+    p = todo.pop()
+    for tid in os.listdir(f"/proc/{p}/task"):
+      with open(f"/proc/{p}/task/{tid}/children") as f:
+        kids = [int(c) for c in f.read().split()]
+      out += kids
+      todo += kids
+  return out
+
+
+def test_workers_end_when_the_run_is_killed(folder):
+  p = subprocess.Popen(
+    [sys.executable, "-c", _HOLD_WORKERS, str(folder)],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  assert p.stdout.readline().strip() == "ready"
+  workers = _descendants(p.pid)
+  assert workers  # grain's worker (and multiprocessing's tracker).
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  deadline = time.time() + 30
+  try:
+    while any(Path(f"/proc/{w}").exists() for w in workers):
+      assert time.time() < deadline, "grain workers outlived the killed run"
+      time.sleep(0.2)
+  finally:
+    for w in workers:  # Leave nothing behind if the check failed.
+      with contextlib.suppress(ProcessLookupError):
+        os.kill(w, signal.SIGKILL)
