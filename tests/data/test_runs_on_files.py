@@ -3,6 +3,7 @@ SIGKILL mid-training then rerun is bitwise identical with a grain worker
 process decoding a class folder; predictions keep the test CSV's filenames."""
 
 import csv
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from configs import mnist_cnn
 from flaxtl import data, weights
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,3 +147,80 @@ def test_predict_submission_keeps_the_csv_filenames(digits, finished, tmp_path):
     str((digits / "Images" / "test" / name).absolute()) for name in written
   ]
   assert [r["label"] for r in full] == [r["label"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def damaged(digits, tmp_path_factory):
+  """The digit folder with one training file truncated: (folder, that file,
+  the training step that first reads it)."""
+  folder = tmp_path_factory.mktemp("damaged") / "folder"
+  for src in (digits / "folder").rglob("*.png"):
+    dst = folder / src.relative_to(digits / "folder")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(src.read_bytes())
+  config = mnist_cnn.get_config("tiny")
+  config.data.source = f"folder:{folder}"
+  train = data.load(config.data).train
+  bad = Path(train.paths[0])
+  bad.write_bytes(bad.read_bytes()[:100])
+  # The step at which the run meets it: where a skipping iterator skips it.
+  opts = data.Options.from_config(config)
+  it = data.TrainIterator(
+    train,
+    config.batch_size,
+    seed=config.seed,
+    options=dataclasses.replace(opts, skip_corrupt=True),
+  )
+  while not it.skipped:
+    next(it)
+  return folder, bad, it.step
+
+
+def _launch_damaged(workdir: Path, folder: Path, *extra):
+  return subprocess.run(
+    [
+      sys.executable,
+      "launch.py",
+      "--config",
+      "configs/mnist_cnn.py:tiny",
+      "--workdir",
+      str(workdir),
+      "--config.progress=False",
+      f"--config.data.source=folder:{folder}",
+      "--config.checkpoint_every_steps=2",
+      "--config.eval_every_epochs=100",
+      *extra,
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    timeout=900,
+  )
+
+
+@pytest.mark.slow
+def test_truncated_file_stops_with_one_line_and_checkpoint_intact(
+  damaged, tmp_path
+):
+  folder, bad, step = damaged
+  r = _launch_damaged(tmp_path, folder)
+  assert r.returncode == 2, r.stdout + r.stderr
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: training step {step}: {bad}: cannot read")
+  assert "Traceback" not in r.stderr
+  # Checkpoints up to the last even step before it, the latest restorable.
+  kept = _steps(tmp_path)
+  assert kept and kept[-1] == (step - 1) // 2 * 2
+  restored = weights.restore_to_host(
+    tmp_path / "checkpoints" / str(kept[-1]) / "state"
+  )
+  assert "params" in restored
+  # Skipping instead: the run finishes and counts the file once.
+  r = _launch_damaged(
+    tmp_path / "skip", folder, "--config.data.skip_corrupt=True"
+  )
+  assert r.returncode == 0, r.stdout + r.stderr
+  summary = json.loads((tmp_path / "skip" / "summary.json").read_text())
+  assert summary["corrupt_files_skipped"] == 1
+  assert summary["step"] == 24
