@@ -5,6 +5,7 @@
     python benchmarks/data_pipeline.py throughput --images 24000
     python benchmarks/data_pipeline.py first-step --images 24000 \\
         [--old-checkout /work/main --old-python /work/main/.venv/bin/python]
+    python benchmarks/data_pipeline.py in-memory [--old-checkout ...]
 
 make        4 class folders of N JPEGs, 240-400 x 200-300 px, smooth random
             content, under --root (default /tmp/flaxtl-bench-data; never
@@ -19,6 +20,8 @@ throughput  host images/s of `TrainIterator` (decode + resize + batch, batch
 first-step  seconds from process start to the first train step (its metrics
             line) on the same run, new pipeline vs an older checkout that
             decodes the whole set first (data.load_size=224).
+in-memory   host batches/s of TrainIterator on the embedded 28x28 sample
+            (batch 16), this checkout vs --old-checkout, same machine.
 
 Every measurement records the CPU other processes used meanwhile (the machine
 is shared); results go to benchmarks/results/data_pipeline.json.
@@ -54,6 +57,14 @@ from flaxtl.train import setup  # noqa: E402
 from flaxtl.train import steps as steps_lib  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "data_pipeline.json"
+COMMANDS = (
+  "make",
+  "memory",
+  "throughput",
+  "first-step",
+  "in-memory",
+  "vgg-step",
+)
 CLASSES = 4
 SIZE, BATCH = 224, 16
 
@@ -351,6 +362,50 @@ def throughput(root: Path, n: int, batches: int, vgg_steps: int) -> dict:
   return {"images": n, "loader": rows, "vgg16_freeze8_224": vgg}
 
 
+_IN_MEMORY = """
+import json, time
+from flaxtl import data
+train = data.load({"source": "mnist_sample", "val_fraction": 0.0}).train
+it = data.TrainIterator(train, 16, seed=0)
+next(it)
+t0 = time.perf_counter()
+for _ in range(%d):
+  next(it)
+print(json.dumps({"images_per_s": round(%d * 16 / (time.perf_counter() - t0))}))
+"""
+
+
+def in_memory(
+  batches: int, old_checkout: Path | None, old_python: str
+) -> list[dict]:
+  rows = []
+  runs = [("grain (this checkout)", sys.executable, ROOT)]
+  if old_checkout is not None:
+    runs.append((f"in-memory ({old_checkout})", old_python, old_checkout))
+  for name, python, cwd in runs:
+    busy0, t0 = _busy_s(), time.perf_counter()
+    own0 = _children_cpu_s()
+    out = subprocess.run(
+      [python, "-c", _IN_MEMORY % (batches, batches)],
+      cwd=cwd,
+      capture_output=True,
+      text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(cwd)},
+    )
+    if out.returncode != 0:
+      raise RuntimeError(out.stderr[-3000:])
+    wall = time.perf_counter() - t0
+    own = _children_cpu_s() - own0
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r.update(
+      loader=name,
+      other_cpu_cores=round(max(0.0, _busy_s() - busy0 - own) / wall, 2),
+    )
+    print(json.dumps(r))
+    rows.append(r)
+  return rows
+
+
 def save(section: str, value) -> None:
   results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
   results[section] = {
@@ -364,9 +419,7 @@ def save(section: str, value) -> None:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument(
-    "what", choices=["make", "memory", "throughput", "first-step", "vgg-step"]
-  )
+  p.add_argument("what", choices=COMMANDS)
   p.add_argument("--root", type=Path, default=Path("/tmp/flaxtl-bench-data"))
   p.add_argument("--images", type=int, nargs="+", default=[24000])
   p.add_argument("--steps", type=int, default=30)
@@ -393,6 +446,11 @@ def main() -> None:
       args.old_python,
     )
     save("first_step", rows)
+  elif args.what == "in-memory":
+    save(
+      "in_memory",
+      in_memory(args.batches, args.old_checkout, args.old_python),
+    )
   else:
     print(json.dumps(vgg_step_rate(args.steps)))
 

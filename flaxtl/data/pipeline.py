@@ -1,30 +1,33 @@
 """Batches on grain: training stream, evaluation, device prefetch.
 
-Training is one grain graph over the global example stream:
+A grain element is one batch, so in-memory arrays are gathered with one
+fancy index per batch (as fast as before grain) while files are decoded per
+example inside the element, in grain's threads or worker processes:
 
-    MapDataset.source(ds)            records, read lazily
-      .shuffle(seed)                 a new permutation each epoch (seed, epoch)
-      [: steps_per_epoch * B]        the incomplete last batch is dropped
-      .repeat()                      epochs without end
-      .random_map(load)              decode + host transform, rng per position
-      [process-major order]          see `_ProcessMajor`
-    ElasticIterator(B, ShardOptions) process p takes positions p::P of the
-                                     stream, batches of B/P, on `data.prefetch`
-                                     threads or `data.workers` processes
+    MapDataset.range(step, ...)      global step numbers, from where we are
+      .map(_TrainBatches(...))       step -> this process's rows of the
+                                     global batch: epoch permutation seeded by
+                                     (seed, epoch), rows p*b..(p+1)*b-1 of it,
+                                     read + decoded + host transform
+      .to_iter_dataset(ReadOptions)  data.prefetch batches ahead on threads
+      .mp_prefetch(workers)          or in data.workers processes
 
 N processes together make exactly the global batches one process would, row
 for row (process p holds rows p*B/P..(p+1)*B/P-1, which is how
-`make_array_from_process_local_data` assembles them; dropout masks and any
-per-row randomness then meet the same examples). The iterator state is one
-number, the stream position (grain's `global_next_index`), the same on every
-process and for any worker count: a resumed run continues with the exact
-next batch. Evaluation reads every example once, padded to whole batches
-with mask False.
+`make_array_from_process_local_data` assembles them; dropout masks then meet
+the same examples). Per-example randomness (data.augment='inception') is
+seeded by the example's position in the global stream, so it does not depend
+on worker or process counts either. The iterator state is that stream
+position (`global_next_index`, as grain's ElasticIterator calls it), the same
+on every process: a resumed run rebuilds the graph at that step and continues
+with the exact next batch. The incomplete last batch of each epoch is
+dropped. Evaluation reads every example once, padded to whole batches with
+mask False.
 
-In-memory arrays of one size (the embedded sample, npz, cached features) are
-read on the consumer's thread (`ReadOptions(num_threads=0)`, grain's advice
-for data already in memory) and keep their native size: the device resizes
-them inside the step, as before. Files are decoded and resized on the host.
+In-memory arrays of one size (the embedded sample, npz, cached features) keep
+their native size (the device resizes them inside the step) and are read on
+the consumer's thread (`ReadOptions(num_threads=0)`, grain's advice for data
+already in memory); files are decoded and resized on the host.
 """
 
 from __future__ import annotations
@@ -35,13 +38,14 @@ import logging
 import math
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from typing import Any
 
 from absl import flags
 import grain
-from grain.experimental import ElasticIterator, ThreadPrefetchDatasetIterator
+from grain.experimental import ThreadPrefetchDatasetIterator
 import numpy as np
 
 from flaxtl.data import images, transforms
@@ -55,6 +59,8 @@ Batch = dict[str, np.ndarray]
 # With data.skip_corrupt, this many unreadable files in a row stop the run:
 # the data is not worth training on.
 MAX_CONSECUTIVE_CORRUPT = 64
+# Tells augmentation streams apart from the shuffle's (seed, epoch).
+_AUGMENT = 0x417567
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,14 +152,13 @@ def _exit_with_parent() -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Loader:
-  """One example -> {'image', ['label'], 'corrupt'}; runs in grain's threads
-  or worker processes. corrupt: the index of an unreadable example skipped
-  in its place (data.skip_corrupt), else -1."""
+class _Reader:
+  """Reads examples of `ds` as uint8 images of one shape; runs in grain's
+  threads or worker processes. size None: in-memory arrays as they are."""
 
   ds: Dataset
   size: int | None
-  augment: str = "none"
+  augment: str = "none"  # Host augmentation: 'none' or 'inception'.
   skip_corrupt: bool = False
 
   def __setstate__(self, state: dict) -> None:
@@ -162,43 +167,13 @@ class _Loader:
     if multiprocessing.parent_process() is not None:
       _exit_with_parent()
 
-  def __call__(self, element: dict, rng: np.random.Generator) -> Batch:
-    """random_map for training: a corrupt example is replaced by the next
-    readable one (so batches keep their size)."""
-    index, corrupt = element["index"], -1
-    record = element["record"]
-    for attempt in range(MAX_CONSECUTIVE_CORRUPT + 1):
-      try:
-        image = self.image(index, record, rng)
-        break
-      except UserError:
-        if not self.skip_corrupt or attempt == MAX_CONSECUTIVE_CORRUPT:
-          raise
-        corrupt = index if corrupt < 0 else corrupt
-        index = (index + 1) % len(self.ds)
-        record = self.ds.source[index]
-    return self._example(image, index, corrupt)
+  def gather(self, indices: np.ndarray) -> np.ndarray:
+    """In-memory arrays: one fancy index."""
+    return self.ds.source.images[indices]
 
-  def padded(self, position: int) -> Batch:
-    """map for evaluation: example `position`, or padding past the end."""
-    if position >= len(self.ds):
-      example = self._example(self._blank(), 0, -1)
-    else:
-      try:
-        image = self.image(position, self.ds.source[position], None)
-        example = self._example(image, position, -1)
-      except UserError:
-        if not self.skip_corrupt:
-          raise
-        example = self._example(self._blank(), position, position)
-    example["mask"] = np.bool_(
-      position < len(self.ds) and example["corrupt"] < 0
-    )
-    return example
-
-  def image(
-    self, index: int, record, rng: np.random.Generator | None
-  ) -> np.ndarray:
+  def image(self, index: int, rng: np.random.Generator | None) -> np.ndarray:
+    """Example `index` decoded and fitted to `size` (RGB)."""
+    record = self.ds.source[index]
     if isinstance(record, np.ndarray) and self.size is None:
       return record
     where = self.ds.describe(index)
@@ -213,39 +188,123 @@ class _Loader:
     except images.DECODE_ERRORS as e:
       raise UserError(f"{where}: cannot read image: {e}") from None
 
-  def _example(self, image: np.ndarray, index: int, corrupt: int) -> Batch:
-    out = {"image": image}
-    if self.ds.labels is not None:
-      out["label"] = self.ds.labels[index]
-    out["corrupt"] = np.int32(corrupt)
-    return out
-
-  def _blank(self) -> np.ndarray:
+  def blank(self) -> np.ndarray:
     if self.size is None:
       first = self.ds.source[0]
       return np.zeros(first.shape, first.dtype)
     return np.zeros((self.size, self.size, 3), np.uint8)
 
 
-class _ProcessMajor(grain.MapDataset):
-  """Reorders each global batch of `batch_size` so that grain's strided
-  sharding (stream position j to process j % P) hands process p the
-  contiguous rows p*b..(p+1)*b-1 of the batch, b = batch_size / P."""
+@dataclasses.dataclass(frozen=True)
+class _TrainBatches:
+  """Global step -> {'image', 'label', 'corrupt'}: this process's rows of the
+  step's global batch. corrupt: per row, the index of an unreadable example
+  replaced by the next readable one (data.skip_corrupt), else -1."""
 
-  def __init__(self, parent: grain.MapDataset, batch_size: int, processes: int):
-    super().__init__(parent)
-    self._batch, self._processes = batch_size, processes
-    self._local = batch_size // processes
+  reader: _Reader
+  batch_size: int
+  local: int
+  process_index: int
+  steps_per_epoch: int
+  seed: int
+  shuffle: bool
 
-  def __len__(self) -> int:
-    return len(self._parent)
+  def order(self, epoch: int) -> np.ndarray:
+    """The global example order of `epoch` (identical on every process)."""
+    n = len(self.reader.ds)
+    if not self.shuffle:
+      return np.arange(n)
+    cache = self.__dict__.get("_order")
+    if cache is None or cache[0] != epoch:  # One permutation per epoch.
+      # SeedSequence wants non-negative entries; the mask keeps negative
+      # seeds distinct.
+      rng = np.random.default_rng([self.seed & (2**64 - 1), epoch])
+      cache = (epoch, rng.permutation(n))
+      self.__dict__["_order"] = cache
+    return cache[1]
 
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return self.slice(index)
-    start, j = divmod(index, self._batch)
-    row, process = divmod(j, self._processes)
-    return self._parent[start * self._batch + process * self._local + row]
+  def __call__(self, step: int) -> Batch:
+    epoch, k = divmod(step, self.steps_per_epoch)
+    first = k * self.batch_size + self.process_index * self.local
+    rows = self.order(epoch)[first : first + self.local].copy()
+    labels = self.reader.ds.labels
+    corrupt = np.full(self.local, -1, np.int32)
+    if self.reader.size is None:
+      return {
+        "image": self.reader.gather(rows),
+        "label": labels[rows],
+        "corrupt": corrupt,
+      }
+    position = step * self.batch_size + self.process_index * self.local
+    out = []
+    for r, index in enumerate(rows):
+      rng = None
+      if self.reader.augment != "none":  # Per stream position.
+        seed = [self.seed & (2**64 - 1), _AUGMENT, position + r]
+        rng = np.random.default_rng(seed)
+      index, corrupt[r] = self._readable(int(index), rng, out)
+      rows[r] = index
+    return {"image": np.stack(out), "label": labels[rows], "corrupt": corrupt}
+
+  def _readable(self, index: int, rng, out: list) -> tuple[int, int]:
+    """Appends example `index` (or the next readable one) to `out`."""
+    n, skipped = len(self.reader.ds), -1
+    for attempt in range(MAX_CONSECUTIVE_CORRUPT + 1):
+      try:
+        out.append(self.reader.image(index, rng))
+        return index, skipped
+      except UserError:
+        if not self.reader.skip_corrupt or attempt == MAX_CONSECUTIVE_CORRUPT:
+          raise
+        skipped = index if skipped < 0 else skipped
+        index = (index + 1) % n
+    raise AssertionError("unreachable")
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalBatches:
+  """Batch j -> this process's rows of global eval batch j, padded past the
+  end (and, with data.skip_corrupt, for unreadable examples) with mask False."""
+
+  reader: _Reader
+  batch_size: int
+  local: int
+  process_index: int
+
+  def __call__(self, j: int) -> Batch:
+    n = len(self.reader.ds)
+    first = j * self.batch_size + self.process_index * self.local
+    positions = np.arange(first, first + self.local)
+    valid = positions < n
+    rows = np.where(valid, positions, 0)
+    corrupt = np.full(self.local, -1, np.int32)
+    if self.reader.size is None:
+      images_ = self.reader.gather(rows)
+    else:
+      out = []
+      for r, index in enumerate(rows):
+        if not valid[r]:
+          out.append(self.reader.blank())
+          continue
+        try:
+          out.append(self.reader.image(int(index), None))
+        except UserError:
+          if not self.reader.skip_corrupt:
+            raise
+          out.append(self.reader.blank())
+          corrupt[r] = index
+      images_ = np.stack(out)
+    mask = valid & (corrupt < 0)
+    keep = mask.reshape(-1, *[1] * (images_.ndim - 1))
+    images_ = np.where(keep, images_, 0).astype(images_.dtype)
+    batch = {"image": images_}
+    if self.reader.ds.labels is not None:
+      batch["label"] = np.where(mask, self.reader.ds.labels[rows], 0).astype(
+        np.int32
+      )
+    batch["mask"] = mask
+    batch["corrupt"] = corrupt
+    return batch
 
 
 def _local_batch(
@@ -284,12 +343,25 @@ def _mp_options(ds: Dataset, opts: Options):
   )
 
 
-def _stream_seeds(seed: int) -> tuple[int, int]:
-  """(shuffle seed, augmentation seed), 32-bit, from any int seed."""
-  # SeedSequence wants non-negative entries; the mask keeps negative seeds
-  # distinct. grain reseeds each epoch with seed + epoch, so hash the seed.
-  words = np.random.SeedSequence(seed & (2**64 - 1)).generate_state(2)
-  return int(words[0]), int(words[1])
+def _mp_options(ds: Dataset, opts: Options):
+  if ds.in_memory or not opts.workers:
+    return None  # Arrays would be pickled into every worker.
+  # grain's workers read absl flags; CLIs without absl have not parsed any.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return grain.MultiprocessingOptions(
+    num_workers=opts.workers, per_worker_buffer_size=max(1, opts.prefetch)
+  )
+
+
+def _iterate(
+  graph: grain.MapDataset, ds: Dataset, opts: Options
+) -> grain.DatasetIterator:
+  stream = graph.to_iter_dataset(_read_options(ds, opts))
+  mp = _mp_options(ds, opts)
+  if mp is not None:
+    stream = stream.mp_prefetch(mp)
+  return iter(stream)
 
 
 class TrainIterator:
@@ -309,7 +381,7 @@ class TrainIterator:
   ):
     if ds.labels is None:
       raise UserError("training data needs labels")
-    _local_batch(batch_size, process_count, process_index, "batch_size")
+    local = _local_batch(batch_size, process_count, process_index, "batch_size")
     if len(ds) < batch_size:
       raise UserError(
         f"batch_size={batch_size} is larger than the {len(ds)} training "
@@ -321,39 +393,37 @@ class TrainIterator:
     self.shuffle = shuffle
     self.steps_per_epoch = len(ds) // batch_size
     self.skipped: set[int] = set()  # Corrupt examples skipped so far.
-    shuffle_seed, map_seed = _stream_seeds(self.seed)
-    loader = _Loader(
-      ds,
-      options.output_size(ds, train=True),
-      options.augment
-      if options.augment in transforms.HOST_AUGMENTS
-      else "none",
-      options.skip_corrupt,
+    self._options = options
+    host_aug = options.augment in transforms.HOST_AUGMENTS
+    self._batches = _TrainBatches(
+      reader=_Reader(
+        ds,
+        options.output_size(ds, train=True),
+        options.augment if host_aug else "none",
+        options.skip_corrupt,
+      ),
+      batch_size=batch_size,
+      local=local,
+      process_index=process_index,
+      steps_per_epoch=self.steps_per_epoch,
+      seed=self.seed,
+      shuffle=shuffle,
     )
-    graph = grain.MapDataset.source(ds)
-    if shuffle:
-      graph = graph.shuffle(seed=shuffle_seed)
-    graph = graph[: self.steps_per_epoch * batch_size].repeat()
-    graph = graph.random_map(loader, seed=map_seed)
-    if process_count > 1:
-      graph = _ProcessMajor(graph, batch_size, process_count)
-    self._stream = ElasticIterator(
-      graph,
-      batch_size,
-      grain.sharding.ShardOptions(process_index, process_count),
-      read_options=_read_options(ds, options),
-      multiprocessing_options=_mp_options(ds, options),
-    )
-    self._it = iter(self._stream)
+    self.step = 0  # Global batches produced since epoch 0 began.
+    self._it: grain.DatasetIterator | None = None
 
   def __iter__(self) -> TrainIterator:
     return self
 
   def __next__(self) -> Batch:
+    if self._it is None:  # Started lazily: set_state may come first.
+      graph = grain.MapDataset.range(self.step, sys.maxsize)
+      self._it = _iterate(graph.map(self._batches), self.ds, self._options)
     try:
       batch = next(self._it)
     except UserError as e:
       raise UserError(f"training step {self.step + 1}: {e}") from None
+    self.step += 1
     for index in np.unique(batch.pop("corrupt")):
       if index >= 0 and int(index) not in self.skipped:
         self.skipped.add(int(index))
@@ -365,18 +435,17 @@ class TrainIterator:
     return batch
 
   @property
-  def position(self) -> int:
-    """Examples of the global stream consumed so far."""
-    return int(self._it.get_state()["global_next_index"])
-
-  @property
-  def step(self) -> int:
-    """Global batches produced since epoch 0 began."""
-    return self.position // self.batch_size
-
-  @property
   def epoch(self) -> int:
     return self.step // self.steps_per_epoch
+
+  @property
+  def position(self) -> int:
+    """Examples of the global stream consumed so far."""
+    return self.step * self.batch_size
+
+  def order(self, epoch: int) -> np.ndarray:
+    """The global example order of `epoch` (identical on every process)."""
+    return self._batches.order(epoch)
 
   def get_state(self) -> dict[str, Any]:
     """JSON-able position of the global stream (independent of the process
@@ -410,21 +479,18 @@ class TrainIterator:
         f"{self.seed} ({self.shuffle}): use the old seed or a new workdir"
       )
     if "global_next_index" in state:
-      position = int(state["global_next_index"])
-    else:  # Written by the in-memory iterator before grain.
-      position = (
-        int(state["epoch"]) * self.steps_per_epoch + int(state["position"])
-      ) * self.batch_size
-      log.warning(
-        "checkpoint from the pre-grain data iterator: resuming at the same "
-        "step, but the example order differs from the original run's"
-      )
-    self._it.set_state({"global_next_index": position})
+      step = int(state["global_next_index"]) // self.batch_size
+    else:  # Written by the iterator before grain: same steps, same order.
+      step = int(state["epoch"]) * self.steps_per_epoch + int(state["position"])
+    self.close()
+    self.step = step
     self.skipped = set(state.get("skipped", ()))
 
   def close(self) -> None:
     """Stops grain's threads and worker processes."""
-    self._stream.close()
+    if self._it is not None:
+      self._it.close()
+      self._it = None
 
 
 def eval_batches(
@@ -448,21 +514,12 @@ def eval_batches(
   n = len(ds)
   if n == 0:
     return
-  loader = _Loader(
+  reader = _Reader(
     ds, options.output_size(ds, train=False), "none", options.skip_corrupt
   )
-  batches = math.ceil(n / batch_size)
-
-  def position(i: int) -> int:  # This process's rows of each global batch.
-    return (i // b) * batch_size + process_index * b + i % b
-
-  graph = grain.MapDataset.range(batches * b).map(position)
-  graph = graph.map(loader.padded).batch(b)
-  stream = graph.to_iter_dataset(_read_options(ds, options))
-  mp = _mp_options(ds, options)
-  if mp is not None:
-    stream = stream.mp_prefetch(mp)
-  it = iter(stream)
+  make = _EvalBatches(reader, batch_size, b, process_index)
+  graph = grain.MapDataset.range(math.ceil(n / batch_size)).map(make)
+  it = _iterate(graph, ds, options)
   try:
     for batch in it:
       corrupt = batch.pop("corrupt")

@@ -76,6 +76,19 @@ def test_resume_gives_the_same_next_batches(consumed):
   assert take(resumed, 8) == expected
 
 
+def test_order_and_pre_grain_checkpoint_state():
+  it = data.TrainIterator(toy(), 4, seed=9)
+  # The permutation the in-memory iterator before grain used: a run on
+  # in-memory data gives the same batches, and its checkpoints resume.
+  np.testing.assert_array_equal(
+    it.order(1), np.random.default_rng([9, 1]).permutation(22)
+  )
+  old = {"epoch": 1, "position": 2, "seed": 9, "shuffle": True}
+  it.set_state({**old, "num_examples": 22, "batch_size": 4})
+  assert ids(next(it)) == it.order(1)[8:12].tolist()
+  assert it.step == 5 + 3
+
+
 def test_resume_rejects_another_dataset_or_seed():
   state = data.TrainIterator(toy(22), 4).get_state()
   with pytest.raises(UserError, match="had 22 examples in global batches of 4"):
