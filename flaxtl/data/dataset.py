@@ -1,10 +1,11 @@
 """Datasets: a random-access source of images, read one example at a time.
 
-A `Dataset` is what grain's `MapDataset.source` wants (`len`, `ds[i]`) plus
-the metadata that splitting and predictions need in memory: int32 labels,
-the file names as the user wrote them, the resolved paths and the class list.
-Images are only read when the pipeline asks for an example, so memory does not
-grow with the number of images (labels and names aside).
+A `Dataset` is a source with grain's random-access protocol (`len`,
+`source[i]`, like `grain.sources.RandomAccessDataSource`) plus the metadata
+that splitting and predictions need in memory: int32 labels, the file names
+as the user wrote them, the resolved paths and the class list. Images are
+only read when the pipeline asks for an example, so memory does not grow with
+the number of images (labels and names aside).
 
 Sources (what `Dataset.source[i]` returns):
     ArraySource   uint8 (H, W, C) arrays already in memory (the embedded
@@ -150,10 +151,6 @@ class Dataset:
 
   def __len__(self) -> int:
     return len(self.source)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    """grain's RandomAccessDataSource: the raw record of example `index`."""
-    return {"record": self.source[index], "index": index}
 
   def __repr__(self) -> str:
     kind = type(self.source).__name__
