@@ -215,7 +215,9 @@ def run_tree(cmd: list[str], cwd: Path, first_line: Path | None = None) -> dict:
   }
 
 
-def _launch_args(source: str, steps: int, workers: int, workdir: Path):
+def _launch_args(
+  source: str, steps: int, workers: int, workdir: Path, extra=()
+) -> list[str]:
   return [
     "launch.py",
     "--config",
@@ -231,41 +233,52 @@ def _launch_args(source: str, steps: int, workers: int, workdir: Path):
     "--config.log_every_steps=1",
     "--config.progress=False",
     f"--config.data.workers={workers}",
+    *(f"--config.{kv}" for kv in extra),
   ]
 
 
-def memory(root: Path, sizes: list[int], steps: int, workers: int) -> list:
+def memory(
+  root: Path, sizes: list[int], steps: int, workers: int, extra: list[str]
+) -> list:
   rows = []
   for n in sizes:
     workdir = Path(f"/tmp/flaxtl-bench-run-{n}-{os.getpid()}")
+    source = f"folder:{folder(root, n)}"
     cmd = [
       sys.executable,
-      *_launch_args(f"folder:{folder(root, n)}", steps, workers, workdir),
+      *_launch_args(source, steps, workers, workdir, extra),
     ]
     r = run_tree(cmd, ROOT, workdir / "metrics.jsonl")
-    r.update(images=n, steps=steps, workers=workers)
+    r.update(images=n, steps=steps, workers=workers, set=extra)
     print(json.dumps(r))
     rows.append(r)
   return rows
 
 
 def first_step(
-  root: Path, n: int, workers: int, old_checkout: Path | None, old_python: str
+  root: Path,
+  n: int,
+  workers: int,
+  old_checkout: Path | None,
+  old_python: str,
+  extra: list[str],
 ) -> list:
   rows = []
   workdir = Path(f"/tmp/flaxtl-bench-first-{os.getpid()}")
-  new = _launch_args(f"folder:{folder(root, n)}", 2, workers, workdir)
+  new = _launch_args(f"folder:{folder(root, n)}", 2, workers, workdir, extra)
   r = run_tree([sys.executable, *new], ROOT, workdir / "metrics.jsonl")
-  r.update(loader="grain (this checkout)", images=n, workers=workers)
+  r.update(loader="grain (this checkout)", images=n, workers=workers, set=extra)
   print(json.dumps(r))
   rows.append(r)
   if old_checkout is not None:
     workdir = Path(f"/tmp/flaxtl-bench-first-old-{os.getpid()}")
-    old = _launch_args(f"folder:{folder(root, n)}", 2, 0, workdir)
+    old = _launch_args(f"folder:{folder(root, n)}", 2, 0, workdir, extra)
     old = [a for a in old if not a.startswith("--config.data.workers")]
     old.append(f"--config.data.load_size={SIZE}")
     r = run_tree([old_python, *old], old_checkout, workdir / "metrics.jsonl")
-    r.update(loader=f"in-memory ({old_checkout})", images=n, workers=0)
+    r.update(
+      loader=f"in-memory ({old_checkout})", images=n, workers=0, set=extra
+    )
     print(json.dumps(r))
     rows.append(r)
   return rows
@@ -427,11 +440,16 @@ def main() -> None:
   p.add_argument("--batches", type=int, default=30)
   p.add_argument("--old-checkout", type=Path, default=None)
   p.add_argument("--old-python", default=sys.executable)
+  p.add_argument(
+    "--set", nargs="*", default=[], help="KEY=VALUE config overrides"
+  )
+  p.add_argument("--tag", default="", help="suffix of the results key")
   args = p.parse_args()
   if args.what == "make":
     make(args.root, args.images)
   elif args.what == "memory":
-    save("memory", memory(args.root, args.images, args.steps, args.workers))
+    rows = memory(args.root, args.images, args.steps, args.workers, args.set)
+    save("memory" + args.tag, rows)
   elif args.what == "throughput":
     save(
       "throughput",
@@ -444,8 +462,9 @@ def main() -> None:
       args.workers,
       args.old_checkout,
       args.old_python,
+      args.set,
     )
-    save("first_step", rows)
+    save("first_step" + args.tag, rows)
   elif args.what == "in-memory":
     save(
       "in_memory",
