@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -48,8 +49,8 @@ def digits(tmp_path_factory) -> Path:
   return root
 
 
-def _launch(workdir: Path, folder: Path):
-  args = [
+def _launch_args(workdir: Path, folder: Path) -> list[str]:
+  return [
     sys.executable,
     "launch.py",
     "--config",
@@ -63,8 +64,11 @@ def _launch(workdir: Path, folder: Path):
     "--config.checkpoint_every_steps=6",
     "--config.eval_every_epochs=100",  # Validate at the end only.
   ]
+
+
+def _launch(workdir: Path, folder: Path):
   return subprocess.Popen(
-    args,
+    _launch_args(workdir, folder),
     cwd=ROOT,
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
@@ -224,3 +228,52 @@ def test_truncated_file_stops_with_one_line_and_checkpoint_intact(
   summary = json.loads((tmp_path / "skip" / "summary.json").read_text())
   assert summary["corrupt_files_skipped"] == 1
   assert summary["step"] == 24
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _train_losses(workdir: Path) -> list[float]:
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  return [r["loss"] for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+@pytest.mark.slow
+def test_two_processes_on_loopback_stream_the_same_batches(
+  digits, finished, tmp_path
+):
+  """Each process reads its own rows of every global batch (its grain
+  worker decoding them); together they train like the one-process run."""
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    args = [
+      *_launch_args(tmp_path, digits / "folder"),
+      "--config.distributed.num_processes=2",
+      f"--config.distributed.process_id={i}",
+      f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+    ]
+    procs.append(
+      subprocess.Popen(
+        args,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+      )
+    )
+  outs = [p.communicate(timeout=900)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
+  assert "process 1 of 2" in outs[1]
+  np.testing.assert_allclose(
+    _train_losses(tmp_path), _train_losses(finished), rtol=2e-4, atol=1e-5
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+    weights.restore_to_host(tmp_path / "params"),
+    weights.restore_to_host(finished / "params"),
+  )
