@@ -70,16 +70,22 @@ def get_base() -> ml_collections.ConfigDict:
   c.data.split_seed = 42
   # Keep class proportions equal across the split.
   c.data.stratify = True
-  # Resize every image to this square size on load (mixed sizes).
+  # Host size of decoded images (None: image_size; arrays keep their own).
+  c.data.image_size = _optional(int)
+  # Deprecated (mixed sizes need no setting): read as data.image_size.
   c.data.load_size = _optional(int)
   # TFDS data_dir.
   c.data.tfds_data_dir = _optional(str)
   # Cap the train pool (stratified).
   c.data.max_examples = _optional(int)
-  # Random crop/flip on device (off for digits).
-  c.data.augment = False
-  # Batches prepared ahead on a background thread.
+  # 'none', 'flip_crop' (device shift+flip), 'inception' (host crop+flip).
+  c.data.augment = "none"
+  # Worker processes decoding files (0: threads in the training process).
+  c.data.workers = 0
+  # Batches prepared ahead (and decoding threads when workers=0).
   c.data.prefetch = 2
+  # Skip unreadable images (counted in summary.json) instead of stopping.
+  c.data.skip_corrupt = False
 
   c.freeze = ml_collections.ConfigDict()
   # Freeze Keras model.layers[:k] (input and pooling layers count).

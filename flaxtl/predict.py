@@ -4,8 +4,11 @@
         --out submission.csv [--probs]
 
 Writes `filename,label` (class names as in training; `--probs` adds one
-probability column per class). On labelled data it also prints accuracy and
-log loss and writes a confusion-matrix PNG next to --out. For `mnist_sample`
+probability column per class). Filenames are as the input had them (the CSV's
+`filename` cell, or the path relative to a folder source), so a submission
+lines up with the test CSV; `--full-paths` writes where each file was found.
+On labelled data it also prints accuracy and log loss and writes a
+confusion-matrix PNG next to --out. For `mnist_sample`
 the predictions cover its fixed held-out 1,000 digits.
 """
 
@@ -21,8 +24,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from flaxtl import files, plots, weights
-from flaxtl.data import eval_batches, sources
+from flaxtl import data, files, plots, weights
+from flaxtl.data import sources
 from flaxtl.errors import UserError, cli_logging, exit_on_user_error
 from flaxtl.preprocess import prepare_images
 from flaxtl.train import config as config_lib
@@ -62,7 +65,6 @@ def predict_probs(workdir: Path, data_spec: str, batch_size: int = 64):
     key="--data",
     class_names=class_names,
     labels_required=False,
-    load_size=config.data.get("load_size"),
     tfds_data_dir=config.data.get("tfds_data_dir"),
   )
   ds, held_out = sources.read(data_spec, opts)
@@ -76,12 +78,20 @@ def predict_probs(workdir: Path, data_spec: str, batch_size: int = 64):
     ),
     compiler_options=options,
   )
+  skipped: set[int] = set()  # Unreadable images (data.skip_corrupt).
   probs = np.concatenate(
     [
       np.asarray(fn(variables, b["image"]))[b["mask"]]
-      for b in eval_batches(ds, batch_size)
+      for b in data.eval_batches(
+        ds,
+        batch_size,
+        options=data.Options.from_config(config),
+        skipped=skipped,
+      )
     ]
   )
+  if skipped:
+    ds = ds.take([i for i in range(len(ds)) if i not in skipped])
   return ds, class_names, probs
 
 
@@ -146,6 +156,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
   p.add_argument(
     "--probs", action="store_true", help="add a probability column per class"
   )
+  p.add_argument(
+    "--full-paths",
+    action="store_true",
+    help="write each file's full path instead of its name as written",
+  )
   p.add_argument("--batch-size", type=int, default=64)
   args = p.parse_args(argv)
   _check_args(args)
@@ -153,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   ds, class_names, probs = predict_probs(
     args.workdir, args.data, args.batch_size
   )
-  filenames = ds.filenames or [f"{i}" for i in range(len(probs))]
+  names = ds.paths if args.full_paths else ds.filenames
+  filenames = names or ds.filenames or [f"{i}" for i in range(len(probs))]
   write_csv(args.out, filenames, class_names, probs, args.probs)
   result = {"count": len(probs), "out": str(args.out)}
   print(f"wrote {len(probs)} predictions to {args.out}")

@@ -1,16 +1,14 @@
-"""Image files -> one uint8 (N, H, W, C) array, with user errors naming the file.
+"""One image -> uint8 (H, W, C), with user errors naming the file.
 
 Anything Pillow opens is accepted. Grayscale ('L', '1', 16-bit) stays one
 channel; palette, RGBA, LA, CMYK and the other colour modes become RGB (alpha
-is dropped, as Keras' `load_img(color_mode='rgb')` does). When a set mixes
-grayscale and colour images, the grayscale ones are tiled to RGB so they stack.
+is dropped, as Keras' `load_img(color_mode='rgb')` does). Runs in grain's
+worker processes, once per example.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-import concurrent.futures
-import os
+import io
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +36,16 @@ IMAGE_EXTENSIONS = frozenset(
 
 _GRAY_MODES = frozenset({"L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
+# What Pillow raises on truncated or corrupt data (OSError, SyntaxError),
+# unknown formats (UnidentifiedImageError, an OSError) and bombs.
+DECODE_ERRORS = (
+  OSError,
+  ValueError,
+  SyntaxError,
+  EOFError,
+  Image.DecompressionBombError,
+)
+
 
 def is_image_file(path: Path) -> bool:
   return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(
@@ -45,37 +53,42 @@ def is_image_file(path: Path) -> bool:
   )
 
 
-def read_image(
-  path: Path, load_size: int | None = None, where: str = ""
-) -> np.ndarray:
-  """One file -> uint8 (H, W, 1|3); `where` (e.g. 'train.csv row 3') prefixes errors."""
-  prefix = f"{where}: " if where else ""
+def read_bytes(path: str | Path, where: str = "") -> bytes:
+  """A file's bytes; a missing or unreadable file is a UserError."""
   try:
-    with Image.open(path) as img:
-      img.load()
-      arr = to_array(img, load_size)
+    return Path(path).read_bytes()
   except FileNotFoundError:
-    raise UserError(f"{prefix}image file not found: {path}") from None
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    # Pillow reports truncated/corrupt data as OSError or SyntaxError, unknown
-    # formats as UnidentifiedImageError (an OSError).
-    raise UserError(f"{prefix}cannot read image {path}: {e}") from None
-  return arr
+    raise UserError(f"{where or path}: image file not found") from None
+  except OSError as e:
+    raise UserError(f"{where or path}: cannot read file: {e}") from None
 
 
-def to_array(img: Image.Image, load_size: int | None = None) -> np.ndarray:
-  if img.mode in _GRAY_MODES:
-    img = _to_8bit_gray(img)
-  elif img.mode != "RGB":
-    # Palette images with a transparency entry go through RGBA, which is what
-    # Pillow asks for; the alpha is then dropped like any other.
-    if img.mode == "P" and "transparency" in img.info:
-      img = img.convert("RGBA")
-    img = img.convert("RGB")
-  if load_size is not None and img.size != (load_size, load_size):
-    img = img.resize((load_size, load_size), Image.BILINEAR)
+def open_image(data: bytes, where: str) -> Image.Image:
+  """Encoded bytes -> a Pillow image (header read; pixels decoded lazily)."""
+  try:
+    return Image.open(io.BytesIO(data))
+  except DECODE_ERRORS as e:
+    raise UserError(f"{where}: cannot read image: {e}") from None
+
+
+def to_array(img: Image.Image) -> np.ndarray:
+  """A Pillow image -> uint8 (H, W, 1|3)."""
+  img = normalise_mode(img)
   arr = np.asarray(img, dtype=np.uint8)
   return arr[..., None] if arr.ndim == 2 else arr
+
+
+def normalise_mode(img: Image.Image) -> Image.Image:
+  """Any mode -> 'L' (grayscale, 16-bit scaled) or 'RGB' (alpha dropped)."""
+  if img.mode in _GRAY_MODES:
+    return _to_8bit_gray(img)
+  if img.mode == "RGB":
+    return img
+  # Palette images with a transparency entry go through RGBA, which is what
+  # Pillow asks for; the alpha is then dropped like any other.
+  if img.mode == "P" and "transparency" in img.info:
+    img = img.convert("RGBA")
+  return img.convert("RGB")
 
 
 def _to_8bit_gray(img: Image.Image) -> Image.Image:
@@ -94,49 +107,13 @@ def _to_8bit_gray(img: Image.Image) -> Image.Image:
   )
 
 
-def resize_array(arr: np.ndarray, load_size: int) -> np.ndarray:
-  """uint8 (H, W, C) -> (load_size, load_size, C), bilinear like `to_array`."""
-  if arr.shape[:2] == (load_size, load_size):
-    return arr
-  img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-  return to_array(img.resize((load_size, load_size), Image.BILINEAR))
+def from_array(arr: np.ndarray) -> Image.Image:
+  """uint8 (H, W, 1|3) -> a Pillow image ('L' or 'RGB')."""
+  return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
 
 
-def stack(arrays: Sequence[np.ndarray], names: Sequence[str]) -> np.ndarray:
-  """uint8 (H, W, C) images -> (N, H, W, C); all must share H and W (`names` go in the error)."""
-  if not arrays:
-    raise ValueError("nothing to stack")
-  sizes = {a.shape[:2] for a in arrays}
-  if len(sizes) > 1:
-    first = arrays[0].shape[:2]
-    i = next(i for i, a in enumerate(arrays) if a.shape[:2] != first)
-    raise UserError(
-      f"images have different sizes: {names[0]} is {_hw(first)}, {names[i]} is {_hw(arrays[i].shape[:2])}; "
-      "set data.load_size to resize them on load"
-    )
-  channels = 3 if any(a.shape[-1] == 3 for a in arrays) else 1
-  out = np.empty((len(arrays), *arrays[0].shape[:2], channels), np.uint8)
-  for i, a in enumerate(arrays):
-    out[i] = a  # Broadcasting tiles a 1-channel image into 3.
-  return out
-
-
-def read_images(
-  paths: Sequence[Path],
-  load_size: int | None = None,
-  where: Sequence[str] | None = None,
-) -> np.ndarray:
-  """Reads files on a few threads (Pillow decodes without the GIL) and stacks them."""
-  where = where or [""] * len(paths)
-  workers = min(8, os.cpu_count() or 1, max(1, len(paths)))
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    arrays = list(
-      pool.map(
-        lambda pw: read_image(pw[0], load_size, pw[1]), zip(paths, where)
-      )
-    )
-  return stack(arrays, [str(p) for p in paths])
-
-
-def _hw(shape) -> str:
-  return f"{shape[0]}x{shape[1]}"
+def encode_png(arr: np.ndarray) -> bytes:
+  """uint8 (H, W, 1|3) -> PNG bytes (lossless; for packing array sources)."""
+  out = io.BytesIO()
+  from_array(arr).save(out, format="PNG")
+  return out.getvalue()

@@ -24,7 +24,8 @@ def _key(label: str):
 
 
 def class_names_of(raw: Sequence[str]) -> list[str]:
-  """Sorted unique labels: numerically when all are numbers ('2' < '10'), else as text."""
+  """Sorted unique labels: numerically when all are numbers ('2' < '10'),
+  else as text."""
   first: dict = {}
   for label in raw:
     first.setdefault(_key(label), label.strip())
@@ -34,14 +35,16 @@ def class_names_of(raw: Sequence[str]) -> list[str]:
 def index(
   raw: Sequence[str], class_names: Sequence[str], where: Callable[[int], str]
 ) -> np.ndarray:
-  """Maps each raw label to its position in `class_names`; `where(i)` names example i in errors."""
+  """Maps each raw label to its position in `class_names`; `where(i)` names
+  example i in errors."""
   lookup = {_key(name): i for i, name in enumerate(class_names)}
   out = np.empty(len(raw), np.int32)
   for i, label in enumerate(raw):
     k = lookup.get(_key(label))
     if k is None:
       raise UserError(
-        f"{where(i)}: label {label.strip()!r} is not one of the classes {_preview(class_names)}"
+        f"{where(i)}: label {label.strip()!r} is not one of the classes "
+        f"{_preview(class_names)}"
       )
     out[i] = k
   return out
@@ -53,7 +56,7 @@ def remap(
   class_names: Sequence[str] | None,
   where: Callable[[int], str],
 ) -> tuple[np.ndarray, list[str]]:
-  """Integer labels of a source with its own class list -> indices into `class_names`.
+  """A source's integer labels (own class list) -> indices into `class_names`.
 
   With no reference list, the source's own list stands. Without own names the
   labels are taken to be indices already and only range-checked.
@@ -79,7 +82,8 @@ def remap(
   if mapped.size and mapped.min() < 0:
     i = int(np.argmin(mapped))
     raise UserError(
-      f"{where(i)}: label {own_names[labels[i]]!r} is not one of the classes {_preview(class_names)}"
+      f"{where(i)}: label {own_names[labels[i]]!r} is not one of the classes "
+      f"{_preview(class_names)}"
     )
   return mapped.astype(np.int32), list(class_names)
 
@@ -90,7 +94,8 @@ def _check_range(
   if labels.size and labels.max() >= len(names):
     i = int(np.argmax(labels))
     raise UserError(
-      f"{where(i)}: label {int(labels[i])} is outside the {len(names)} classes {_preview(names)}"
+      f"{where(i)}: label {int(labels[i])} is outside the {len(names)} "
+      f"classes {_preview(names)}"
     )
 
 

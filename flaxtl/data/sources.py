@@ -1,14 +1,19 @@
-"""`data.source` strings -> in-memory `Dataset`s.
+"""`data.source` strings -> `Dataset`s (files are listed, not read).
 
-    mnist_sample        5,000 real MNIST digits shipped with flaxtl (works offline)
-    csv:PATH            the tutorial's layout: `filename,label` CSV + image files
-    folder:PATH         one sub-folder of images per class (Keras' image_dataset_from_directory)
-    tfds:NAME[:SPLIT]   a TensorFlow Datasets dataset prepared in data.tfds_data_dir
-    npz:PATH            arrays `images` (N, H, W[, C]) uint8, `labels`, optional `class_names`
+    mnist_sample        5,000 real MNIST digits shipped with flaxtl (offline)
+    csv:PATH            the tutorial's layout: `filename,label` CSV + images
+    folder:PATH         one sub-folder of images per class (Keras'
+                        image_dataset_from_directory)
+    tfds:NAME[:SPLIT]   a TensorFlow Datasets dataset prepared in
+                        data.tfds_data_dir
+    npz:PATH            arrays `images` (N, H, W[, C]) uint8, `labels`,
+                        optional `class_names` (held in memory)
+    arrayrecord:DIR     shards written by `python -m flaxtl.data.pack`
 
 A training source defines the class list; a test source is read against it.
-Every problem with the user's files is a `UserError` naming the file (and the
-CSV row) before any training starts.
+Problems with the listing (a missing file, a bad CSV row, an unknown label)
+are a `UserError` naming the file (and the CSV row) before training starts;
+an image that cannot be decoded is found when the pipeline reads it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Sequence
 import csv
 import dataclasses
 import importlib.resources
+import os
 from pathlib import Path
 import zipfile
 
@@ -24,7 +30,8 @@ import numpy as np
 
 from flaxtl.data import images as image_io
 from flaxtl.data import labels as label_io
-from flaxtl.data.dataset import Dataset
+from flaxtl.data import packed
+from flaxtl.data.dataset import Dataset, FileSource
 from flaxtl.errors import UserError
 
 SCHEMES = (
@@ -33,6 +40,7 @@ SCHEMES = (
   "folder:PATH",
   "tfds:NAME[:SPLIT]",
   "npz:PATH",
+  "arrayrecord:DIR",
 )
 
 # The embedded sample: a fixed shuffle, then 100 digits per class held out.
@@ -43,21 +51,19 @@ SAMPLE_TEST_PER_CLASS = 100
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-  """How to read any source. `class_names`: the training classes (for test sources)."""
+  """How to read any source. `key`: the config key the spec came from (for
+  errors); `class_names`: the training classes (for test sources)."""
 
-  key: str = (
-    "data.source"  # The config key the spec came from, for error messages.
-  )
+  key: str = "data.source"
   class_names: Sequence[str] | None = None
   labels_required: bool = True
-  load_size: int | None = None
   tfds_data_dir: str | None = None
 
 
 def read(
   spec: str, opts: Options = Options()
 ) -> tuple[Dataset, Dataset | None]:
-  """Reads one source; returns (data, the source's own held-out test split or None).
+  """Reads one source: (data, the source's own held-out test split or None).
 
   Only `mnist_sample` (its fixed 1,000) and `tfds:NAME` without a split (the
   dataset's 'test' split, when it has one) come with their own test split.
@@ -72,7 +78,8 @@ def read(
   scheme, sep, rest = spec.partition(":")
   if not sep or not rest:
     raise UserError(
-      f"{opts.key}={spec!r} is not a known source; expected one of {', '.join(SCHEMES)}"
+      f"{opts.key}={spec!r} is not a known source; expected one of "
+      f"{', '.join(SCHEMES)}"
     )
   if scheme == "tfds":
     from flaxtl.data import (
@@ -80,10 +87,16 @@ def read(
     )  # tensorflow_datasets is optional and slow to import.
 
     return tfds_source.read(rest, opts)
-  readers = {"csv": read_csv, "folder": read_folder, "npz": read_npz}
+  readers = {
+    "csv": read_csv,
+    "folder": read_folder,
+    "npz": read_npz,
+    "arrayrecord": packed.read,
+  }
   if scheme not in readers:
     raise UserError(
-      f"{opts.key}={spec!r}: unknown source scheme {scheme!r}; expected one of {', '.join(SCHEMES)}"
+      f"{opts.key}={spec!r}: unknown source scheme {scheme!r}; expected one "
+      f"of {', '.join(SCHEMES)}"
     )
   path = Path(rest).expanduser()
   if not path.exists():
@@ -92,7 +105,8 @@ def read(
 
 
 def read_mnist_sample(opts: Options) -> tuple[Dataset, Dataset]:
-  """The embedded digits: a fixed 4,000-image pool and 1,000 test images (100 per class)."""
+  """The embedded digits: a fixed 4,000-image pool and 1,000 test images
+  (100 per class)."""
   with (
     importlib.resources.files("flaxtl.resources")
     .joinpath(SAMPLE_FILE)
@@ -103,7 +117,8 @@ def read_mnist_sample(opts: Options) -> tuple[Dataset, Dataset]:
   names = [str(d) for d in range(10)]
   if opts.class_names is not None and list(opts.class_names) != names:
     raise UserError(
-      f"{opts.key}=mnist_sample has classes 0..9, not the training classes {list(opts.class_names)}"
+      f"{opts.key}=mnist_sample has classes 0..9, not the training classes "
+      f"{list(opts.class_names)}"
     )
   order = np.random.default_rng(SAMPLE_SEED).permutation(len(images))
   is_test = np.zeros(len(images), bool)
@@ -112,18 +127,19 @@ def read_mnist_sample(opts: Options) -> tuple[Dataset, Dataset]:
 
   def part(mask: np.ndarray) -> Dataset:
     idx = order[mask]
-    return Dataset(
+    return Dataset.from_arrays(
       images[idx][..., None],
       labels[idx],
       [f"{SAMPLE_FILE}[{i}]" for i in idx],
       names,
+      name=SAMPLE_FILE,
     )
 
   return part(~is_test), part(is_test)
 
 
 def csv_image_dirs(csv_path: Path) -> list[Path]:
-  """Where a CSV's `filename`s are looked up, in order (only folders that exist).
+  """Where a CSV's `filename`s are looked up, in order (folders that exist).
 
   The CSV's own folder, then `images/`, `Images/`, `train/`, `test/` next to it,
   then `<csv stem>/`, `train/` and `test/` inside `images/` and `Images/` (the
@@ -149,7 +165,10 @@ def csv_image_dirs(csv_path: Path) -> list[Path]:
 
 
 def read_csv(path: Path, opts: Options) -> Dataset:
-  """A `filename[,label]` CSV; a test CSV may leave out `label` (labels None)."""
+  """A `filename[,label]` CSV; a test CSV may leave out `label` (labels None).
+
+  Every file must exist (checked now); images are read by the pipeline.
+  """
   rows, line_of = _csv_rows(path, opts)
   where = lambda i: f"{path} row {i + 1} (line {line_of[i]})"  # noqa: E731
   dirs = csv_image_dirs(path)
@@ -164,20 +183,16 @@ def read_csv(path: Path, opts: Options) -> Dataset:
       raise UserError(
         f"{where(i)}: image file {name!r} not found (looked in {shown})"
       )
-    files.append(found)
-  images = image_io.read_images(
-    files, opts.load_size, [where(i) for i in range(len(rows))]
-  )
-  filenames = [str(f) for f in files]
+    files.append(os.path.abspath(found))
+  filenames = [row["filename"] for row in rows]
   raw = [row["label"] for row in rows] if "label" in rows[0] else []
   if not any(raw):
     if opts.labels_required:
       raise UserError(
         f"{path}: the 'label' column is empty; training data needs labels"
       )
-    return Dataset(
-      images, None, filenames
-    )  # A test CSV with a blank label column.
+    # A test CSV with a blank label column.
+    return Dataset(FileSource(files), None, filenames, files)
   if not all(raw):
     i = raw.index("")
     raise UserError(f"{where(i)}: empty label")
@@ -186,7 +201,8 @@ def read_csv(path: Path, opts: Options) -> Dataset:
     if opts.class_names is not None
     else label_io.class_names_of(raw)
   )
-  return Dataset(images, label_io.index(raw, names, where), filenames, names)
+  labels = label_io.index(raw, names, where)
+  return Dataset(FileSource(files), labels, filenames, files, names)
 
 
 def _csv_rows(path: Path, opts: Options) -> tuple[list[dict], list[int]]:
@@ -211,7 +227,8 @@ def _csv_rows(path: Path, opts: Options) -> tuple[list[dict], list[int]]:
     )
   if opts.labels_required and "label" not in header:
     raise UserError(
-      f"{path}: no 'label' column (columns: {', '.join(header)}); training data needs labels"
+      f"{path}: no 'label' column (columns: {', '.join(header)}); training "
+      "data needs labels"
     )
   if not body:
     raise UserError(f"{path}: no rows, the dataset is empty")
@@ -221,15 +238,16 @@ def _csv_rows(path: Path, opts: Options) -> tuple[list[dict], list[int]]:
   for i, (line, row) in enumerate(body):
     if len(row) <= max(cols.values()):
       raise UserError(
-        f"{path} row {i + 1} (line {line}): expected {len(header)} columns, got {len(row)}"
+        f"{path} row {i + 1} (line {line}): expected {len(header)} columns, "
+        f"got {len(row)}"
       )
     rows.append({k: row[j].strip() for k, j in cols.items()})
   return rows, [line for line, _ in body]
 
 
 def _find(name: str, first: Path, dirs: list[Path]) -> tuple[Path | None, Path]:
-  """(the file, the folder it was in); that folder is tried first for the next row,
-  so the usual case costs one stat per file."""
+  """(the file, the folder it was in); that folder is tried first for the
+  next row, so the usual case costs one stat per file."""
   for d in [first] + [d for d in dirs if d != first]:
     p = d / name
     if p.is_file():
@@ -241,6 +259,7 @@ def read_folder(path: Path, opts: Options) -> Dataset:
   """One sub-folder per class (sorted names), images anywhere below it.
 
   A test folder may instead hold the images directly (unlabelled).
+  Filenames are relative to `path`.
   """
   if not path.is_dir():
     raise UserError(f"{opts.key}: {path} is not a folder")
@@ -252,13 +271,10 @@ def read_folder(path: Path, opts: Options) -> Dataset:
       p for p in path.iterdir() if p.is_file() and image_io.is_image_file(p)
     )
     if loose and not opts.labels_required:
-      return Dataset(
-        image_io.read_images(loose, opts.load_size),
-        None,
-        [str(p) for p in loose],
-      )
+      return _files(path, loose, None, None)
     raise UserError(
-      f"{path}: no class sub-folders; expected one sub-folder of images per class"
+      f"{path}: no class sub-folders; expected one sub-folder of images per "
+      "class"
     )
   own = [d.name for d in subdirs]
   names = list(opts.class_names) if opts.class_names is not None else own
@@ -271,15 +287,22 @@ def read_folder(path: Path, opts: Options) -> Dataset:
       p for p in d.rglob("*") if p.is_file() and image_io.is_image_file(p)
     )
     if not found:
-      raise UserError(
-        f"class folder {d} has no images ({', '.join(sorted(image_io.IMAGE_EXTENSIONS))})"
-      )
+      extensions = ", ".join(sorted(image_io.IMAGE_EXTENSIONS))
+      raise UserError(f"class folder {d} has no images ({extensions})")
     files += found
     labels += [k] * len(found)
-  images = image_io.read_images(files, opts.load_size)
-  return Dataset(
-    images, np.asarray(labels, np.int32), [str(p) for p in files], names
-  )
+  return _files(path, files, np.asarray(labels, np.int32), names)
+
+
+def _files(
+  root: Path,
+  files: list[Path],
+  labels: np.ndarray | None,
+  names: list[str] | None,
+) -> Dataset:
+  paths = [os.path.abspath(p) for p in files]
+  filenames = [p.relative_to(root).as_posix() for p in files]
+  return Dataset(FileSource(paths), labels, filenames, paths, names)
 
 
 def read_npz(path: Path, opts: Options) -> Dataset:
@@ -292,17 +315,19 @@ def read_npz(path: Path, opts: Options) -> Dataset:
     raise UserError(
       f"{path}: no 'images' array (arrays: {', '.join(arrays) or 'none'})"
     )
-  images = _npz_images(arrays["images"], path, opts.load_size)
+  images = _npz_images(arrays["images"], path)
   if "labels" not in arrays:
     if opts.labels_required:
       raise UserError(
-        f"{path}: no 'labels' array (arrays: {', '.join(arrays)}); training data needs labels"
+        f"{path}: no 'labels' array (arrays: {', '.join(arrays)}); training "
+        "data needs labels"
       )
-    return Dataset(images, None, None)
+    return Dataset.from_arrays(images, name=path.name)
   raw = arrays["labels"]
   if raw.shape != (len(images),) or not np.issubdtype(raw.dtype, np.integer):
     raise UserError(
-      f"{path}: 'labels' must be integers of shape ({len(images)},), got {raw.dtype} {raw.shape}"
+      f"{path}: 'labels' must be integers of shape ({len(images)},), got "
+      f"{raw.dtype} {raw.shape}"
     )
   own = (
     [str(s) for s in arrays["class_names"]] if "class_names" in arrays else None
@@ -310,10 +335,10 @@ def read_npz(path: Path, opts: Options) -> Dataset:
   labels, names = label_io.remap(
     raw, own, opts.class_names, lambda i: f"{path} labels[{i}]"
   )
-  return Dataset(images, labels, None, names)
+  return Dataset.from_arrays(images, labels, None, names, name=path.name)
 
 
-def _npz_images(x: np.ndarray, path: Path, load_size: int | None) -> np.ndarray:
+def _npz_images(x: np.ndarray, path: Path) -> np.ndarray:
   if x.ndim == 3:
     x = x[..., None]
   if x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
@@ -325,10 +350,8 @@ def _npz_images(x: np.ndarray, path: Path, load_size: int | None) -> np.ndarray:
   if x.dtype != np.uint8:
     if not np.issubdtype(x.dtype, np.integer) or x.min() < 0 or x.max() > 255:
       raise UserError(
-        f"{path}: 'images' must be uint8 0..255, got {x.dtype} in [{x.min()}, {x.max()}]"
+        f"{path}: 'images' must be uint8 0..255, got {x.dtype} in "
+        f"[{x.min()}, {x.max()}]"
       )
     x = x.astype(np.uint8)
-  x = x[..., :3]  # RGBA -> RGB, as for image files.
-  if load_size is not None and x.shape[1:3] != (load_size, load_size):
-    x = np.stack([image_io.resize_array(a, load_size) for a in x])
-  return x
+  return x[..., :3]  # RGBA -> RGB, as for image files.

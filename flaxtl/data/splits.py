@@ -18,14 +18,12 @@ from flaxtl.errors import UserError
 
 
 def load(cfg: Any) -> Splits:
-  """Reads `cfg` (the `data` ConfigDict, or a whole config that has one) into Splits."""
+  """Reads `cfg` (the `data` ConfigDict, or a whole config that has one)
+  into Splits."""
   if "data" in cfg and "source" not in cfg:
     cfg = cfg.data
-  load_size = _positive(cfg, "load_size")
   opts = sources.Options(
-    key="data.source",
-    load_size=load_size,
-    tfds_data_dir=cfg.get("tfds_data_dir"),
+    key="data.source", tfds_data_dir=cfg.get("tfds_data_dir")
   )
   pool, test = sources.read(cfg.get("source", "mnist_sample"), opts)
   if pool.labels is None:
@@ -40,7 +38,6 @@ def load(cfg: Any) -> Splits:
       key="data.test_source",
       class_names=class_names,
       labels_required=False,
-      load_size=load_size,
       tfds_data_dir=cfg.get("tfds_data_dir"),
     )
     test, _ = sources.read(cfg.test_source, test_opts)
@@ -65,7 +62,8 @@ def load(cfg: Any) -> Splits:
 def split(
   pool: Dataset, val_fraction: float, seed: int, stratify: bool = True
 ) -> tuple[Dataset, Dataset | None]:
-  """(train, val); val gets ceil(N * val_fraction) examples, like sklearn's train_test_split."""
+  """(train, val); val gets ceil(N * val_fraction) examples, like sklearn's
+  train_test_split."""
   if not 0.0 <= val_fraction < 1.0:
     raise UserError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
   if val_fraction == 0.0:
@@ -91,7 +89,8 @@ def split(
 def stratified_sample(
   labels: np.ndarray, size: int, rng: np.random.Generator
 ) -> np.ndarray:
-  """`size` indices (sorted) with each class's share as close to its share of `labels` as counts allow."""
+  """`size` indices (sorted) with each class's share as close to its share
+  of `labels` as counts allow."""
   classes, counts = np.unique(labels, return_counts=True)
   quota = allocate(counts, size)
   picked = [
@@ -102,7 +101,8 @@ def stratified_sample(
 
 
 def allocate(counts: np.ndarray, size: int) -> np.ndarray:
-  """Largest-remainder apportionment of `size` over classes with `counts` (ties: lower class first)."""
+  """Largest-remainder apportionment of `size` over classes with `counts`
+  (ties: lower class first)."""
   exact = np.asarray(counts, np.float64) * size / counts.sum()
   quota = np.floor(exact).astype(np.int64)
   order = np.argsort(-(exact - quota), kind="stable")

@@ -47,6 +47,8 @@ _RANGES: dict[str, tuple] = {
   "data.prefetch": (0, None, False, False),
   "data.max_examples": (1, None, False, False),
   "data.load_size": (1, None, False, False),
+  "data.image_size": (1, None, False, False),
+  "data.workers": (0, None, False, False),
   "freeze.first_layers": (0, None, False, False),
   "distributed.num_processes": (1, None, False, False),
 }

@@ -4,13 +4,16 @@ Scenario 1 of the tutorial (frozen feature extractor + new head) spends almost
 all of its time in the backbone if features are recomputed every epoch. Here
 they are computed once per (weights, data, preprocessing, layer, size) with the
 backbone in inference mode, stored as a memory-mapped .npy under the cache
-directory, and reused on rerun; a change of any input recomputes.
+directory, and reused on rerun; a change of any input recomputes. Images are
+read through the data pipeline's evaluation path, so a streamed folder is
+never held in memory; its cache key uses the files' names, sizes and
+modification times rather than their bytes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -19,7 +22,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from flaxtl import files
+from flaxtl import data, files
 from flaxtl.preprocess import prepare_images
 
 log = logging.getLogger(__name__)
@@ -29,32 +32,41 @@ log = logging.getLogger(__name__)
 BATCH_SIZE = 32
 
 
-def fingerprint(variables: dict, images: np.ndarray, **settings) -> str:
+def fingerprint(variables: dict, ds: data.Dataset, **settings) -> str:
   """Hash of everything the features depend on."""
   h = hashlib.sha256()
-  meta = {**settings, "shape": list(images.shape), "dtype": str(images.dtype)}
+  meta = {**settings, "examples": len(ds), "data": ds.fingerprint()}
   h.update(json.dumps(meta, sort_keys=True, default=str).encode())
   for leaf in jax.tree.leaves(variables):
     h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-  h.update(np.ascontiguousarray(images).tobytes())
   return h.hexdigest()[:24]
 
 
 def extract(
   backbone: nn.Module,
   variables: dict,
-  images: np.ndarray,
+  ds: data.Dataset,
   *,
   image_size: int,
   preprocess: str,
   cache_dir: Path | None,
   split: str = "data",
   compiler_options: dict | None = None,
+  options: data.Options | None = None,
 ) -> np.ndarray:
-  """(N, ...) float32 features of `backbone` (in inference mode), cached."""
+  """(N, ...) float32 features of `backbone` (in inference mode), cached.
+
+  Images come through the evaluation pipeline (`options`: host size, workers).
+  """
+  options = options or data.Options(model_size=image_size)
   layer = getattr(backbone, "output_layer", None) or "out"
   key = fingerprint(
-    variables, images, model=repr(backbone), size=image_size, pre=preprocess
+    variables,
+    ds,
+    model=repr(backbone),
+    size=image_size,
+    pre=preprocess,
+    host_size=options.output_size(ds, train=False),
   )
   path = Path(cache_dir) / f"{split}-{layer}-{key}.npy" if cache_dir else None
   if path is not None and path.exists():
@@ -67,48 +79,37 @@ def extract(
     )
 
   forward = jax.jit(fn, compiler_options=compiler_options)
-  n = len(images)
-  sample = jax.ShapeDtypeStruct((1, *images.shape[1:]), images.dtype)
-  out_shape = (n, *jax.eval_shape(forward, variables, sample).shape[1:])
+  batches = data.eval_batches(ds, BATCH_SIZE, options=options)
+  first = next(batches)
+  sample = jax.ShapeDtypeStruct(first["image"].shape, first["image"].dtype)
+  out_shape = (len(ds), *jax.eval_shape(forward, variables, sample).shape[1:])
   log.info(
-    "features: computing %s for %d images -> %s", layer, n, path or "memory"
+    "features: computing %s for %d images -> %s",
+    layer,
+    len(ds),
+    path or "memory",
   )
+  chained = itertools.chain([first], batches)
   if path is None:
     out = np.empty(out_shape, np.float32)
-    _fill(out, forward, variables, images)
+    _fill(out, forward, variables, chained)
     return out
   with files.atomic_path(path, suffix=".npy") as tmp:
     out = np.lib.format.open_memmap(
       tmp, mode="w+", dtype=np.float32, shape=out_shape
     )
-    _fill(out, forward, variables, images)
+    _fill(out, forward, variables, chained)
     out.flush()
     del out
   return np.load(path, mmap_mode="r")
 
 
-def _fill(
-  out: np.ndarray, forward, variables: dict, images: np.ndarray
-) -> None:
-  n, b = len(images), BATCH_SIZE
-  for start in range(0, n, b):
-    chunk = images[start : start + b]
-    pad = b - len(chunk)
-    if pad:  # Keep one compiled shape.
-      chunk = np.concatenate(
-        [chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)]
-      )
-    out[start : start + b - pad] = np.asarray(forward(variables, chunk))[
-      : b - pad
-    ]
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class FeatureSet:
-  """A dataset of features instead of images: what the pipeline needs of one."""
-
-  images: np.ndarray  # (N, ...) float32 features, memory-mapped from the cache.
-  labels: np.ndarray | None
-
-  def __len__(self) -> int:
-    return len(self.images)
+def _fill(out: np.ndarray, forward, variables: dict, batches) -> None:
+  """Rows in order; every batch has BATCH_SIZE rows (one compiled shape),
+  the padding of the last one masked out."""
+  start = 0
+  for batch in batches:
+    n = int(batch["mask"].sum())
+    feats = np.asarray(forward(variables, batch["image"]))
+    out[start : start + n] = feats[batch["mask"]]
+    start += n

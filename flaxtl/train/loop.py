@@ -129,7 +129,7 @@ def _check_feature_mode(config: ml_collections.ConfigDict) -> None:
       "model.cache_features trains the head alone (the backbone is frozen by "
       "construction): set freeze.first_layers=0 and freeze.phases=()"
     )
-  if config.data.augment:
+  if data_lib.augment_mode(config.data.augment) != "none":
     raise UserError(
       "model.cache_features cannot augment: features are computed once "
       "per image"
@@ -163,14 +163,15 @@ def _cached_features_run(config, run: Run, compiler_options) -> Run:
     feats = features.extract(
       backbone,
       backbone_vars,
-      ds.images,
+      ds,
       image_size=config.image_size,
       preprocess=config_lib.preprocess_mode(config),
       cache_dir=Path(config.model.features_cache_dir),
       split=split,
       compiler_options=compiler_options,
+      options=data_lib.Options.from_config(config),
     )
-    return features.FeatureSet(feats, ds.labels)
+    return data_lib.Dataset.from_arrays(feats, ds.labels, name=split)
 
   splits = dataclasses.replace(
     run.splits,
@@ -246,6 +247,7 @@ def train_and_evaluate(
   if jax.process_index() == 0:
     workdir_lib.create(workdir)
   with workdir_lib.locked(workdir):
+    data_lib.Options.from_config(config)  # Checks the data.* keys first.
     splits = load_data(config)
     # Full batches only: the last partial batch of an epoch is dropped.
     steps_per_epoch = len(splits.train) // config.batch_size
@@ -288,6 +290,10 @@ class _Trainer:
     init_rng, self.train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     self.run_ = _setup(config, splits, init_rng, self.replicated)
     self.model, self.splits = self.run_.model, self.run_.splits
+    self.data_opts = data_lib.Options.from_config(config)
+    if self.run_.frozen_backbone is not None:
+      self.data_opts = self.data_opts.for_arrays()  # Features pass as is.
+    self.skipped_eval: set[int] = set()  # Unreadable images masked out.
     self.train_iter = data_lib.TrainIterator(
       self.splits.train,
       batch_size=config.batch_size,
@@ -295,6 +301,7 @@ class _Trainer:
       shuffle=True,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
+      options=self.data_opts,
     )
     steps_per_epoch = self.train_iter.steps_per_epoch
     self.eval_period = int(config.eval_every_epochs) * steps_per_epoch
@@ -307,6 +314,7 @@ class _Trainer:
   def close(self) -> None:
     if self.batches is not None:
       self.batches.close()
+    self.train_iter.close()
     if self.writer is not None:
       self.writer.close()
 
@@ -342,6 +350,8 @@ class _Trainer:
       ds,
       self.config.eval_batch_size,
       self.batch_sharding,
+      self.data_opts,
+      self.skipped_eval,
     )
     self.writer.write(step, split, out)
     shown = ", ".join(
@@ -351,17 +361,10 @@ class _Trainer:
     return out
 
   def batches_from(self, iterator):
-    def producer():
-      while True:
-        batch = next(iterator)
-        yield batch, iterator.get_state()
+    def put(batch):
+      return distributed.put_batch(batch, self.batch_sharding)
 
-    def put(item):
-      return distributed.put_batch(item[0], self.batch_sharding), item[1]
-
-    return data_lib.prefetch(
-      producer(), size=self.config.data.prefetch, put=put
-    )
+    return data_lib.prefetch(iterator, size=self.config.data.prefetch, put=put)
 
   # --- the run ---------------------------------------------------------------
 
@@ -416,7 +419,7 @@ class _Trainer:
       last_good_step=start_step if start_step else None,
     )
     self.batches = batches = self.batches_from(self.train_iter)
-    iter_state = self.train_iter.get_state()
+    iter_state = batches.get_state()
     t_loop = time.perf_counter()
     prior = session
 
@@ -445,10 +448,10 @@ class _Trainer:
           state = state.replace(opt_state=self.init_opt_state(tx, state.params))
           writer.print(f"phase {i}: first_layers={first} from step {step}")
           writer.print(param_table(state.params, plan))
-        batch, iter_state_next = next(batches)
+        batch = next(batches)
         state, step_metrics = train_step(state, batch)
         step += 1
-        iter_state = iter_state_next
+        iter_state = batches.get_state()
         metrics.add(step, step_metrics)
         last = step == self.total_steps
         if step % config.log_every_steps == 0:
@@ -505,6 +508,8 @@ class _Trainer:
         "trainable_params": param_counts["trainable"],
         "frozen_params": param_counts["frozen"],
         "skipped_updates": metrics.skipped_updates,
+        "corrupt_files_skipped": len(self.train_iter.skipped)
+        + len(self.skipped_eval),
         "train_time_s": train_s,
         "wall_time_s": prior.wall_s + time.perf_counter() - self.t_start,
         "sessions": prior.sessions + 1,
@@ -560,13 +565,17 @@ def _short(v):
   return f"{v:.4f}" if isinstance(v, float) else v
 
 
-def _evaluate(eval_fn, variables: dict, ds, batch_size: int, sharding) -> dict:
+def _evaluate(
+  eval_fn, variables: dict, ds, batch_size: int, sharding, opts, skipped
+) -> dict:
   total = None
   for batch in data_lib.eval_batches(
     ds,
     batch_size=batch_size,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
+    options=opts,
+    skipped=skipped,
   ):
     sums = eval_fn(variables, distributed.put_batch(batch, sharding))
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)

@@ -188,7 +188,7 @@ def train_step(
     train_mode=train_mode(config, plan, batch_stats),
     nan_policy=config.nan_policy,
     log_grad_norm=config.log_grad_norm,
-    augment=data_lib.augment if config.data.augment else None,
+    augment=data_lib.device_augment(config),
   )
   options = compiler_options(config, plan.trainable_paths(), config.model.dtype)
   return tx, fn, options
