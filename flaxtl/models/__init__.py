@@ -9,9 +9,11 @@ architectures (imported below), a weight mapping in `flaxtl.weights`, tests.
 """
 
 from flaxtl.models import (  # noqa: F401 (they register their architectures)
+  convnext,
   densenet,
   efficientnet,
   efficientnet_lite,
+  inception,
   mobilenet,
   resnet,
   tv_convnext,
@@ -20,6 +22,7 @@ from flaxtl.models import (  # noqa: F401 (they register their architectures)
   tv_resnet,
   tv_vgg,
   vgg,
+  xception,
 )
 from flaxtl.models.common import TrainMode, init_variables, variable_shapes
 from flaxtl.models.registry import (

@@ -1,0 +1,117 @@
+"""ConvNeXt Tiny/Small/Base/Large/XLarge as in `keras.applications.convnext`.
+
+Like Keras' own, the model normalises its input (the `..._prestem_
+normalization` layer, ImageNet mean and std on 0..255 RGB), so it takes raw
+0..255 pixels: preprocess 'none'. The stem and the three downsampling blocks
+are Keras Sequentials, one entry each in `model.layers`; their layers' weights
+nest under them (`convnext_tiny_stem/convnext_tiny_stem_conv/kernel`), which
+is also Keras' variable path. A block's residual sum is a tensor operation in
+Keras, not a layer, so `..._identity` (the last layer of a block) is the
+branch output before the sum. Without the top Keras ends with a
+LayerNormalization (named `layer_normalization`), after the pooling if any.
+LayerNormalization epsilon 1e-6; GELU exact (erf); no BatchNormalization.
+"""
+
+from __future__ import annotations
+
+from flaxtl.models import keras_model, registry
+
+MIN_SIZE = 32
+# Keras' MODEL_CONFIGS: blocks per stage and stage widths.
+CONFIGS = {
+  "convnext_tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
+  "convnext_small": ((3, 3, 27, 3), (96, 192, 384, 768)),
+  "convnext_base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
+  "convnext_large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
+  "convnext_xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048)),
+}
+LAYER_SCALE_INIT = 1e-6
+EPS = 1e-6
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_VAR = ((0.229 * 255) ** 2, (0.224 * 255) ** 2, (0.225 * 255) ** 2)
+
+
+def _block(net, x, dim: int, name: str):
+  """ConvNeXtBlock (drop_path_rate 0: the last layer is a linear Activation)."""
+  inputs = x
+  x = net.conv(
+    x, dim, 7, padding="same", groups=dim, name=f"{name}_depthwise_conv"
+  )
+  x = net.layernorm(x, EPS, name=f"{name}_layernorm")
+  x = net.dense(x, 4 * dim, name=f"{name}_pointwise_conv_1")
+  x = net.act(x, "gelu", name=f"{name}_gelu")
+  x = net.dense(x, dim, name=f"{name}_pointwise_conv_2")
+  x = net.layer_scale(x, LAYER_SCALE_INIT, dim, name=f"{name}_layer_scale")
+  x = net.act(x, "linear", name=f"{name}_identity")
+  return net.plus(inputs, x)
+
+
+def _stem(name: str, dim: int):
+  def body(net, x):
+    x = net.conv(x, dim, 4, strides=4, name=f"{name}_stem_conv")
+    return net.layernorm(x, EPS, name=f"{name}_stem_layernorm")
+
+  return body
+
+
+def _downsampling(name: str, i: int, dim: int):
+  def body(net, x):
+    x = net.layernorm(x, EPS, name=f"{name}_downsampling_layernorm_{i}")
+    return net.conv(x, dim, 2, strides=2, name=f"{name}_downsampling_conv_{i}")
+
+  return body
+
+
+def forward(net: keras_model.Net, x, config):
+  """keras/src/applications/convnext.py, layer for layer."""
+  name = config.arch
+  depths, dims = CONFIGS[name]
+  x = net.normalization(
+    x, IMAGENET_MEAN, IMAGENET_VAR, name=f"{name}_prestem_normalization"
+  )
+  for i in range(4):
+    if i == 0:
+      x = net.sequential(x, f"{name}_stem", _stem(name, dims[0]))
+    else:
+      x = net.sequential(
+        x,
+        f"{name}_downsampling_block_{i - 1}",
+        _downsampling(name, i - 1, dims[i]),
+      )
+    for j in range(depths[i]):
+      x = _block(net, x, dims[i], f"{name}_stage_{i}_block_{j}")
+  if config.include_top:
+    x = net.global_avg_pool(x, name=f"{name}_head_gap")
+    x = net.layernorm(x, EPS, name=f"{name}_head_layernorm")
+    return net.dense(x, config.num_classes, name=f"{name}_head_dense")
+  if config.pooling == "avg":
+    x = net.global_avg_pool(x)
+  elif config.pooling == "max":
+    x = net.global_max_pool(x)
+  return net.layernorm(x, EPS)
+
+
+def ConvNeXt(arch: str = "convnext_tiny", **kwargs) -> keras_model.KerasApp:  # noqa: N802
+  return keras_model.KerasApp(arch=arch, **kwargs)
+
+
+for _arch in CONFIGS:
+  keras_model.define(_arch, forward, MIN_SIZE)
+  registry.register(
+    registry.Backbone(
+      arch=_arch,
+      family="convnext",
+      build=lambda arch=_arch, **options: keras_model.KerasApp(
+        arch=arch, **options
+      ),
+      layer_names=lambda include_top=True, pooling=None, arch=_arch: (
+        keras_model.layer_names(arch, include_top, pooling)
+      ),
+      preprocess="none",
+      min_size=MIN_SIZE,
+      feature_layer="layer_normalization",
+      classifier=f"{_arch}_head_dense",
+      batch_stats=False,
+      stem_layers=(f"{_arch}_stem_conv",),
+    )
+  )
