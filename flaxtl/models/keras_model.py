@@ -307,36 +307,38 @@ class Record(Net):
       self.names = names
     self.parents: dict[str, tuple[str, ...]] = {INPUT: ()}
     self.is_layer: dict[str, bool] = {INPUT: True}
-    self.weighted: dict[str, list[str]] = {}  # layer -> its param layers.
+    self.kind: dict[str, str] = {INPUT: "input_layer"}  # Keras class.
+    self.weighted: set[str] = set()
+    self.inner: dict[str, Record] = {}  # Sequentials' own layers.
     self._ops = 0
 
   def input(self) -> str:
     return INPUT
 
-  def _node(self, name: str, inputs, is_layer: bool = True) -> str:
+  def _node(self, name: str, inputs, kind: str | None) -> str:
     if name in self.parents:
       raise ValueError(f"layer name {name!r} used twice")
     self.parents[name] = tuple(inputs)
-    self.is_layer[name] = is_layer
+    self.is_layer[name] = kind is not None
+    if kind is not None:
+      self.kind[name] = kind
     return name
 
   def _layer(self, kind, name, inputs, fn, **kw):
     name = self.names(kind, name)
     if fn is not None:
-      self.weighted[name] = [name]
-    return self._node(name, inputs)
+      self.weighted.add(name)
+    return self._node(name, inputs, kind)
 
   def sequential(self, x, name, body):
     inner = Record(self.names)
     body(inner, inner.input())
-    self.weighted[name] = [
-      f"{name}/{p}" for n in inner.parents for p in inner.weighted.get(n, [])
-    ]
-    return self._node(name, [x])
+    self.inner[name] = inner
+    return self._node(name, [x], "sequential")
 
   def plus(self, a, b):
     self._ops += 1
-    return self._node(f"<op {self._ops}>", [a, b], is_layer=False)
+    return self._node(f"<op {self._ops}>", [a, b], None)
 
   def channels(self, x) -> int:
     return 0
@@ -384,31 +386,70 @@ class _Config:
   num_classes: int = 1000
 
 
+@dataclasses.dataclass(frozen=True)
+class Layers:
+  """A recorded model, as Keras lists and stores it.
+
+  names: `[l.name for l in model.layers]`, input included.
+  weighted: the parameter layers in Keras' weight order; a Sequential's
+    layers as 'sequential_name/layer_name', like the Flax variables.
+  kinds: parameter layer -> its Keras class, snake_case ('conv2d').
+  keys: parameter layer -> its group names in a Keras 3 weights file
+    (`layers/<class>[_<rank among that class in model.layers>]`, nested for
+    Sequentials: ('sequential', 'conv2d')).
+  """
+
+  names: tuple[str, ...]
+  weighted: tuple[str, ...]
+  kinds: dict[str, str]
+  keys: dict[str, tuple[str, ...]]
+
+
+def _weighted(
+  rec: Record, order: list[str]
+) -> list[tuple[str, str, tuple[str, ...]]]:
+  """(path, kind, keys) of each parameter layer, in Keras' order."""
+  out, ranks = [], {}
+  for name in order:
+    kind = rec.kind[name]
+    rank = ranks[kind] = ranks.get(kind, -1) + 1
+    key = kind if rank == 0 else f"{kind}_{rank}"
+    if name in rec.inner:  # A Sequential's layers, without its input.
+      sub = rec.inner[name]
+      inner = [n for n in sub.parents if sub.is_layer[n]][1:]
+      out += [
+        (f"{name}/{path}", k, (key, *keys))
+        for path, k, keys in _weighted(sub, inner)
+      ]
+    elif name in rec.weighted:
+      out.append((name, kind, (key,)))
+  return out
+
+
 @functools.cache
-def _recorded(
-  arch: str, include_top: bool, pooling: str | None
-) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def recorded(
+  arch: str, include_top: bool = True, pooling: str | None = None
+) -> Layers:
+  """The Keras model's layers, recorded from `arch`'s forward (cached)."""
   rec = Record()
   out = _get(arch).forward(
     rec, rec.input(), _Config(arch, include_top, pooling)
   )
   order = [n for n in keras_order(rec.parents, out) if rec.is_layer[n]]
-  weighted = [p for n in order for p in rec.weighted.get(n, [])]
-  return tuple(order), tuple(weighted)
+  weighted = _weighted(rec, order)
+  return Layers(
+    names=tuple(order),
+    weighted=tuple(p for p, _, _ in weighted),
+    kinds={p: k for p, k, _ in weighted},
+    keys={p: keys for p, _, keys in weighted},
+  )
 
 
 def layer_names(
   arch: str, include_top: bool = True, pooling: str | None = None
 ) -> list[str]:
   """`[l.name for l in model.layers]` of the Keras model, input included."""
-  return list(_recorded(arch, include_top, pooling)[0])
-
-
-def weight_layers(
-  arch: str, include_top: bool = True, pooling: str | None = None
-) -> list[str]:
-  """Parameter layers in Keras' weight order ('outer/inner' when nested)."""
-  return list(_recorded(arch, include_top, pooling)[1])
+  return list(recorded(arch, include_top, pooling).names)
 
 
 def _get(arch: str) -> Arch:

@@ -52,7 +52,12 @@ def first_layers_rules(
         f"freeze.first_layers={k}, but {backbone.arch} has only "
         f"{len(names)} layers"
       )
-    weighted = set(tree.layers(tree.paths(params)))
+    # A layer's weights may nest under it (a Keras Sequential inside the
+    # model, e.g. ConvNeXt's stem): it owns every layer below its path.
+    weighted = set()
+    for layer in tree.layers(tree.paths(params)):
+      parts = layer.split("/")
+      weighted.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
     frozen = [prefix + n for n in names[:k] if prefix + n in weighted]
   else:
     layers = tree.layers(tree.paths(params))

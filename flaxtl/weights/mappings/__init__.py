@@ -12,9 +12,11 @@ listed in TORCH likewise.
 """
 
 from flaxtl.weights.mappings import (
+  convnext,
   densenet,
   efficientnet,
   efficientnet_lite,
+  inception,
   mobilenet,
   resnet,
   tv_convnext,
@@ -23,6 +25,7 @@ from flaxtl.weights.mappings import (
   tv_resnet,
   tv_vgg,
   vgg,
+  xception,
 )
 
 KERAS = {
@@ -31,6 +34,9 @@ KERAS = {
   "densenet": densenet,
   "mobilenet": mobilenet,
   "efficientnet": efficientnet,
+  "xception": xception,
+  "inception": inception,
+  "convnext": convnext,
 }
 TORCH = {
   "tv_vgg": tv_vgg,

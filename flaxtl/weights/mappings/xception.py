@@ -1,0 +1,46 @@
+"""A Keras file's layers -> Xception variables (`flaxtl.models.xception`).
+
+Explicit Keras names map one to one; the four unnamed residual convolutions
+and their BatchNormalizations map by their order (`keras_apps`).
+"""
+
+from __future__ import annotations
+
+import re
+
+from flaxtl.weights import keras_file
+from flaxtl.weights.converted import Converted
+from flaxtl.weights.mappings import keras_apps
+
+# Official ImageNet files: (arch, include_top) -> (path under
+# https://storage.googleapis.com/tensorflow/keras-applications/, md5), from
+# keras/src/applications/xception.py (Keras 3.15; get_file checks the md5).
+IMAGENET_FILES = {
+  ("xception", True): (
+    "xception/xception_weights_tf_dim_ordering_tf_kernels.h5",
+    "0a58e3b7378bc2990ea3b43d5981f1f6",
+  ),
+  ("xception", False): (
+    "xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "b0042744bf5b25fce3cb969f33bebb97",
+  ),
+}
+
+_SEPCONV = re.compile(r"block\d+_sepconv\d")
+
+
+def detect(weights: keras_file.KerasWeights) -> str | None:
+  """'xception' when the file has Xception's named separable convolutions."""
+  found = any(
+    _SEPCONV.fullmatch(layer.name or "") and len(layer.arrays) in (2, 3)
+    for layer in weights.layers
+  )
+  return "xception" if found else None
+
+
+def from_keras(
+  weights: keras_file.KerasWeights,
+  arch: str = "xception",
+  include_top: bool | None = None,
+) -> Converted:
+  return keras_apps.from_keras(weights, arch, include_top)
