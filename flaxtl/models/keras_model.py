@@ -147,6 +147,8 @@ class Net:
       use_scale=scale,
       momentum=momentum,
       epsilon=epsilon,
+      # Keras' batch variance is two-pass (jnp.var), not E[x^2] - E[x]^2.
+      use_fast_variance=False,
     )
 
   def dense(self, x, units: int, name: str | None = None):

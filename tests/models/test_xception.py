@@ -1,0 +1,112 @@
+"""Xception against Keras' own: layers, weights, outputs, BN statistics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxtl import models
+from flaxtl.errors import UserError
+from flaxtl.models import common
+from tests import keras_apps as ka
+
+ARCH, SIZE = "xception", 71  # Keras' minimum input size.
+
+
+@pytest.fixture(scope="module")
+def notop(keras):
+  model = ka.build(keras, ARCH, False, SIZE)
+  return model, ka.variables_from(keras, model, ARCH, False)
+
+
+@pytest.mark.parametrize("include_top,pooling", [(True, None), (False, "max")])
+def test_layers_and_weights_match_keras(keras, include_top, pooling):
+  model = ka.build(keras, ARCH, include_top, SIZE, pooling)
+  ka.check_layer_names(model, ARCH, include_top, pooling)
+  variables = ka.variables_from(keras, model, ARCH, include_top)
+  n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables))
+  assert n == model.count_params()
+  # The unnamed residual layers keep Keras' auto names; BN has 4 arrays.
+  assert set(variables["params"]["batch_normalization"]) == {"scale", "bias"}
+  assert set(variables["batch_stats"]["batch_normalization_3"]) == {
+    "mean",
+    "var",
+  }
+  assert set(variables["params"]["block2_sepconv1"]) == {
+    "depthwise_kernel",
+    "pointwise_kernel",
+  }
+
+
+def test_notop_layer_names_match_keras(notop):
+  ka.check_layer_names(notop[0], ARCH, False)
+
+
+@pytest.mark.parametrize(
+  "layer",
+  [
+    "block1_conv1_bn",
+    "conv2d_1",
+    "block3_pool",
+    "add_4",
+    "block14_sepconv2_act",
+  ],
+)
+def test_any_layer_is_an_output_like_keras(keras, notop, layer):
+  model, variables = notop
+  x = ka.images(keras, ARCH, SIZE)
+  want = keras.Model(model.input, model.get_layer(layer).output)(x)
+  got = models.create(ARCH, include_top=False, output_layer=layer).apply(
+    variables, x
+  )
+  assert ka.rel_diff(got, want) <= ka.TOL
+
+
+def test_model_stopped_early_has_no_later_params():
+  model = models.create(ARCH, include_top=False, output_layer="block4_pool")
+  params = common.variable_shapes(model, SIZE)["params"]
+  assert "block4_sepconv2" in params and "block5_sepconv1" not in params
+
+
+def test_train_mode_batch_statistics_match_keras(keras, notop):
+  """Keras' BN momentum (0.99) and epsilon (1e-3) in a training pass."""
+  model, variables = notop
+  x = ka.images(keras, ARCH, SIZE, n=4, seed=1)
+  out, updates = models.create(ARCH, include_top=False).apply(
+    variables, x, train=True, mutable=["batch_stats"]
+  )
+  want = model(x, training=True)  # Also updates Keras' moving statistics.
+  assert ka.rel_diff(out, want) <= ka.TOL
+  after = ka.keras_arrays(keras, model)
+  for name, stats in updates["batch_stats"].items():
+    old = variables["batch_stats"][name]
+    assert not np.allclose(stats["mean"], old["mean"])
+    np.testing.assert_allclose(
+      stats["mean"], after[name][2], rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(
+      stats["var"], after[name][3], rtol=1e-4, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+  "options,shape,msg",
+  [
+    ({}, (1, 70, 70, 3), "at least 71x71"),
+    ({"output_layer": "predictions"}, (1, 71, 71, 3), "output_layer"),
+    ({"pooling": "sum"}, (1, 71, 71, 3), "pooling"),
+    ({}, (1, 71, 71, 1), "width, 3"),
+  ],
+)
+def test_bad_input_is_a_user_error(options, shape, msg):
+  with pytest.raises(UserError, match=msg):
+    model = models.create(ARCH, include_top=False, **options)
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape)))
+
+
+def test_registry_entry():
+  spec = models.get(ARCH)
+  assert (spec.preprocess, spec.min_size, spec.top_size) == ("tf", 71, None)
+  assert spec.batch_stats and spec.family == "xception"
+  names = models.keras_layer_names(ARCH, include_top=False)
+  assert spec.feature_layer == names[-1]
