@@ -1,0 +1,74 @@
+"""ConvNeXt files of every layout -> flaxtl -> Keras' outputs."""
+
+import pytest
+
+from flaxtl import weights
+from flaxtl.errors import UserError
+from flaxtl.weights import keras_file
+from flaxtl.weights.mappings import convnext as convnext_mapping
+from tests import keras_apps as ka
+
+ARCH, SIZE = "convnext_tiny", 32
+
+
+@pytest.fixture(scope="module")
+def cases(keras, tmp_path_factory):
+  root = tmp_path_factory.mktemp("convnext_tiny")
+  return {
+    top: ka.Case(keras, ARCH, top, SIZE, root / str(top))
+    for top in (True, False)
+  }
+
+
+@pytest.mark.parametrize("layout", ka.LAYOUTS)
+@pytest.mark.parametrize("include_top", [True, False])
+def test_parity_with_keras(
+  cases, tmp_path, record_property, include_top, layout
+):
+  case = cases[include_top]
+  prov = ka.check_conversion(
+    case, case.files[layout], tmp_path / "c", record_property
+  )
+  assert prov["layout"] == layout
+  assert prov["mapping"] == "by_name"
+
+
+def test_unnamed_keras3_file_maps_by_class_keys(cases, tmp_path):
+  """Sequential layers sit under `layers/sequential/layers/conv2d`."""
+  case = cases[False]
+  src = ka.strip_names(
+    case.files["keras3_weights_h5"], tmp_path / "old.weights.h5"
+  )
+  prov = ka.check_conversion(case, src, tmp_path / "c", arch=ARCH)
+  assert prov["mapping"] == "by_class_order"
+
+
+def test_model_built_under_another_name(keras, cases, tmp_path):
+  case = cases[True]
+  other = keras.applications.ConvNeXtTiny(
+    weights=None,
+    input_shape=(SIZE, SIZE, 3),
+    classifier_activation=None,
+    name="my_convnext",
+  )
+  other.set_weights(case.model.get_weights())
+  other.save(tmp_path / "mine.keras")
+  read = keras_file.read(tmp_path / "mine.keras")
+  assert "my_convnext_stem_conv" in [layer.name for layer in read.layers]
+  assert convnext_mapping.detect(read) == ARCH
+  ka.check_conversion(case, tmp_path / "mine.keras", tmp_path / "c")
+
+
+def test_wrong_size_is_named(cases):
+  src = cases[False].files["legacy_weights_h5"]
+  with pytest.raises(UserError, match="holds a convnext_tiny model, not conv"):
+    weights.load_file(src, "convnext_small")
+
+
+def test_imagenet_files_are_keras_own():
+  files = convnext_mapping.IMAGENET_FILES
+  assert files[("convnext_base", False)] == (
+    "convnext/convnext_base_notop.h5",
+    "40a20c5548a5e9202f69735ecc06c990e6b7c9d2de39f0361e27baeb24cb7c45",
+  )
+  assert len(files) == 10
