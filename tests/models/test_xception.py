@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxtl import models
+from flaxtl import models, tree
 from flaxtl.errors import UserError
 from flaxtl.models import common
+from flaxtl.models.heads import TransferModel
+from flaxtl.train import freeze
 from tests import keras_apps as ka
 
 ARCH, SIZE = "xception", 71  # Keras' minimum input size.
@@ -110,3 +112,36 @@ def test_registry_entry():
   assert spec.batch_stats and spec.family == "xception"
   names = models.keras_layer_names(ARCH, include_top=False)
   assert spec.feature_layer == names[-1]
+
+
+def test_transfer_model_keeps_frozen_bn_layers_in_inference_mode():
+  """freeze.first_layers=7 is Keras' layers[:7]: block1's convs and BNs."""
+  model = TransferModel(
+    arch=ARCH,
+    head="mlp",
+    num_classes=3,
+    hidden=(8,),
+    activations=("relu",),
+    dropout=(0.0,),
+    pooling="avg",
+  )
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, SIZE, SIZE, 3)) * 2 - 1
+  variables = model.init(jax.random.PRNGKey(0), x)
+  spec = models.get(ARCH)
+  rules = freeze.first_layers_rules(7, variables["params"], spec, False)
+  plan = freeze.plan(variables["params"], rules)
+  bn_layers = set(tree.layers(tree.paths(variables["batch_stats"])))
+  inference = bn_layers & plan.frozen_layers()
+  assert inference == {"backbone/block1_conv1_bn", "backbone/block1_conv2_bn"}
+  logits, updates = model.apply(
+    variables,
+    x,
+    train=common.TrainMode(frozenset(inference)),
+    mutable=["batch_stats"],
+  )
+  assert logits.shape == (2, 3)
+  old = tree.flatten(variables["batch_stats"])
+  new = tree.flatten(updates["batch_stats"])
+  for path, value in new.items():
+    frozen = tree.layer_of(path) in inference
+    assert np.array_equal(value, old[path]) == frozen, path
