@@ -23,11 +23,13 @@ KERAS_BUILDERS = {
   "convnext_base": "ConvNeXtBase",
   "convnext_large": "ConvNeXtLarge",
   "convnext_xlarge": "ConvNeXtXLarge",
+  "nasnet_mobile": "NASNetMobile",
 }
 PREPROCESS = {  # Keras' preprocess_input module per family.
   "xception": "xception",
   "inception": "inception_v3",
   "convnext": "convnext",
+  "nasnet": "nasnet",
 }
 
 

@@ -15,6 +15,7 @@ from flaxtl.models import (  # noqa: F401 (they register their architectures)
   efficientnet_lite,
   inception,
   mobilenet,
+  nasnet,
   resnet,
   tv_convnext,
   tv_efficientnet,

@@ -43,16 +43,22 @@ zeros = nn.initializers.zeros_init()
 class Arch:
   forward: Callable[..., Any]  # forward(net, x, config) -> output.
   min_size: int
+  default_size: int = 224  # Recording runs at this size (Keras' default).
 
 
 _ARCHS: dict[str, Arch] = {}
 
 
-def define(arch: str, forward: Callable[..., Any], min_size: int) -> None:
+def define(
+  arch: str,
+  forward: Callable[..., Any],
+  min_size: int,
+  default_size: int = 224,
+) -> None:
   """Declares `arch`'s forward function (see the module docstring)."""
   if arch in _ARCHS:
     raise ValueError(f"architecture {arch!r} defined twice")
-  _ARCHS[arch] = Arch(forward, min_size)
+  _ARCHS[arch] = Arch(forward, min_size, default_size)
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -100,6 +106,7 @@ class Net:
       name,
       [x],
       Conv,
+      shape=_window(kernel_size, strides, padding, filters),
       filters=filters,
       kernel_size=_pair(kernel_size),
       strides=_pair(strides),
@@ -124,6 +131,7 @@ class Net:
       name,
       [x],
       SeparableConv,
+      shape=_window(kernel_size, strides, padding, filters),
       filters=filters,
       kernel_size=_pair(kernel_size),
       strides=_pair(strides),
@@ -157,6 +165,7 @@ class Net:
       name,
       [x],
       nn.Dense,
+      shape=lambda s: (*s[:-1], units),
       features=units,
       kernel_init=kernel_init,
       bias_init=zeros,
@@ -189,7 +198,8 @@ class Net:
       strides=_pair(strides or pool_size),
       padding=padding,
     )
-    return self._layer("max_pooling2d", name, [x], None, op=op)
+    shape = _window(pool_size, strides or pool_size, padding)
+    return self._layer("max_pooling2d", name, [x], None, op=op, shape=shape)
 
   def avg_pool(self, x, pool_size, strides=None, padding="valid", name=None):
     op = functools.partial(
@@ -198,22 +208,34 @@ class Net:
       strides=_pair(strides or pool_size),
       padding=padding,
     )
-    return self._layer("average_pooling2d", name, [x], None, op=op)
+    shape = _window(pool_size, strides or pool_size, padding)
+    return self._layer("average_pooling2d", name, [x], None, op=op, shape=shape)
 
   def global_avg_pool(self, x, name: str | None = None):
     op = functools.partial(jnp.mean, axis=(1, 2))
-    return self._layer("global_average_pooling2d", name, [x], None, op=op)
+    return self._layer(
+      "global_average_pooling2d", name, [x], None, op=op, shape=_pooled
+    )
 
   def global_max_pool(self, x, name: str | None = None):
     op = functools.partial(jnp.max, axis=(1, 2))
-    return self._layer("global_max_pooling2d", name, [x], None, op=op)
+    return self._layer(
+      "global_max_pooling2d", name, [x], None, op=op, shape=_pooled
+    )
 
   def add(self, xs: list, name: str | None = None):
     return self._layer("add", name, xs, None, op=_sum)
 
   def concat(self, xs: list, name: str | None = None):
     op = functools.partial(jnp.concatenate, axis=-1)
-    return self._layer("concatenate", name, xs, None, op=lambda *a: op(a))
+    return self._layer(
+      "concatenate",
+      name,
+      xs,
+      None,
+      op=lambda *a: op(a),
+      shape=lambda *s: (*s[0][:-1], sum(c[-1] for c in s)),
+    )
 
   def custom_scale(self, xs: list, scale: float, name: str | None = None):
     """InceptionResNetV2's CustomScaleLayer: xs[0] + xs[1] * scale."""
@@ -226,7 +248,14 @@ class Net:
     op = functools.partial(
       jnp.pad, pad_width=((0, 0), (top, bottom), (left, right), (0, 0))
     )
-    return self._layer("zero_padding2d", name, [x], None, op=op)
+    return self._layer(
+      "zero_padding2d",
+      name,
+      [x],
+      None,
+      op=op,
+      shape=lambda s: (s[0] + top + bottom, s[1] + left + right, s[2]),
+    )
 
   def crop(self, x, cropping, name: str | None = None):
     (top, bottom), (left, right) = cropping
@@ -235,7 +264,14 @@ class Net:
       h, w = a.shape[1], a.shape[2]
       return a[:, top : h - bottom, left : w - right]
 
-    return self._layer("cropping2d", name, [x], None, op=op)
+    return self._layer(
+      "cropping2d",
+      name,
+      [x],
+      None,
+      op=op,
+      shape=lambda s: (s[0] - top - bottom, s[1] - left - right, s[2]),
+    )
 
   def normalization(self, x, mean, variance, name: str | None = None):
     """Keras' Normalization with fixed statistics (no weights)."""
@@ -257,6 +293,20 @@ class Net:
 
   def spatial(self, x) -> tuple[int, int]:
     raise NotImplementedError
+
+
+def _window(kernel_size, strides, padding, filters=None):
+  """The output shape (h, w, c) of a convolution or pooling, as Keras'."""
+  (kh, kw), (sh, sw) = _pair(kernel_size), _pair(strides)
+
+  def size(n, k, step):
+    return -(-n // step) if padding == "same" else (n - k) // step + 1
+
+  return lambda s: (size(s[0], kh, sh), size(s[1], kw, sw), filters or s[2])
+
+
+def _pooled(s):
+  return (s[-1],)
 
 
 def _sum(*xs):
@@ -303,10 +353,11 @@ def _avg_pool(x, size, strides, padding):
 class Record(Net):
   """Runs a forward on layer names; `parents` is the Keras graph."""
 
-  def __init__(self, names: _Names | None = None):
+  def __init__(self, input_shape: tuple[int, ...] = (224, 224, 3), names=None):
     super().__init__()
     if names is not None:
       self.names = names
+    self.shapes: dict[str, tuple[int, ...]] = {INPUT: tuple(input_shape)}
     self.parents: dict[str, tuple[str, ...]] = {INPUT: ()}
     self.is_layer: dict[str, bool] = {INPUT: True}
     self.kind: dict[str, str] = {INPUT: "input_layer"}  # Keras class.
@@ -326,27 +377,32 @@ class Record(Net):
       self.kind[name] = kind
     return name
 
-  def _layer(self, kind, name, inputs, fn, **kw):
+  def _layer(self, kind, name, inputs, fn, shape=None, **kw):
     name = self.names(kind, name)
     if fn is not None:
       self.weighted.add(name)
+    shapes = [self.shapes[i] for i in inputs]
+    self.shapes[name] = shape(*shapes) if shape else shapes[0]
     return self._node(name, inputs, kind)
 
   def sequential(self, x, name, body):
-    inner = Record(self.names)
-    body(inner, inner.input())
+    inner = Record(self.shapes[x], self.names)
+    out = body(inner, inner.input())
     self.inner[name] = inner
+    self.shapes[name] = inner.shapes[out]
     return self._node(name, [x], "sequential")
 
   def plus(self, a, b):
     self._ops += 1
-    return self._node(f"<op {self._ops}>", [a, b], None)
+    name = f"<op {self._ops}>"
+    self.shapes[name] = self.shapes[a]
+    return self._node(name, [a, b], None)
 
   def channels(self, x) -> int:
-    return 0
+    return self.shapes[x][-1]
 
   def spatial(self, x) -> tuple[int, int]:
-    return (0, 0)
+    return self.shapes[x][0], self.shapes[x][1]
 
 
 def keras_order(parents: dict[str, tuple[str, ...]], output: str) -> list[str]:
@@ -433,10 +489,9 @@ def recorded(
   arch: str, include_top: bool = True, pooling: str | None = None
 ) -> Layers:
   """The Keras model's layers, recorded from `arch`'s forward (cached)."""
-  rec = Record()
-  out = _get(arch).forward(
-    rec, rec.input(), _Config(arch, include_top, pooling)
-  )
+  spec = _get(arch)
+  rec = Record((spec.default_size, spec.default_size, 3))
+  out = spec.forward(rec, rec.input(), _Config(arch, include_top, pooling))
   order = [n for n in keras_order(rec.parents, out) if rec.is_layer[n]]
   weighted = _weighted(rec, order)
   return Layers(
@@ -586,7 +641,7 @@ class Compute(Net):
     self.taps, self.train = taps, train
     self.dtype, self.param_dtype = dtype, param_dtype
 
-  def _layer(self, kind, name, inputs, fn, op=None, **kw):
+  def _layer(self, kind, name, inputs, fn, op=None, shape=None, **kw):
     name = self.names(kind, name)
     if fn is common.BatchNorm:
       module = fn(

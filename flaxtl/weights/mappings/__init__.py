@@ -18,6 +18,7 @@ from flaxtl.weights.mappings import (
   efficientnet_lite,
   inception,
   mobilenet,
+  nasnet,
   resnet,
   tv_convnext,
   tv_efficientnet,
@@ -37,6 +38,7 @@ KERAS = {
   "xception": xception,
   "inception": inception,
   "convnext": convnext,
+  "nasnet": nasnet,
 }
 TORCH = {
   "tv_vgg": tv_vgg,
