@@ -5,7 +5,8 @@ A family writes its architecture as `forward(net, x, config)`, calling
 names of the Keras layers, in the order the Keras source creates them (auto
 names such as `conv2d_7` count in that order). `Compute` runs it inside a
 Flax module: parameters named like the Keras layers, Keras' shapes and
-numerics. `Record` runs it on layer names only and keeps which layer feeds
+numerics. `Record` runs it on layer names and (h, w, c) shapes only (some
+Keras code branches on shapes, e.g. NASNet) and keeps which layer feeds
 which; `layer_names` then orders the layers the way Keras' `model.layers`
 does (deepest first, ties by first visit from the output:
 keras/src/ops/function.py `map_graph`), which is not call order for
@@ -347,11 +348,11 @@ def _avg_pool(x, size, strides, padding):
 
 
 # ---------------------------------------------------------------------------
-# Recording: names and edges only.
+# Recording: names, edges and shapes only.
 
 
 class Record(Net):
-  """Runs a forward on layer names; `parents` is the Keras graph."""
+  """Runs a forward on layer names and shapes; `parents` is the graph."""
 
   def __init__(self, input_shape: tuple[int, ...] = (224, 224, 3), names=None):
     super().__init__()
@@ -619,6 +620,7 @@ class _Sequential(nn.Module):
   """A Keras Sequential inside the model: its layers nest under its name."""
 
   body: Callable[[Net, Any], Any]
+  names: _Names  # The model's auto-name counters, shared as in Keras.
   train: Any = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -626,6 +628,7 @@ class _Sequential(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     net = Compute(common.Taps(), self.train, self.dtype, self.param_dtype)
+    net.names = self.names
     return self.body(net, x)
 
 
@@ -658,9 +661,10 @@ class Compute(Net):
     return self.taps(name, y)
 
   def sequential(self, x, name, body):
-    y = _Sequential(body, self.train, self.dtype, self.param_dtype, name=name)(
-      x
+    sequential = _Sequential(
+      body, self.names, self.train, self.dtype, self.param_dtype, name=name
     )
+    y = sequential(x)
     return self.taps(name, y)
 
   def plus(self, a, b):
