@@ -15,6 +15,13 @@ branching models such as InceptionV3.
     define("xception", forward, min_size=71)
     KerasApp(arch="xception", include_top=False).apply(variables, x)
     layer_names("xception", include_top=False)  # Keras' model.layers names
+
+`flaxtl.models.keras_graph` does the same for ResNet and DenseNet, whose
+Keras code needs only named Conv/BN/ReLU/pool/add/concat layers; these
+families also need separable and grouped convolutions, LayerNormalization,
+Sequentials inside the model, Keras' per-class auto names, shapes while
+recording (NASNet), and the class keys of Keras 3 weight files. Both use
+`keras_graph.keras_order`.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import jax.numpy as jnp
 
 from flaxtl.errors import UserError
 from flaxtl.models import common
+from flaxtl.models.keras_graph import keras_order
 
 INPUT = "input_layer"
 
@@ -156,8 +164,6 @@ class Net:
       use_scale=scale,
       momentum=momentum,
       epsilon=epsilon,
-      # Keras' batch variance is two-pass (jnp.var), not E[x^2] - E[x]^2.
-      use_fast_variance=False,
     )
 
   def dense(self, x, units: int, name: str | None = None):
@@ -404,35 +410,6 @@ class Record(Net):
 
   def spatial(self, x) -> tuple[int, int]:
     return self.shapes[x][0], self.shapes[x][1]
-
-
-def keras_order(parents: dict[str, tuple[str, ...]], output: str) -> list[str]:
-  """Keras' Functional operation order for this graph (map_graph).
-
-  A depth-first walk from the output numbers each node on first visit;
-  a node's depth is its longest distance to the output; nodes are sorted by
-  decreasing depth, then by visit number.
-  """
-  index = {output: 0}
-  finished: list[str] = []
-  done: set[str] = set()
-  stack = [(output, iter(parents[output]))]
-  while stack:  # Iterative: IRV2 is deeper than Python's recursion limit.
-    node, todo = stack[-1]
-    nxt = next(todo, None)
-    if nxt is None:
-      stack.pop()
-      done.add(node)
-      finished.append(node)
-    elif nxt not in done:
-      index.setdefault(nxt, len(index))
-      stack.append((nxt, iter(parents[nxt])))
-  depth: dict[str, int] = {}
-  for node in reversed(finished):
-    d = depth.setdefault(node, 0)
-    for p in parents[node]:
-      depth[p] = max(depth.get(p, 0), d + 1)
-  return sorted(finished, key=lambda n: (-depth[n], index[n]))
 
 
 @dataclasses.dataclass(frozen=True)
