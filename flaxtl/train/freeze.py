@@ -52,13 +52,8 @@ def first_layers_rules(
         f"freeze.first_layers={k}, but {backbone.arch} has only "
         f"{len(names)} layers"
       )
-    # A layer's weights may nest under it (a Keras Sequential inside the
-    # model, e.g. ConvNeXt's stem): it owns every layer below its path.
-    weighted = set()
-    for layer in tree.layers(tree.paths(params)):
-      parts = layer.split("/")
-      weighted.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
-    frozen = [prefix + n for n in names[:k] if prefix + n in weighted]
+    owners = _owners(params, backbone)
+    frozen = [prefix + n for n in names[:k] if prefix + n in owners]
   else:
     layers = tree.layers(tree.paths(params))
     if k > len(layers):
@@ -68,6 +63,22 @@ def first_layers_rules(
       )
     frozen = layers[:k]
   return [(re.escape(n) + "/.*", FROZEN) for n in frozen]
+
+
+def _owners(params: dict, backbone: registry.Backbone | None) -> set[str]:
+  """The layers that own parameters.
+
+  A Keras layer's weights may nest under it (a Sequential inside the model,
+  e.g. ConvNeXt's stem): with Keras naming it owns every layer below it.
+  """
+  layers = tree.layers(tree.paths(params))
+  if backbone is None or backbone.naming != "keras":
+    return set(layers)
+  owners = set()
+  for layer in layers:
+    parts = layer.split("/")
+    owners.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+  return owners
 
 
 def until_rules(
@@ -107,8 +118,8 @@ def until_rules(
       f"freeze.until={name!r} is not a layer or stage of {arch} (layers "
       f"look like {[n for n in names if n.startswith(at)][:4] or names[:4]})"
     )
-  has_params = set(weighted)
-  frozen = [at + n for n in names[: hits[-1] + 1] if at + n in has_params]
+  owners = _owners(params, backbone)
+  frozen = [at + n for n in names[: hits[-1] + 1] if at + n in owners]
   return [(re.escape(n) + "/.*", FROZEN) for n in frozen]
 
 

@@ -117,3 +117,15 @@ def test_registry_entries():
     assert spec.classifier == models.keras_layer_names(arch)[-1]
     assert spec.feature_layer == models.keras_layer_names(arch, False)[-1]
   assert len(models.names("convnext")) == 5
+
+
+def test_freeze_until_the_stem_freezes_its_nested_layers():
+  shapes = common.variable_shapes(models.create(TINY, include_top=False), SIZE)
+  params = {"backbone": shapes["params"]}
+  rules = freeze.until_rules(
+    "convnext_tiny_stem", params, models.get(TINY), include_top=False
+  )
+  plan = freeze.plan(params, rules)
+  frozen = {p for p, state, _ in plan.rows if state == freeze.FROZEN}
+  assert len(frozen) == 4
+  assert all(p.startswith("backbone/convnext_tiny_stem/") for p in frozen)
