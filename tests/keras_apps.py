@@ -11,6 +11,7 @@ import numpy as np
 
 from flaxtl import models, tree
 from flaxtl.weights.mappings import keras_names
+from tests import keras_layouts
 
 TOL = 1e-4  # Largest |difference| relative to the largest |Keras output|.
 
@@ -49,7 +50,12 @@ def build(keras, arch, include_top, size, pooling=None, seed=1):
 
 
 def perturb(model, seed=0):
-  """Moves every non-kernel weight off its default (zeros, ones, 1e-6)."""
+  """Moves every non-kernel weight off its default (zeros, ones, 1e-6).
+
+  Unlike tests/keras_layouts.perturb it also sets ConvNeXt's LayerScale
+  gammas (Keras names them `variable`) to O(1): at their 1e-6 init a block
+  adds almost nothing and a wrong block would go unnoticed.
+  """
   rng = np.random.default_rng(seed)
   for w in model.weights:
     shape = tuple(w.shape)
@@ -116,27 +122,28 @@ def apply_fn(arch, include_top, **options):
 
 # --- Parity through files: Keras writes, flaxtl converts, both run. ---
 
-LAYOUTS = (  # What tests/keras_layouts.write_keras3 writes.
-  "keras3_weights_h5",
-  "keras_archive",
-  "legacy_model_h5",
-  "legacy_weights_h5",
-)
+LAYOUTS = keras_layouts.KERAS3_LAYOUTS  # What write_keras3 writes.
+OFFICIAL = ("official_keras1", "official_keras2")  # The ImageNet files' form.
 
 
 class Case:
   """A perturbed Keras model, its output on `x`, its files in every layout."""
 
-  def __init__(self, keras, arch, include_top, size, tmp, seed=1):
-    from tests.keras_layouts import write_keras3
-
+  def __init__(
+    self, keras, arch, include_top, size, tmp, seed=1, official=False
+  ):
     self.arch, self.include_top, self.size = arch, include_top, size
     self.model = build(keras, arch, include_top, size, seed=seed)
     self.x = images(keras, arch, size)
     self.want = np.asarray(self.model(self.x))
     self.arrays = keras_arrays(keras, self.model)
     tmp.mkdir(parents=True, exist_ok=True)
-    self.files = write_keras3(self.model, tmp)
+    self.files = keras_layouts.write_keras3(self.model, tmp)
+    if official:
+      for layout in OFFICIAL:
+        self.files[layout] = keras_layouts.write_official(
+          self.model, tmp / f"{layout}.h5", layout.split("_")[1]
+        )
     self.apply = apply_fn(arch, include_top)
     self.tmp = tmp
 

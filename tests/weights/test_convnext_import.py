@@ -4,7 +4,7 @@ import pytest
 
 from flaxtl import weights
 from flaxtl.errors import UserError
-from flaxtl.weights import keras_file
+from flaxtl.weights import keras_file, sources
 from flaxtl.weights.mappings import convnext as convnext_mapping
 from tests import keras_apps as ka
 
@@ -65,10 +65,16 @@ def test_wrong_size_is_named(cases):
     weights.load_file(src, "convnext_small")
 
 
-def test_imagenet_files_are_keras_own():
-  files = convnext_mapping.IMAGENET_FILES
-  assert files[("convnext_base", False)] == (
-    "convnext/convnext_base_notop.h5",
-    "40a20c5548a5e9202f69735ecc06c990e6b7c9d2de39f0361e27baeb24cb7c45",
-  )
-  assert len(files) == 10
+def test_imagenet_table_is_keras_own(keras):
+  from keras.src.applications import convnext as kconvnext
+
+  folder = kconvnext.BASE_WEIGHTS_PATH.removeprefix(sources.KERAS_BASE_URL)
+  for arch, (top, notop) in kconvnext.WEIGHTS_HASHES.items():
+    assert sources.IMAGENET_FILES[(arch, True)] == (f"{folder}{arch}.h5", top)
+    assert sources.IMAGENET_FILES[(arch, False)] == (
+      f"{folder}{arch}_notop.h5",
+      notop,
+    )
+  assert set(convnext_mapping.IMAGENET_FILES) == {
+    (a, t) for a in kconvnext.WEIGHTS_HASHES for t in (True, False)
+  }

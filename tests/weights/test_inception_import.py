@@ -1,11 +1,14 @@
 """InceptionV3 files of every layout -> flaxtl -> Keras' outputs."""
 
+import inspect
+import re
+
 import h5py
 import pytest
 
 from flaxtl import weights
 from flaxtl.errors import UserError
-from flaxtl.weights import keras_file
+from flaxtl.weights import keras_file, sources
 from flaxtl.weights.mappings import inception as inception_mapping
 from tests import keras_apps as ka
 
@@ -16,12 +19,12 @@ ARCH, SIZE = "inception_v3", 75
 def cases(keras, tmp_path_factory):
   root = tmp_path_factory.mktemp("inception_v3")
   return {
-    top: ka.Case(keras, ARCH, top, SIZE, root / str(top))
+    top: ka.Case(keras, ARCH, top, SIZE, root / str(top), official=True)
     for top in (True, False)
   }
 
 
-@pytest.mark.parametrize("layout", ka.LAYOUTS)
+@pytest.mark.parametrize("layout", ka.LAYOUTS + ka.OFFICIAL)
 @pytest.mark.parametrize("include_top", [True, False])
 def test_parity_with_keras(
   cases, tmp_path, record_property, include_top, layout
@@ -30,7 +33,9 @@ def test_parity_with_keras(
   prov = ka.check_conversion(
     case, case.files[layout], tmp_path / "c", record_property
   )
-  assert prov["layout"] == layout
+  assert prov["layout"] == layout.replace(
+    "official_keras1", "legacy_weights_h5"
+  ).replace("official_keras2", "legacy_weights_h5")
 
 
 def test_auto_names_from_another_session_nested(keras, cases, tmp_path):
@@ -73,3 +78,28 @@ def test_detect_and_wrong_architecture(cases):
     UserError, match="holds a inception_v3 model, not xception"
   ):
     weights.load_file(src, "xception")
+
+
+def test_imagenet_table_is_keras_own(keras):
+  from keras.src.applications import inception_resnet_v2 as kirv2
+  from keras.src.applications import inception_v3 as kv3
+
+  base = sources.KERAS_BASE_URL
+  v3 = re.findall(r'file_hash="([0-9a-f]{32})"', inspect.getsource(kv3))
+  assert sources.IMAGENET_FILES[(ARCH, True)] == (
+    kv3.WEIGHTS_PATH.removeprefix(base),
+    v3[0],
+  )
+  assert sources.IMAGENET_FILES[(ARCH, False)] == (
+    kv3.WEIGHTS_PATH_NO_TOP.removeprefix(base),
+    v3[1],
+  )
+  text = inspect.getsource(kirv2)
+  irv2 = re.findall(r'file_hash="([0-9a-f]{32})"', text)
+  names = re.findall(r'"(inception_resnet_v2_weights_[a-z_]+\.h5)"', text)
+  folder = kirv2.BASE_WEIGHT_URL.removeprefix(base)
+  for top, name, digest in zip((True, False), names, irv2):
+    assert sources.IMAGENET_FILES[("inception_resnet_v2", top)] == (
+      folder + name,
+      digest,
+    )

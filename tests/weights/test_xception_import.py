@@ -1,8 +1,10 @@
 """Xception files of every layout -> flaxtl -> Keras' outputs; the real file."""
 
 import hashlib
+import inspect
 import os
 from pathlib import Path
+import re
 import subprocess
 import sys
 import zipfile
@@ -25,12 +27,12 @@ ARCH, SIZE = "xception", 71
 def cases(keras, tmp_path_factory):
   root = tmp_path_factory.mktemp("xception")
   return {
-    top: ka.Case(keras, ARCH, top, SIZE, root / str(top))
+    top: ka.Case(keras, ARCH, top, SIZE, root / str(top), official=True)
     for top in (True, False)
   }
 
 
-@pytest.mark.parametrize("layout", ka.LAYOUTS)
+@pytest.mark.parametrize("layout", ka.LAYOUTS + ka.OFFICIAL)
 @pytest.mark.parametrize("include_top", [True, False])
 def test_parity_with_keras(
   cases, tmp_path, record_property, include_top, layout
@@ -39,7 +41,9 @@ def test_parity_with_keras(
   prov = ka.check_conversion(
     case, case.files[layout], tmp_path / "c", record_property
   )
-  assert prov["layout"] == layout
+  assert prov["layout"] == layout.replace(
+    "official_keras1", "legacy_weights_h5"
+  ).replace("official_keras2", "legacy_weights_h5")
   assert prov["mapping"] == "by_name"
 
 
@@ -208,3 +212,20 @@ def test_real_xception_gives_keras_features(
   record_property("max_rel_diff", rel)
   assert rel <= ka.TOL
   assert want.shape == (2, 5, 5, 2048) and float(np.abs(want).max()) > 1.0
+
+
+def test_imagenet_table_is_keras_own(keras):
+  from keras.src.applications import xception as kxception
+
+  base = sources.KERAS_BASE_URL
+  top, notop = re.findall(
+    r'file_hash="([0-9a-f]{32})"', inspect.getsource(kxception)
+  )
+  assert sources.IMAGENET_FILES[(ARCH, True)] == (
+    kxception.WEIGHTS_PATH.removeprefix(base),
+    top,
+  )
+  assert sources.IMAGENET_FILES[(ARCH, False)] == (
+    kxception.WEIGHTS_PATH_NO_TOP.removeprefix(base),
+    notop,
+  )
