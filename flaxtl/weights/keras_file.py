@@ -137,7 +137,7 @@ def _legacy_layers(g: h5py.Group) -> Iterator[LayerWeights]:
   for layer_name in _attr_list(g.attrs["layer_names"]):
     group = g[layer_name]
     inner: dict[str, LayerWeights] = {}
-    for weight_name in _attr_list(group.attrs.get("weight_names", [])):
+    for weight_name in _attr_list(_chunked(group.attrs, "weight_names")):
       name = _legacy_inner_layer(layer_name, weight_name)
       layer = inner.setdefault(name, LayerWeights(name, group.name, []))
       layer.arrays.append(np.asarray(group[weight_name]))
@@ -151,8 +151,12 @@ def _legacy_inner_layer(group_name: str, weight_name: str) -> str:
   Keras-2-era names with a slash ('conv1/conv/kernel:0' in group
   'conv1/conv': DenseNet's official files). In a nested model's group:
   'conv1_conv/kernel' (Keras 2/3) or 'resnet50/conv1_conv/kernel:0' (TF 1)
-  in group 'resnet50' -> 'conv1_conv'.
+  in group 'resnet50' -> 'conv1_conv'. Keras 3 weight paths keep the name
+  scopes the layer was built in (NASNet's 'normal_A_block_0/normal_conv_1_0/
+  kernel' in group 'normal_conv_1_0'): the group is still the layer.
   """
+  if weight_name.rsplit("/", 1)[0].endswith("/" + group_name):
+    return group_name
   rest = weight_name.removeprefix(group_name)
   if rest != weight_name and (
     (rest.startswith("/") and rest.count("/") == 1)
@@ -236,6 +240,20 @@ def _attr_str(value) -> str | None:
   if isinstance(value, np.ndarray) and value.shape == ():
     return _attr_str(value.item())
   return str(value)
+
+
+def _chunked(attrs, name: str):
+  """An attribute Keras may have split into `name0`, `name1`, ...
+
+  HDF5 caps an attribute at 64 KiB; Keras' save_attributes_to_hdf5_group
+  splits longer lists (a nested NASNet's `weight_names`).
+  """
+  if name in attrs:
+    return attrs[name]
+  chunks = []
+  while f"{name}{len(chunks)}" in attrs:
+    chunks.append(np.asarray(attrs[f"{name}{len(chunks)}"]).ravel())
+  return np.concatenate(chunks) if chunks else []
 
 
 def _attr_list(value) -> list[str]:

@@ -8,6 +8,7 @@ import pytest
 from flaxtl.weights import keras_file, sources
 from flaxtl.weights.mappings import nasnet as nasnet_mapping
 from tests import keras_apps as ka
+from tests import keras_layouts
 
 ARCH, SIZE = "nasnet_mobile", 32
 
@@ -54,3 +55,12 @@ def test_imagenet_table_is_keras_own(keras):
     knasnet.NASNET_MOBILE_WEIGHT_PATH_NO_TOP.removeprefix(base),
     notop,
   )
+
+
+@pytest.mark.parametrize("layout", keras_layouts.NESTED_LAYOUTS)
+def test_nested_parity_with_keras(keras, cases, tmp_path, layout):
+  """Inside a bigger model; its legacy h5 keeps NASNet's name scopes."""
+  case = cases[False]
+  src = keras_layouts.write_nested(keras, case.model, tmp_path)[layout]
+  prov = ka.check_conversion(case, src, tmp_path / "c")
+  assert any(s.startswith("head ") for s in prov["skipped_file_layers"])

@@ -59,6 +59,7 @@ def from_keras(
   graph = keras_model.recorded(arch, include_top)
   if root is not None:
     _name_by_keys(unnamed, graph, root)
+  _unscope(layers, graph)
   _nest(layers, graph)
   _rename_auto(layers, graph)
   named = dataclasses.replace(weights, layers=layers)
@@ -111,6 +112,20 @@ def _name_by_keys(
   by_key = {root + keys: path for path, keys in graph.keys.items()}
   for layer in unnamed:
     layer.name = by_key.get(_keys(layer.where))
+
+
+def _unscope(layers: list, graph: keras_model.Layers) -> None:
+  """'normal_A_block_0/normal_conv_1_0' -> 'normal_conv_1_0'.
+
+  A nested model's legacy h5 names its layers by their weight paths, which
+  keep the Keras name scopes they were built in (NASNet's cells).
+  """
+  ours = set(graph.weighted)
+  last = {p.rsplit("/", 1)[-1] for p in graph.weighted}
+  for layer in layers:
+    name = layer.name or ""
+    if "/" in name and name not in ours and name.rsplit("/", 1)[-1] in last:
+      layer.name = name.rsplit("/", 1)[-1]
 
 
 def _nest(layers: list, graph: keras_model.Layers) -> None:

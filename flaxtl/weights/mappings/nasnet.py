@@ -29,8 +29,15 @@ _CELL = "reduction_conv_1_stem_1"
 
 
 def detect(weights: keras_file.KerasWeights) -> str | None:
-  """'nasnet_mobile' by its stem and first reduction cell."""
-  layers = {layer.name: layer for layer in weights.layers if layer.name}
+  """'nasnet_mobile' by its stem and first reduction cell.
+
+  Names are taken without the name scopes a nested model's legacy h5 keeps.
+  """
+  layers = {
+    layer.name.rsplit("/", 1)[-1]: layer
+    for layer in weights.layers
+    if layer.name
+  }
   stem = layers.get(_STEM[0])
   if stem is None or _CELL not in layers:
     return None
