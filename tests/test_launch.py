@@ -340,3 +340,33 @@ def test_weights_restore_refuses_a_half_written_checkpoint(converted, tmp_path):
   (d / "provenance.json").write_text(json.dumps(prov))
   with pytest.raises(UserError, match="half-written"):
     weights.restore_variables(d)
+
+
+def test_readme_chain_predict_writes_the_test_csvs_own_filenames(
+  finished, tmp_path
+):
+  """launch.py ... && python -m flaxtl.predict on examples/digits/test.csv."""
+  test_csv = ROOT / "examples" / "digits" / "test.csv"
+  out = tmp_path / "submission.csv"
+  r = predict(
+    "--workdir",
+    str(finished[0]),
+    "--data",
+    f"csv:{test_csv}",
+    "--out",
+    str(out),
+  )
+  assert r.returncode == 0, r.stderr
+  written = out.read_text().splitlines()
+  expected = test_csv.read_text().splitlines()
+  assert written[0] == "filename,label" and len(written) == len(expected)
+  assert [line.split(",")[0] for line in written[1:]] == expected[1:]
+  labelled = predict(
+    "--workdir",
+    str(finished[0]),
+    "--data",
+    f"csv:{test_csv.with_name('test_labelled.csv')}",
+    "--out",
+    str(out),
+  )
+  assert labelled.returncode == 0 and "accuracy" in labelled.stdout
