@@ -14,6 +14,8 @@ LayerNormalization epsilon 1e-6; GELU exact (erf); no BatchNormalization.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from flaxtl.models import keras_model, registry
 
 MIN_SIZE = 32
@@ -43,7 +45,7 @@ def _block(net, x, dim: int, name: str):
   x = net.dense(x, dim, name=f"{name}_pointwise_conv_2")
   x = net.layer_scale(x, LAYER_SCALE_INIT, dim, name=f"{name}_layer_scale")
   x = net.act(x, "linear", name=f"{name}_identity")
-  return net.plus(inputs, x)
+  return net.op(jnp.add, inputs, x)  # Keras: a tensor op, not a layer.
 
 
 def _stem(name: str, dim: int):
@@ -83,12 +85,13 @@ def forward(net: keras_model.Net, x, config):
   if config.include_top:
     x = net.global_avg_pool(x, name=f"{name}_head_gap")
     x = net.layernorm(x, EPS, name=f"{name}_head_layernorm")
-    return net.dense(x, config.num_classes, name=f"{name}_head_dense")
-  if config.pooling == "avg":
-    x = net.global_avg_pool(x)
-  elif config.pooling == "max":
-    x = net.global_max_pool(x)
-  return net.layernorm(x, EPS)
+    return net.dense(
+      x,
+      config.num_classes,
+      activation=config.classifier_activation,
+      name=f"{name}_head_dense",
+    )
+  return net.layernorm(keras_model.pooled(net, x, config), EPS)
 
 
 def ConvNeXt(arch: str = "convnext_tiny", **kwargs) -> keras_model.KerasApp:  # noqa: N802

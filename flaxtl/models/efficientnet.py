@@ -1,10 +1,10 @@
-"""EfficientNetB0-B7 and EfficientNetV2B0-B3/S/M/kl as in Keras.
+"""EfficientNetB0-B7 and EfficientNetV2B0-B3/S/M/L as in Keras.
 
-Written once as Keras' layer sequence (`flaxtl.models.mobile_layers`): the
-parameter tree is flat and named like the Keras layers (`block2a_dwconv/
-depthwise_kernel`, `block2a_se_reduce/{kernel,bias}`, `stem_bn` ...) and
-`keras_layer_names` is `[l.name for l in model.layers]` of
-`keras.applications.EfficientNet*` built in a fresh Keras session.
+Written once in `flaxtl.models.keras_model`: the parameter tree is flat and
+named like the Keras layers (`block2a_dwconv/depthwise_kernel`,
+`block2a_se_reduce/{kernel,bias}`, `stem_bn` ...) and `keras_layer_names`
+is `[l.name for l in model.layers]` of `keras.applications.EfficientNet*`
+built in a fresh Keras session.
 
 Both normalise inside the model, as Keras does, and take 0..255 input:
 - EfficientNet: Rescaling(1/255) then a Normalization layer whose mean,
@@ -15,7 +15,7 @@ Both normalise inside the model, as Keras does, and take 0..255 input:
   the variance belongs (tensorflow/tensorflow#49930); `imagenet_rescaling=
   True` builds that model (one more layer, same variables).
 - EfficientNetV2: B0-B3 Rescaling(1/255) and a constant Normalization
-  (ImageNet mean and variance, no variables); S/M/kl Rescaling to [-1, 1].
+  (ImageNet mean and variance, no variables); S/M/L Rescaling to [-1, 1].
 
 Dropout layers (the per-sample `blockNx_drop` stochastic depth and
 `top_dropout`) act when `train` is truthy, with the 'dropout' rng.
@@ -28,12 +28,10 @@ import math
 from typing import Any
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 
 from flaxtl.errors import UserError
-from flaxtl.models import common, mobile_layers, registry
-from flaxtl.models.mobile_layers import make_divisible
+from flaxtl.models import keras_model, registry
+from flaxtl.models.keras_model import correct_pad, make_divisible
 
 MIN_SIZE = 32
 DROP_CONNECT_RATE = 0.2  # Keras' drop_connect_rate, both versions.
@@ -118,85 +116,109 @@ V2_ARCHS = {
 }
 
 
-def _pooled_top(kl, x, cfg, dropout: float):
-  if cfg.include_top:
-    x = kl.global_avg_pool("avg_pool", x)
+def _top(net, x, config, dropout: float):
+  if config.include_top:
+    x = net.global_avg_pool(x, name="avg_pool")
     if dropout > 0:
-      x = kl.dropout("top_dropout", x, dropout)
-    return kl.dense(
-      "predictions",
+      x = net.dropout(x, dropout, name="top_dropout")
+    return net.dense(
       x,
-      cfg.num_classes,
-      cfg.classifier_activation,
-      kernel_init=DENSE_INIT,
+      config.num_classes,
+      activation=config.classifier_activation,
+      kernel_initializer=DENSE_INIT,
+      name="predictions",
     )
-  if cfg.pooling == "avg":
-    return kl.global_avg_pool("avg_pool", x)
-  if cfg.pooling == "max":
-    return kl.global_max_pool("max_pool", x)
-  return x
+  return keras_model.pooled(net, x, config, "avg_pool", "max_pool")
 
 
-def _squeeze_excite(kl, x, name, filters, filters_se):
-  se = kl.global_avg_pool(f"{name}se_squeeze", x)
-  se = kl.reshape_1x1(f"{name}se_reshape", se)
-  se = kl.conv(
-    f"{name}se_reduce",
+def _conv(net, x, filters, kernel=1, strides=1, padding="same", **kw):
+  """Keras' convolutions here: no bias, fan-out initialiser."""
+  kw.setdefault("use_bias", False)
+  return net.conv(
+    x,
+    filters,
+    kernel,
+    strides=strides,
+    padding=padding,
+    kernel_initializer=CONV_INIT,
+    **kw,
+  )
+
+
+def _bn_act(net, x, bn: tuple[float, float], bn_name: str, act_name: str):
+  x = net.bn(x, momentum=bn[0], epsilon=bn[1], name=bn_name)
+  return net.act(x, "swish", name=act_name)
+
+
+def _squeeze_excite(net, x, name, filters, filters_se):
+  se = net.global_avg_pool(x, name=f"{name}se_squeeze")
+  se = net.reshape(se, (1, 1, filters), name=f"{name}se_reshape")
+  se = _conv(
+    net,
     se,
     filters_se,
-    1,
     use_bias=True,
     activation="swish",
-    kernel_init=CONV_INIT,
+    name=f"{name}se_reduce",
   )
-  se = kl.conv(
-    f"{name}se_expand",
+  se = _conv(
+    net,
     se,
     filters,
-    1,
     use_bias=True,
     activation="sigmoid",
-    kernel_init=CONV_INIT,
+    name=f"{name}se_expand",
   )
-  return kl.multiply(f"{name}se_excite", x, se)
+  return net.multiply([x, se], name=f"{name}se_excite")
 
 
-def _residual(kl, x, inputs, name, drop_rate):
-  if drop_rate > 0:
-    x = kl.dropout(f"{name}drop", x, drop_rate, per_sample=True)
-  return kl.add(f"{name}add", x, inputs)
+def _residual(net, x, inputs, name, drop_rate):
+  if drop_rate > 0:  # Stochastic depth: drops whole samples.
+    x = net.dropout(x, drop_rate, (None, 1, 1, 1), name=f"{name}drop")
+  return net.add([x, inputs], name=f"{name}add")
+
+
+def _expand(net, x, bn, name, filters, kernel=1, stride=1):
+  x = _conv(net, x, filters, kernel, stride, name=f"{name}expand_conv")
+  return _bn_act(net, x, bn, f"{name}expand_bn", f"{name}expand_activation")
 
 
 # --- EfficientNet ---
 
 
 def _v1_block(
-  kl, inputs, drop_rate, name, fin, fout, kernel, stride, expand, se
+  net, inputs, drop_rate, name, fin, fout, kernel, stride, expand, se
 ):
   filters = fin * expand
   x = inputs
   if expand != 1:
-    x = kl.conv(f"{name}expand_conv", x, filters, 1, kernel_init=CONV_INIT)
-    x = kl.bn(f"{name}expand_bn", x)
-    x = kl.activation(f"{name}expand_activation", x, "swish")
+    x = _expand(net, x, V1_BN, name, filters)
   padding = "same"
   if stride == 2:
-    x = kl.pad(f"{name}dwconv_pad", x, kernel)
+    pad = correct_pad(net.spatial(x), kernel)
+    x = net.zero_pad(x, pad, name=f"{name}dwconv_pad")
     padding = "valid"
-  x = kl.dwconv(f"{name}dwconv", x, kernel, stride, padding, CONV_INIT)
-  x = kl.bn(f"{name}bn", x)
-  x = kl.activation(f"{name}activation", x, "swish")
+  x = net.depthwise_conv(
+    x,
+    kernel,
+    strides=stride,
+    padding=padding,
+    use_bias=False,
+    depthwise_initializer=CONV_INIT,
+    name=f"{name}dwconv",
+  )
+  x = _bn_act(net, x, V1_BN, f"{name}bn", f"{name}activation")
   if 0 < se <= 1:
-    x = _squeeze_excite(kl, x, name, filters, max(1, int(fin * se)))
-  x = kl.conv(f"{name}project_conv", x, fout, 1, kernel_init=CONV_INIT)
-  x = kl.bn(f"{name}project_bn", x)
+    x = _squeeze_excite(net, x, name, filters, max(1, int(fin * se)))
+  x = _conv(net, x, fout, name=f"{name}project_conv")
+  x = net.bn(x, momentum=V1_BN[0], epsilon=V1_BN[1], name=f"{name}project_bn")
   if stride == 1 and fin == fout:
-    x = _residual(kl, x, inputs, name, drop_rate)
+    x = _residual(net, x, inputs, name, drop_rate)
   return x
 
 
-def v1_forward(kl, x, cfg):
-  width, depth, dropout = V1_ARCHS[cfg.arch]
+def v1_forward(net: keras_model.Net, x, config):
+  width, depth, dropout = V1_ARCHS[config.arch]
 
   def filters(f):
     return make_divisible(f * width, 8)
@@ -204,16 +226,14 @@ def v1_forward(kl, x, cfg):
   def repeats(r):
     return math.ceil(depth * r)
 
-  x = kl.input(x)
-  x = kl.rescaling(None, x, 1.0 / 255.0)
-  x = kl.normalization(None, x)
-  if cfg.imagenet_rescaling:
+  x = net.rescaling(x, 1.0 / 255.0)
+  x = net.normalization(x)
+  if config.imagenet_rescaling:
     scale = [1.0 / math.sqrt(s) for s in IMAGENET_STDDEV_RGB]
-    x = kl.rescaling(None, x, scale)
-  x = kl.pad("stem_conv_pad", x, 3)
-  x = kl.conv("stem_conv", x, filters(32), 3, 2, "valid", kernel_init=CONV_INIT)
-  x = kl.bn("stem_bn", x)
-  x = kl.activation("stem_activation", x, "swish")
+    x = net.rescaling(x, scale)
+  x = net.zero_pad(x, correct_pad(net.spatial(x), 3), name="stem_conv_pad")
+  x = _conv(net, x, filters(32), 3, 2, "valid", name="stem_conv")
+  x = _bn_act(net, x, V1_BN, "stem_bn", "stem_activation")
   b, total = 0, float(sum(repeats(a[1]) for a in V1_BLOCKS))
   for i, (kernel, n, fin, fout, expand, stride, se) in enumerate(V1_BLOCKS):
     fin, fout = filters(fin), filters(fout)
@@ -222,12 +242,11 @@ def v1_forward(kl, x, cfg):
         stride, fin = 1, fout
       name = f"block{i + 1}{chr(j + 97)}_"
       rate = DROP_CONNECT_RATE * b / total
-      x = _v1_block(kl, x, rate, name, fin, fout, kernel, stride, expand, se)
+      x = _v1_block(net, x, rate, name, fin, fout, kernel, stride, expand, se)
       b += 1
-  x = kl.conv("top_conv", x, filters(1280), 1, kernel_init=CONV_INIT)
-  x = kl.bn("top_bn", x)
-  x = kl.activation("top_activation", x, "swish")
-  return _pooled_top(kl, x, cfg, dropout)
+  x = _conv(net, x, filters(1280), name="top_conv")
+  x = _bn_act(net, x, V1_BN, "top_bn", "top_activation")
+  return _top(net, x, config, dropout)
 
 
 # --- EfficientNetV2 ---
@@ -238,61 +257,62 @@ def _v2_filters(f, width):
   return int(max(8, int(f * width + 4) // 8 * 8))
 
 
-def _mbconv(kl, inputs, drop_rate, name, fin, fout, kernel, stride, expand, se):
-  filters = fin * expand
-  x = inputs
-  if expand != 1:
-    x = kl.conv(f"{name}expand_conv", x, filters, 1, kernel_init=CONV_INIT)
-    x = kl.bn(f"{name}expand_bn", x)
-    x = kl.activation(f"{name}expand_activation", x, "swish")
-  x = kl.dwconv(f"{name}dwconv2", x, kernel, stride, "same", CONV_INIT)
-  x = kl.bn(f"{name}bn", x)
-  x = kl.activation(f"{name}activation", x, "swish")
-  if 0 < se <= 1:
-    x = _squeeze_excite(kl, x, name, filters, max(1, int(fin * se)))
-  x = kl.conv(f"{name}project_conv", x, fout, 1, kernel_init=CONV_INIT)
-  x = kl.bn(f"{name}project_bn", x)
-  if stride == 1 and fin == fout:
-    x = _residual(kl, x, inputs, name, drop_rate)
-  return x
-
-
-def _fused_mbconv(
-  kl, inputs, drop_rate, name, fin, fout, kernel, stride, expand, se
+def _mbconv(
+  net, inputs, drop_rate, name, fin, fout, kernel, stride, expand, se
 ):
   filters = fin * expand
   x = inputs
   if expand != 1:
-    x = kl.conv(
-      f"{name}expand_conv", x, filters, kernel, stride, kernel_init=CONV_INIT
-    )
-    x = kl.bn(f"{name}expand_bn", x)
-    x = kl.activation(f"{name}expand_activation", x, "swish")
+    x = _expand(net, x, V2_BN, name, filters)
+  x = net.depthwise_conv(
+    x,
+    kernel,
+    strides=stride,
+    padding="same",
+    use_bias=False,
+    depthwise_initializer=CONV_INIT,
+    name=f"{name}dwconv2",
+  )
+  x = _bn_act(net, x, V2_BN, f"{name}bn", f"{name}activation")
   if 0 < se <= 1:
-    x = _squeeze_excite(kl, x, name, filters, max(1, int(fin * se)))
-  k, s = (1, 1) if expand != 1 else (kernel, stride)
-  x = kl.conv(f"{name}project_conv", x, fout, k, s, kernel_init=CONV_INIT)
-  x = kl.bn(f"{name}project_bn", x)
-  if expand == 1:
-    x = kl.activation(f"{name}project_activation", x, "swish")
+    x = _squeeze_excite(net, x, name, filters, max(1, int(fin * se)))
+  x = _conv(net, x, fout, name=f"{name}project_conv")
+  x = net.bn(x, momentum=V2_BN[0], epsilon=V2_BN[1], name=f"{name}project_bn")
   if stride == 1 and fin == fout:
-    x = _residual(kl, x, inputs, name, drop_rate)
+    x = _residual(net, x, inputs, name, drop_rate)
   return x
 
 
-def v2_forward(kl, x, cfg):
-  blocks, width, depth, b_variant = V2_ARCHS[cfg.arch]
-  x = kl.input(x)
+def _fused_mbconv(
+  net, inputs, drop_rate, name, fin, fout, kernel, stride, expand, se
+):
+  filters = fin * expand
+  x = inputs
+  if expand != 1:
+    x = _expand(net, x, V2_BN, name, filters, kernel, stride)
+  if 0 < se <= 1:
+    x = _squeeze_excite(net, x, name, filters, max(1, int(fin * se)))
+  k, s = (1, 1) if expand != 1 else (kernel, stride)
+  x = _conv(net, x, fout, k, s, name=f"{name}project_conv")
+  x = net.bn(x, momentum=V2_BN[0], epsilon=V2_BN[1], name=f"{name}project_bn")
+  if expand == 1:
+    x = net.act(x, "swish", name=f"{name}project_activation")
+  if stride == 1 and fin == fout:
+    x = _residual(net, x, inputs, name, drop_rate)
+  return x
+
+
+def v2_forward(net: keras_model.Net, x, config):
+  blocks, width, depth, b_variant = V2_ARCHS[config.arch]
   if b_variant:
-    x = kl.rescaling(None, x, 1.0 / 255)
+    x = net.rescaling(x, 1.0 / 255)
     variance = [s**2 for s in IMAGENET_STDDEV_RGB]
-    x = kl.normalization(None, x, IMAGENET_MEAN_RGB, variance)
+    x = net.normalization(x, IMAGENET_MEAN_RGB, variance)
   else:
-    x = kl.rescaling(None, x, 1.0 / 128.0, -1)
+    x = net.rescaling(x, 1.0 / 128.0, -1)
   stem = _v2_filters(blocks[0][2], width)
-  x = kl.conv("stem_conv", x, stem, 3, 2, kernel_init=CONV_INIT)
-  x = kl.bn("stem_bn", x)
-  x = kl.activation("stem_activation", x, "swish")
+  x = _conv(net, x, stem, 3, 2, name="stem_conv")
+  x = _bn_act(net, x, V2_BN, "stem_bn", "stem_activation")
   # Keras divides by the unscaled repeat count here.
   b, total = 0, float(sum(a[1] for a in blocks))
   for i, (kernel, n, fin, fout, expand, stride, se, fused) in enumerate(blocks):
@@ -303,12 +323,11 @@ def v2_forward(kl, x, cfg):
         stride, fin = 1, fout
       name = f"block{i + 1}{chr(j + 97)}_"
       rate = DROP_CONNECT_RATE * b / total
-      x = block(kl, x, rate, name, fin, fout, kernel, stride, expand, se)
+      x = block(net, x, rate, name, fin, fout, kernel, stride, expand, se)
       b += 1
-  x = kl.conv("top_conv", x, _v2_filters(1280, width), 1, kernel_init=CONV_INIT)
-  x = kl.bn("top_bn", x)
-  x = kl.activation("top_activation", x, "swish")
-  return _pooled_top(kl, x, cfg, V2_DROPOUT)
+  x = _conv(net, x, _v2_filters(1280, width), name="top_conv")
+  x = _bn_act(net, x, V2_BN, "top_bn", "top_activation")
+  return _top(net, x, config, V2_DROPOUT)
 
 
 # --- The Flax module ---
@@ -319,60 +338,27 @@ FORWARDS = {
 }
 
 
-class EfficientNet(nn.Module):
+class EfficientNet(keras_model.KerasApp):
   """keras.applications.EfficientNet* (V1 and V2); `arch` picks the variant.
 
-  Attributes:
-    arch: 'efficientnetb0' ... 'efficientnetb7', 'efficientnetv2b0' ...
-      'efficientnetv2b3', 'efficientnetv2s', 'efficientnetv2m',
-      'efficientnetv2l'.
-    include_top / num_classes / pooling / classifier_activation: as Keras'
-      (classifier_activation None gives logits).
-    output_layer: any Keras layer name; the model ends there.
+  Attributes: `KerasApp`'s (arch: 'efficientnetb0' ... 'efficientnetb7',
+  'efficientnetv2b0' ... 'efficientnetv2b3', 'efficientnetv2s', 'm', 'l'),
+  and
     imagenet_rescaling: (V1 only) the extra Rescaling layer Keras adds when
       built with weights='imagenet'; True for the official ImageNet files.
   """
 
+  ARCHS = tuple(FORWARDS)
+
   arch: str = "efficientnetb0"
-  include_top: bool = True
-  num_classes: int = 1000
-  pooling: str | None = None
-  classifier_activation: str | None = None
-  output_layer: str | None = None
   imagenet_rescaling: bool = False
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    _check(self)
-    common.check_input(self.arch, tuple(x.shape), MIN_SIZE)
-    names = keras_layer_names(
-      self.arch,
-      self.include_top,
-      self.pooling,
-      imagenet_rescaling=self.imagenet_rescaling,
-    )
-    momentum, epsilon = V1_BN if self.arch in V1_ARCHS else V2_BN
-    return mobile_layers.run(
-      FORWARDS[self.arch], self, x, train, names, momentum, epsilon
-    )
-
-
-class _Cfg:
-  """What a forward reads, without building a Flax module."""
-
-  def __init__(self, arch, include_top, pooling, imagenet_rescaling):
-    self.arch, self.include_top, self.pooling = arch, include_top, pooling
-    self.imagenet_rescaling = imagenet_rescaling
-    self.num_classes = 1000
-    self.classifier_activation = None
-
-
-@functools.lru_cache(maxsize=256)
-def _trace(arch, include_top, pooling, imagenet_rescaling):
-  cfg = _Cfg(arch, include_top, pooling, imagenet_rescaling)
-  return mobile_layers.trace(FORWARDS[arch], cfg)
+  def check(self) -> None:
+    super().check()
+    if self.imagenet_rescaling and self.arch not in V1_ARCHS:
+      raise UserError(
+        f"{self.arch}: imagenet_rescaling is an EfficientNet (V1) option"
+      )
 
 
 def trace(
@@ -380,31 +366,17 @@ def trace(
   include_top: bool = True,
   pooling: str | None = None,
   imagenet_rescaling: bool = False,
-) -> mobile_layers.Names:
+) -> keras_model.Layers:
   """The Keras model on names: layers, weight shapes, dropout layers."""
-  if arch not in FORWARDS:
-    raise UserError(f"unknown architecture {arch!r}; expected {list(FORWARDS)}")
-  pool = None if include_top else pooling
-  rescale = bool(imagenet_rescaling) and arch in V1_ARCHS
-  return _trace(arch, bool(include_top), pool, rescale)
-
-
-def keras_layers(
-  arch: str,
-  include_top: bool = True,
-  pooling: str | None = None,
-  imagenet_rescaling: bool = False,
-) -> list[tuple[str, str]]:
-  """[(name, Keras class)] of Keras' model.layers for `arch`."""
-  traced = trace(arch, include_top, pooling, imagenet_rescaling)
-  return list(traced.layers)
+  options = {"imagenet_rescaling": imagenet_rescaling}
+  return keras_model.recorded(arch, include_top, pooling, **options)
 
 
 def keras_weight_shapes(
   arch: str, include_top: bool = True
 ) -> dict[str, list[tuple[int, ...]]]:
   """{weighted layer: its arrays' shapes in Keras' order}, in pure Python."""
-  return dict(trace(arch, include_top, None, False).weights)
+  return dict(trace(arch, include_top).weights)
 
 
 def keras_layer_names(
@@ -419,30 +391,14 @@ def keras_layer_names(
   classifier_activation changes no layer; accepted like every build option.
   """
   del classifier_activation
-  layers = keras_layers(arch, include_top, pooling, imagenet_rescaling)
-  return [n for n, _ in layers]
+  return list(trace(arch, include_top, pooling, imagenet_rescaling).names)
 
 
-def _check(m: EfficientNet) -> None:
-  if m.arch not in FORWARDS:
-    raise UserError(f"unknown architecture {m.arch!r}")
-  if m.pooling not in registry.POOLINGS:
-    raise UserError(f"pooling must be None, 'avg' or 'max', got {m.pooling!r}")
-  if m.classifier_activation not in (None, "softmax"):
-    raise UserError(
-      "classifier_activation must be None or 'softmax', "
-      f"got {m.classifier_activation!r}"
-    )
-  if m.imagenet_rescaling and m.arch not in V1_ARCHS:
-    raise UserError(
-      f"{m.arch}: imagenet_rescaling is an EfficientNet (V1) option"
-    )
-
-
-for _arch in FORWARDS:
-  _options: dict[str, Any] = {"classifier_activation": None}
+for _arch, _forward in FORWARDS.items():
+  _options: dict[str, Any] = {}
   if _arch in V1_ARCHS:
     _options["imagenet_rescaling"] = False
+  keras_model.define(_arch, _forward, MIN_SIZE, options=_options)
   registry.register(
     registry.Backbone(
       arch=_arch,
@@ -455,6 +411,6 @@ for _arch in FORWARDS:
       classifier="predictions",
       batch_stats=True,
       stem_layers=("stem_conv",),
-      options=_options,
+      options={"classifier_activation": None, **_options},
     )
   )

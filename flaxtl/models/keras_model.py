@@ -1,35 +1,40 @@
 """Keras functional models in Flax, each written once for two uses.
 
-A family writes its architecture as `forward(net, x, config)`, calling
-`net.conv(...)`, `net.bn(...)`, `net.act(...)`, ... with the arguments and
-names of the Keras layers, in the order the Keras source creates them (auto
-names such as `conv2d_7` count in that order). `Compute` runs it inside a
-Flax module: parameters named like the Keras layers, Keras' shapes and
-numerics. `Record` runs it on layer names and (h, w, c) shapes only (some
-Keras code branches on shapes, e.g. NASNet) and keeps which layer feeds
-which; `layer_names` then orders the layers the way Keras' `model.layers`
-does (deepest first, ties by first visit from the output:
-keras/src/ops/function.py `map_graph`), which is not call order for
-branching models such as InceptionV3.
+Every Keras family (ResNet, DenseNet, MobileNet, EfficientNet, Xception,
+Inception, ConvNeXt, NASNet) writes its architecture as `forward(net, x,
+config)`, calling `net.conv(...)`, `net.bn(...)`, `net.act(...)`, ... with
+the arguments and names of the Keras layers, in the order the Keras source
+creates them (unnamed layers get Keras' per-class auto names, `conv2d_7`,
+`re_lu_3`, counted in that order):
 
-    define("xception", forward, min_size=71)
-    KerasApp(arch="xception", include_top=False).apply(variables, x)
-    layer_names("xception", include_top=False)  # Keras' model.layers names
+    def forward(net, x, config):
+      x = net.zero_pad(x, 3, name="conv1_pad")
+      x = net.conv(x, 64, 7, strides=2, name="conv1_conv")
+      ...
 
-`flaxtl.models.keras_graph` does the same for ResNet and DenseNet, whose
-Keras code needs only named Conv/BN/ReLU/pool/add/concat layers; these
-families also need separable and grouped convolutions, LayerNormalization,
-Sequentials inside the model, Keras' per-class auto names, shapes while
-recording (NASNet), and the class keys of Keras 3 weight files. Both use
-`keras_graph.keras_order`.
+    define("resnet50", forward, min_size=32)
+    KerasApp(arch="resnet50", include_top=False).apply(variables, x)
+    layer_names("resnet50", include_top=False)  # Keras' model.layers names
+
+`Record` runs it on layer names and (h, w, c) shapes (some Keras code
+branches on shapes: NASNet) and keeps which layer feeds which; `recorded`
+lists the layers the way Keras' `model.layers` does (`keras_order`), with
+each weighted layer's array shapes and Keras 3 file keys. `Compute` runs it
+inside `KerasApp`: parameters flat and named like the Keras layers (a Keras
+Sequential's nest under it), Keras' shapes and numerics. A model cut at
+`output_layer` computes, and has parameters for, only the layers that one
+depends on, like Keras' `Model(inputs, model.get_layer(name).output)`. One
+definition gives both, so the layer list `freeze.first_layers` counts and
+the parameter tree cannot drift apart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import functools
-from typing import Any
+import types
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -38,9 +43,9 @@ import jax.numpy as jnp
 
 from flaxtl.errors import UserError
 from flaxtl.models import common
-from flaxtl.models.keras_graph import keras_order
 
-INPUT = "input_layer"
+INPUT = "input_layer"  # Keras 3's name for a model's first input.
+NORMALIZATION_EPSILON = 1e-7  # keras.backend.epsilon(), Normalization's floor.
 
 # Keras' default initialisers, so a model trained from scratch starts where
 # the Keras one does.
@@ -48,11 +53,32 @@ kernel_init = nn.initializers.glorot_uniform()
 zeros = nn.initializers.zeros_init()
 
 
+def _linear(x):
+  return x
+
+
+ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array]] = {
+  None: _linear,
+  "linear": _linear,
+  "relu": nn.relu,
+  "gelu": functools.partial(jax.nn.gelu, approximate=False),
+  "swish": nn.silu,
+  "sigmoid": nn.sigmoid,
+  "hard_swish": jax.nn.hard_silu,
+  "softmax": jax.nn.softmax,
+}
+
+
+# ---------------------------------------------------------------------------
+# Architectures and Keras' helpers.
+
+
 @dataclasses.dataclass(frozen=True)
 class Arch:
   forward: Callable[..., Any]  # forward(net, x, config) -> output.
   min_size: int
   default_size: int = 224  # Recording runs at this size (Keras' default).
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 _ARCHS: dict[str, Arch] = {}
@@ -63,15 +89,83 @@ def define(
   forward: Callable[..., Any],
   min_size: int,
   default_size: int = 224,
+  options: Mapping[str, Any] | None = None,
 ) -> None:
-  """Declares `arch`'s forward function (see the module docstring)."""
+  """Declares `arch`'s forward function (see the module docstring).
+
+  options: the family options that change the layers (MobileNet's alpha),
+  with their defaults; the forward reads them from its `config`.
+  """
   if arch in _ARCHS:
     raise ValueError(f"architecture {arch!r} defined twice")
-  _ARCHS[arch] = Arch(forward, min_size, default_size)
+  _ARCHS[arch] = Arch(forward, min_size, default_size, dict(options or {}))
+
+
+def _get(arch: str) -> Arch:
+  if arch not in _ARCHS:
+    raise UserError(
+      f"unknown architecture {arch!r}; expected one of {sorted(_ARCHS)}"
+    )
+  return _ARCHS[arch]
+
+
+def make_divisible(v: float, divisor: int = 8, min_value: int | None = None):
+  """Keras' `_make_divisible` / `_depth`: round to a multiple of `divisor`."""
+  min_value = divisor if min_value is None else min_value
+  new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+  if new_v < 0.9 * v:
+    new_v += divisor
+  return new_v
+
+
+def correct_pad(size: Sequence[int], kernel: int):
+  """`imagenet_utils.correct_pad` for a known input size: TF 'same' padding
+  before a stride of 2, as ((top, bottom), (left, right))."""
+  adjust = (1 - size[0] % 2, 1 - size[1] % 2)
+  k = kernel // 2
+  return ((k - adjust[0], k), (k - adjust[1], k))
+
+
+def pooled(net: Net, x, config, avg_name=None, max_name=None):
+  """Keras' `pooling` argument without the top: None, 'avg' or 'max'."""
+  if config.pooling == "avg":
+    return net.global_avg_pool(x, name=avg_name)
+  if config.pooling == "max":
+    return net.global_max_pool(x, name=max_name)
+  return x
+
+
+# ---------------------------------------------------------------------------
+# The layer vocabulary.
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
   return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _padding2d(p) -> tuple[tuple[int, int], tuple[int, int]]:
+  """ZeroPadding2D / Cropping2D's argument: n, (rows, cols) or nested."""
+  if isinstance(p, int):
+    return ((p, p), (p, p))
+  rows, cols = p
+  rows = (rows, rows) if isinstance(rows, int) else tuple(rows)
+  cols = (cols, cols) if isinstance(cols, int) else tuple(cols)
+  return rows, cols
+
+
+def _window(kernel_size, strides, padding, filters=None):
+  """The output shape (h, w, c) of a convolution or pooling, as Keras'."""
+  (kh, kw), (sh, sw) = _pair(kernel_size), _pair(strides)
+
+  def size(n, k, step):
+    return -(-n // step) if padding == "same" else (n - k) // step + 1
+
+  return lambda s: (size(s[0], kh, sh), size(s[1], kw, sw), filters or s[2])
+
+
+def _op(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  """A weightless layer's computation, given its name and inputs."""
+  return lambda name, *arrays: fn(*arrays)
 
 
 class _Names:
@@ -89,14 +183,59 @@ class _Names:
 
 
 class Net:
-  """The layer calls an architecture makes; defaults are Keras'."""
+  """The Keras layers an architecture calls; defaults are Keras'.
 
-  def __init__(self):
-    self.names = _Names()
+  Every method takes the layer's arguments as Keras does, `name=None`
+  meaning Keras' auto name, and returns its output. Subclasses say what a
+  tensor is through `_layer`, `op`, `sequential` and `shape`.
+  """
 
-  # Subclasses implement `_layer` (and `channels`, `spatial`, `plus`).
-  def _layer(self, kind: str, name: str | None, inputs: list, fn, **kw):
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  train: Any = False
+
+  def __init__(self, names: _Names | None = None):
+    self.names = names or _Names()
+
+  def _layer(
+    self,
+    kind: str,
+    name: str | None,
+    inputs: Sequence[Any],
+    fn: Callable[..., jax.Array],
+    shape: Callable[..., tuple[int, ...]] | None = None,
+    weights: Callable[..., list[tuple[int, ...]]] | None = None,
+  ) -> Any:
+    """One layer of Keras class `kind` (snake_case).
+
+    fn(name, *arrays): its output; shape(*input shapes): its output shape
+    (default: the first input's); weights(*input shapes): its arrays' shapes
+    in Keras' stored order, for layers with weights.
+    """
     raise NotImplementedError
+
+  def op(self, fn: Callable[..., jax.Array], *xs) -> Any:
+    """A tensor operation between layers (`x + 3.0`): no layer in Keras 3."""
+    raise NotImplementedError
+
+  def sequential(self, x, name: str, body: Callable[[Net, Any], Any]):
+    """A Keras Sequential used as one layer: `body(net, x)` its layers."""
+    raise NotImplementedError
+
+  def shape(self, x) -> tuple[int, ...]:
+    """x's shape without the batch: (h, w, c) or (c,)."""
+    raise NotImplementedError
+
+  def channels(self, x) -> int:
+    return self.shape(x)[-1]
+
+  def spatial(self, x) -> tuple[int, int]:
+    return self.shape(x)[0], self.shape(x)[1]
+
+  def _module(self, cls, name: str, **kw) -> nn.Module:
+    return cls(dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw)
+
+  # --- Layers with weights.
 
   def conv(
     self,
@@ -107,21 +246,69 @@ class Net:
     padding: str = "valid",
     use_bias: bool = True,
     groups: int = 1,
+    activation: str | None = None,
+    kernel_initializer=kernel_init,
     name: str | None = None,
   ):
     """Conv2D: `kernel` (kh, kw, cin // groups, filters) [+ `bias`]."""
+    ks, st = _pair(kernel_size), _pair(strides)
+
+    def fn(name, a):
+      y = self._module(
+        Conv,
+        name,
+        filters=filters,
+        kernel_size=ks,
+        strides=st,
+        padding=padding,
+        use_bias=use_bias,
+        groups=groups,
+        kernel_init=kernel_initializer,
+      )(a)
+      return ACTIVATIONS[activation](y)
+
     return self._layer(
       "conv2d",
       name,
       [x],
-      Conv,
-      shape=_window(kernel_size, strides, padding, filters),
-      filters=filters,
-      kernel_size=_pair(kernel_size),
-      strides=_pair(strides),
-      padding=padding,
-      use_bias=use_bias,
-      groups=groups,
+      fn,
+      shape=_window(ks, st, padding, filters),
+      weights=lambda s: (
+        [(*ks, s[-1] // groups, filters)] + ([(filters,)] if use_bias else [])
+      ),
+    )
+
+  def depthwise_conv(
+    self,
+    x,
+    kernel_size,
+    strides=1,
+    padding: str = "valid",
+    use_bias: bool = True,
+    depthwise_initializer=kernel_init,
+    name: str | None = None,
+  ):
+    """DepthwiseConv2D (multiplier 1): `depthwise_kernel` (kh, kw, c, 1)."""
+    ks, st = _pair(kernel_size), _pair(strides)
+
+    def fn(name, a):
+      return self._module(
+        DepthwiseConv,
+        name,
+        kernel_size=ks,
+        strides=st,
+        padding=padding,
+        use_bias=use_bias,
+        kernel_init=depthwise_initializer,
+      )(a)
+
+    return self._layer(
+      "depthwise_conv2d",
+      name,
+      [x],
+      fn,
+      shape=_window(ks, st, padding),
+      weights=lambda s: [(*ks, s[-1], 1)] + ([(s[-1],)] if use_bias else []),
     )
 
   def sepconv(
@@ -135,17 +322,29 @@ class Net:
     name: str | None = None,
   ):
     """SeparableConv2D: `depthwise_kernel`, `pointwise_kernel` [+ `bias`]."""
+    ks, st = _pair(kernel_size), _pair(strides)
+
+    def fn(name, a):
+      return self._module(
+        SeparableConv,
+        name,
+        filters=filters,
+        kernel_size=ks,
+        strides=st,
+        padding=padding,
+        use_bias=use_bias,
+      )(a)
+
     return self._layer(
       "separable_conv2d",
       name,
       [x],
-      SeparableConv,
-      shape=_window(kernel_size, strides, padding, filters),
-      filters=filters,
-      kernel_size=_pair(kernel_size),
-      strides=_pair(strides),
-      padding=padding,
-      use_bias=use_bias,
+      fn,
+      shape=_window(ks, st, padding, filters),
+      weights=lambda s: (
+        [(*ks, s[-1], 1), (1, 1, s[-1], filters)]
+        + ([(filters,)] if use_bias else [])
+      ),
     )
 
   def bn(
@@ -156,46 +355,140 @@ class Net:
     epsilon: float = 1e-3,
     name: str | None = None,
   ):
+    """BatchNormalization: `scale` (unless scale=False), `bias`; batch_stats
+    `mean`, `var`. Keras' frozen-layer rule: `common.BatchNorm`."""
+
+    def fn(name, a):
+      bn = self._module(
+        common.BatchNorm,
+        name,
+        use_scale=scale,
+        momentum=momentum,
+        epsilon=epsilon,
+      )
+      return bn(a, self.train)
+
     return self._layer(
       "batch_normalization",
       name,
       [x],
-      common.BatchNorm,
-      use_scale=scale,
-      momentum=momentum,
-      epsilon=epsilon,
+      fn,
+      weights=lambda s: [(s[-1],)] * (4 if scale else 3),
     )
 
-  def dense(self, x, units: int, name: str | None = None):
+  def dense(
+    self,
+    x,
+    units: int,
+    activation: str | None = None,
+    kernel_initializer=kernel_init,
+    name: str | None = None,
+  ):
+    def fn(name, a):
+      y = self._module(
+        nn.Dense,
+        name,
+        features=units,
+        kernel_init=kernel_initializer,
+        bias_init=zeros,
+      )(a)
+      return ACTIVATIONS[activation](y)
+
     return self._layer(
       "dense",
       name,
       [x],
-      nn.Dense,
+      fn,
       shape=lambda s: (*s[:-1], units),
-      features=units,
-      kernel_init=kernel_init,
-      bias_init=zeros,
+      weights=lambda s: [(s[-1], units), (units,)],
     )
 
   def layernorm(self, x, epsilon: float = 1e-3, name: str | None = None):
+    def fn(name, a):
+      return self._module(
+        nn.LayerNorm, name, epsilon=epsilon, use_fast_variance=False
+      )(a)
+
     return self._layer(
       "layer_normalization",
       name,
       [x],
-      nn.LayerNorm,
-      epsilon=epsilon,
-      use_fast_variance=False,
+      fn,
+      weights=lambda s: [(s[-1],), (s[-1],)],
     )
 
   def layer_scale(self, x, init_value: float, dim: int, name: str):
+    """ConvNeXt's LayerScale: x * `gamma`."""
+
+    def fn(name, a):
+      return self._module(LayerScale, name, init_value=init_value, dim=dim)(a)
+
+    return self._layer("layer_scale", name, [x], fn, weights=lambda s: [(dim,)])
+
+  def normalization(self, x, mean=None, variance=None, name: str | None = None):
+    """Keras' Normalization: with fixed statistics (no weights), or its own
+    adapted mean, variance and count (in 'batch_stats', never updated)."""
+    if mean is None:
+      return self._layer(
+        "normalization",
+        name,
+        [x],
+        lambda name, a: Normalization(dtype=self.dtype, name=name)(a),
+        weights=lambda s: [(s[-1],), (s[-1],), ()],
+      )
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.sqrt(jnp.asarray(variance, jnp.float32))
+    std = jnp.maximum(std, NORMALIZATION_EPSILON)
+    op = lambda a: ((a - mean) / std).astype(a.dtype)  # noqa: E731
+    return self._layer("normalization", name, [x], _op(op))
+
+  # --- Layers without weights.
+
+  def rescaling(self, x, scale, offset=0.0, name: str | None = None):
+    def op(a):
+      return a * jnp.asarray(scale, a.dtype) + jnp.asarray(offset, a.dtype)
+
+    return self._layer("rescaling", name, [x], _op(op))
+
+  def act(self, x, activation: str | None, name: str | None = None):
+    """Activation(activation)."""
+    return self._layer("activation", name, [x], _op(ACTIVATIONS[activation]))
+
+  def relu(self, x, max_value: float | None = None, name: str | None = None):
+    """ReLU(max_value): a class of its own in Keras (auto names `re_lu`)."""
+
+    def op(a):
+      a = nn.relu(a)
+      return a if max_value is None else jnp.minimum(a, max_value)
+
+    return self._layer("re_lu", name, [x], _op(op))
+
+  def zero_pad(self, x, padding, name: str | None = None):
+    (top, bottom), (left, right) = _padding2d(padding)
+    op = functools.partial(
+      jnp.pad, pad_width=((0, 0), (top, bottom), (left, right), (0, 0))
+    )
     return self._layer(
-      "layer_scale", name, [x], LayerScale, init_value=init_value, dim=dim
+      "zero_padding2d",
+      name,
+      [x],
+      _op(op),
+      shape=lambda s: (s[0] + top + bottom, s[1] + left + right, s[2]),
     )
 
-  def act(self, x, activation: str, name: str | None = None):
+  def crop(self, x, cropping, name: str | None = None):
+    (top, bottom), (left, right) = _padding2d(cropping)
+
+    def op(a):
+      h, w = a.shape[1], a.shape[2]
+      return a[:, top : h - bottom, left : w - right]
+
     return self._layer(
-      "activation", name, [x], None, op=_ACTIVATIONS[activation]
+      "cropping2d",
+      name,
+      [x],
+      _op(op),
+      shape=lambda s: (s[0] - top - bottom, s[1] - left - right, s[2]),
     )
 
   def max_pool(self, x, pool_size, strides=None, padding="valid", name=None):
@@ -206,7 +499,7 @@ class Net:
       padding=padding,
     )
     shape = _window(pool_size, strides or pool_size, padding)
-    return self._layer("max_pooling2d", name, [x], None, op=op, shape=shape)
+    return self._layer("max_pooling2d", name, [x], _op(op), shape=shape)
 
   def avg_pool(self, x, pool_size, strides=None, padding="valid", name=None):
     op = functools.partial(
@@ -216,129 +509,91 @@ class Net:
       padding=padding,
     )
     shape = _window(pool_size, strides or pool_size, padding)
-    return self._layer("average_pooling2d", name, [x], None, op=op, shape=shape)
+    return self._layer("average_pooling2d", name, [x], _op(op), shape=shape)
 
-  def global_avg_pool(self, x, name: str | None = None):
-    op = functools.partial(jnp.mean, axis=(1, 2))
+  def global_avg_pool(self, x, keepdims: bool = False, name: str | None = None):
+    op = functools.partial(jnp.mean, axis=(1, 2), keepdims=keepdims)
     return self._layer(
-      "global_average_pooling2d", name, [x], None, op=op, shape=_pooled
+      "global_average_pooling2d",
+      name,
+      [x],
+      _op(op),
+      shape=lambda s: (1, 1, s[-1]) if keepdims else (s[-1],),
     )
 
   def global_max_pool(self, x, name: str | None = None):
     op = functools.partial(jnp.max, axis=(1, 2))
     return self._layer(
-      "global_max_pooling2d", name, [x], None, op=op, shape=_pooled
+      "global_max_pooling2d", name, [x], _op(op), shape=lambda s: (s[-1],)
     )
 
-  def add(self, xs: list, name: str | None = None):
-    return self._layer("add", name, xs, None, op=_sum)
+  def add(self, xs: Sequence[Any], name: str | None = None):
+    return self._layer("add", name, xs, _op(_sum))
 
-  def concat(self, xs: list, name: str | None = None):
-    op = functools.partial(jnp.concatenate, axis=-1)
+  def multiply(self, xs: Sequence[Any], name: str | None = None):
+    return self._layer("multiply", name, xs, _op(_product))
+
+  def concat(self, xs: Sequence[Any], name: str | None = None):
+    def op(*a):
+      return jnp.concatenate(a, axis=-1)
+
     return self._layer(
       "concatenate",
       name,
       xs,
-      None,
-      op=lambda *a: op(a),
+      _op(op),
       shape=lambda *s: (*s[0][:-1], sum(c[-1] for c in s)),
     )
 
-  def custom_scale(self, xs: list, scale: float, name: str | None = None):
+  def custom_scale(self, xs: Sequence[Any], scale: float, name=None):
     """InceptionResNetV2's CustomScaleLayer: xs[0] + xs[1] * scale."""
     return self._layer(
-      "custom_scale_layer", name, xs, None, op=lambda a, b: a + b * scale
+      "custom_scale_layer", name, xs, _op(lambda a, b: a + b * scale)
     )
 
-  def zero_pad(self, x, padding, name: str | None = None):
-    (top, bottom), (left, right) = padding
-    op = functools.partial(
-      jnp.pad, pad_width=((0, 0), (top, bottom), (left, right), (0, 0))
-    )
-    return self._layer(
-      "zero_padding2d",
-      name,
-      [x],
-      None,
-      op=op,
-      shape=lambda s: (s[0] + top + bottom, s[1] + left + right, s[2]),
-    )
+  def dropout(self, x, rate: float, noise_shape=None, name: str | None = None):
+    """Dropout; noise_shape (None, 1, 1, 1) drops whole samples. Acts when
+    `train` is truthy, with the 'dropout' rng."""
 
-  def crop(self, x, cropping, name: str | None = None):
-    (top, bottom), (left, right) = cropping
+    def fn(name, a):
+      dims = tuple(i for i, d in enumerate(noise_shape or ()) if d == 1)
+      layer = nn.Dropout(rate, broadcast_dims=dims, name=name)
+      return layer(a, deterministic=not self.train)
 
+    return self._layer("dropout", name, [x], fn)
+
+  def flatten(self, x, name: str | None = None):
     def op(a):
-      h, w = a.shape[1], a.shape[2]
-      return a[:, top : h - bottom, left : w - right]
+      return a.reshape(a.shape[0], -1)
+
+    def shape(s):
+      n = 1
+      for d in s:
+        n *= d
+      return (n,)
+
+    return self._layer("flatten", name, [x], _op(op), shape=shape)
+
+  def reshape(self, x, target_shape: tuple[int, ...], name=None):
+    def op(a):
+      return a.reshape(a.shape[0], *target_shape)
 
     return self._layer(
-      "cropping2d",
-      name,
-      [x],
-      None,
-      op=op,
-      shape=lambda s: (s[0] - top - bottom, s[1] - left - right, s[2]),
+      "reshape", name, [x], _op(op), shape=lambda s: tuple(target_shape)
     )
-
-  def normalization(self, x, mean, variance, name: str | None = None):
-    """Keras' Normalization with fixed statistics (no weights)."""
-    mean = jnp.asarray(mean, jnp.float32)
-    std = jnp.maximum(jnp.sqrt(jnp.asarray(variance, jnp.float32)), 1e-7)
-    op = lambda a: ((a - mean) / std).astype(a.dtype)  # noqa: E731
-    return self._layer("normalization", name, [x], None, op=op)
-
-  def sequential(self, x, name: str, body: Callable[[Net, Any], Any]):
-    """A Keras Sequential used as one layer: `body(net, x)` its layers."""
-    raise NotImplementedError
-
-  def plus(self, a, b):
-    """`a + b` on Keras tensors: an operation, not a layer."""
-    raise NotImplementedError
-
-  def channels(self, x) -> int:
-    raise NotImplementedError
-
-  def spatial(self, x) -> tuple[int, int]:
-    raise NotImplementedError
-
-
-def _window(kernel_size, strides, padding, filters=None):
-  """The output shape (h, w, c) of a convolution or pooling, as Keras'."""
-  (kh, kw), (sh, sw) = _pair(kernel_size), _pair(strides)
-
-  def size(n, k, step):
-    return -(-n // step) if padding == "same" else (n - k) // step + 1
-
-  return lambda s: (size(s[0], kh, sh), size(s[1], kw, sw), filters or s[2])
-
-
-def _pooled(s):
-  return (s[-1],)
 
 
 def _sum(*xs):
   return functools.reduce(jnp.add, xs)
 
 
-def _linear(x):
-  return x
-
-
-_ACTIVATIONS = {
-  "relu": nn.relu,
-  "gelu": functools.partial(jax.nn.gelu, approximate=False),
-  "linear": _linear,
-}
+def _product(*xs):
+  return functools.reduce(jnp.multiply, xs)
 
 
 def _max_pool(x, size, strides, padding):
   return lax.reduce_window(
-    x,
-    -jnp.inf,
-    lax.max,
-    (1, *size, 1),
-    (1, *strides, 1),
-    padding.upper(),
+    x, -jnp.inf, lax.max, (1, *size, 1), (1, *strides, 1), padding.upper()
   )
 
 
@@ -360,66 +615,97 @@ def _avg_pool(x, size, strides, padding):
 class Record(Net):
   """Runs a forward on layer names and shapes; `parents` is the graph."""
 
-  def __init__(self, input_shape: tuple[int, ...] = (224, 224, 3), names=None):
-    super().__init__()
-    if names is not None:
-      self.names = names
+  def __init__(
+    self,
+    input_shape: Sequence[int] = (224, 224, 3),
+    names: _Names | None = None,
+  ):
+    super().__init__(names)
     self.shapes: dict[str, tuple[int, ...]] = {INPUT: tuple(input_shape)}
     self.parents: dict[str, tuple[str, ...]] = {INPUT: ()}
-    self.is_layer: dict[str, bool] = {INPUT: True}
-    self.kind: dict[str, str] = {INPUT: "input_layer"}  # Keras class.
-    self.weighted: set[str] = set()
+    self.kind: dict[str, str] = {INPUT: "input_layer"}  # Layers, not ops.
+    self.weights: dict[str, list[tuple[int, ...]]] = {}  # Keras' order.
+    self.dropouts: dict[str, tuple[float, bool]] = {}
     self.inner: dict[str, Record] = {}  # Sequentials' own layers.
     self._ops = 0
 
   def input(self) -> str:
     return INPUT
 
-  def _node(self, name: str, inputs, kind: str | None) -> str:
+  def _node(self, name: str, inputs, kind: str | None, shape) -> str:
     if name in self.parents:
       raise ValueError(f"layer name {name!r} used twice")
     self.parents[name] = tuple(inputs)
-    self.is_layer[name] = kind is not None
+    self.shapes[name] = tuple(shape)
     if kind is not None:
       self.kind[name] = kind
     return name
 
-  def _layer(self, kind, name, inputs, fn, shape=None, **kw):
+  def _layer(self, kind, name, inputs, fn, shape=None, weights=None):
     name = self.names(kind, name)
-    if fn is not None:
-      self.weighted.add(name)
     shapes = [self.shapes[i] for i in inputs]
-    self.shapes[name] = shape(*shapes) if shape else shapes[0]
-    return self._node(name, inputs, kind)
+    if weights is not None:
+      self.weights[name] = [tuple(w) for w in weights(*shapes)]
+    return self._node(
+      name, inputs, kind, shape(*shapes) if shape else shapes[0]
+    )
+
+  def op(self, fn, *xs):
+    self._ops += 1
+    return self._node(f"<op {self._ops}>", xs, None, self.shapes[xs[0]])
 
   def sequential(self, x, name, body):
     inner = Record(self.shapes[x], self.names)
     out = body(inner, inner.input())
     self.inner[name] = inner
-    self.shapes[name] = inner.shapes[out]
-    return self._node(name, [x], "sequential")
+    return self._node(name, [x], "sequential", inner.shapes[out])
 
-  def plus(self, a, b):
-    self._ops += 1
-    name = f"<op {self._ops}>"
-    self.shapes[name] = self.shapes[a]
-    return self._node(name, [a, b], None)
+  def dropout(self, x, rate, noise_shape=None, name=None):
+    y = super().dropout(x, rate, noise_shape, name)
+    self.dropouts[y] = (rate, noise_shape is not None)
+    return y
 
-  def channels(self, x) -> int:
-    return self.shapes[x][-1]
-
-  def spatial(self, x) -> tuple[int, int]:
-    return self.shapes[x][0], self.shapes[x][1]
+  def shape(self, x) -> tuple[int, ...]:
+    return self.shapes[x]
 
 
-@dataclasses.dataclass(frozen=True)
-class _Config:
-  """What a forward reads from its module, for recording."""
+def keras_order(parents: Mapping[str, Sequence[str]], output: str) -> list[str]:
+  """The nodes `output` depends on, in Keras' `Functional.layers` order.
 
-  arch: str
-  include_top: bool
-  pooling: str | None
-  num_classes: int = 1000
+  keras/src/ops/function.py `map_graph`: by decreasing depth (the longest
+  path to the output), ties in the order a depth-first walk from the output,
+  inputs in call order, first reaches them. Nodes the output does not depend
+  on are not part of the model.
+  """
+  index = {output: 0}
+  postorder: list[str] = []
+  stack = [(output, iter(parents[output]))]
+  while stack:  # Iterative: DenseNet201 is ~700 layers deep.
+    name, pending = stack[-1]
+    nxt = next(pending, None)
+    if nxt is None:
+      stack.pop()
+      postorder.append(name)
+    elif nxt not in index:
+      index[nxt] = len(index)
+      stack.append((nxt, iter(parents[nxt])))
+  depth: dict[str, int] = {}
+  for name in reversed(postorder):
+    d = depth.setdefault(name, 0)
+    for p in parents[name]:
+      depth[p] = max(depth.get(p, 0), d + 1)
+  return sorted(postorder, key=lambda n: (-depth[n], index[n]))
+
+
+def ancestors(parents: Mapping[str, Sequence[str]], name: str) -> set[str]:
+  """`name` and every node it depends on."""
+  seen, todo = {name}, [name]
+  while todo:
+    for p in parents[todo.pop()]:
+      if p not in seen:
+        seen.add(p)
+        todo.append(p)
+  return seen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -427,24 +713,28 @@ class Layers:
   """A recorded model, as Keras lists and stores it.
 
   names: `[l.name for l in model.layers]`, input included.
-  weighted: the parameter layers in Keras' weight order; a Sequential's
-    layers as 'sequential_name/layer_name', like the Flax variables.
-  kinds: parameter layer -> its Keras class, snake_case ('conv2d').
-  keys: parameter layer -> its group names in a Keras 3 weights file
+  weighted: the layers with weights in Keras' order; a Sequential's layers
+    as 'sequential_name/layer_name', like the Flax variables.
+  kinds: weighted layer -> its Keras class, snake_case ('conv2d').
+  keys: weighted layer -> its group names in a Keras 3 weights file
     (`layers/<class>[_<rank among that class in model.layers>]`, nested for
     Sequentials: ('sequential', 'conv2d')).
+  weights: weighted layer -> its arrays' shapes in Keras' stored order.
+  dropouts: Dropout layer -> (rate, whether it drops whole samples).
+  parents: node -> the nodes it is computed from (tensor ops included).
   """
 
   names: tuple[str, ...]
   weighted: tuple[str, ...]
-  kinds: dict[str, str]
-  keys: dict[str, tuple[str, ...]]
+  kinds: Mapping[str, str]
+  keys: Mapping[str, tuple[str, ...]]
+  weights: Mapping[str, list[tuple[int, ...]]]
+  dropouts: Mapping[str, tuple[float, bool]]
+  parents: Mapping[str, tuple[str, ...]]
 
 
-def _weighted(
-  rec: Record, order: list[str]
-) -> list[tuple[str, str, tuple[str, ...]]]:
-  """(path, kind, keys) of each parameter layer, in Keras' order."""
+def _weighted(rec: Record, order: list[str]) -> list[tuple]:
+  """(path, kind, keys, shapes) of each weighted layer, in Keras' order."""
   out, ranks = [], {}
   for name in order:
     kind = rec.kind[name]
@@ -452,51 +742,141 @@ def _weighted(
     key = kind if rank == 0 else f"{kind}_{rank}"
     if name in rec.inner:  # A Sequential's layers, without its input.
       sub = rec.inner[name]
-      inner = [n for n in sub.parents if sub.is_layer[n]][1:]
+      inner = [n for n in sub.parents if n in sub.kind][1:]
       out += [
-        (f"{name}/{path}", k, (key, *keys))
-        for path, k, keys in _weighted(sub, inner)
+        (f"{name}/{path}", k, (key, *keys), shapes)
+        for path, k, keys, shapes in _weighted(sub, inner)
       ]
-    elif name in rec.weighted:
-      out.append((name, kind, (key,)))
+    elif name in rec.weights:
+      out.append((name, kind, (key,), rec.weights[name]))
   return out
 
 
-@functools.cache
+def config(
+  arch: str,
+  include_top: bool = True,
+  pooling: str | None = None,
+  num_classes: int = 1000,
+  classifier_activation: str | None = None,
+  **options: Any,
+) -> types.SimpleNamespace:
+  """What a forward reads: the build options, family options included."""
+  return types.SimpleNamespace(
+    arch=arch,
+    include_top=include_top,
+    pooling=pooling,
+    num_classes=num_classes,
+    classifier_activation=classifier_activation,
+    **options,
+  )
+
+
 def recorded(
-  arch: str, include_top: bool = True, pooling: str | None = None
+  arch: str, include_top: bool = True, pooling: str | None = None, **options
 ) -> Layers:
-  """The Keras model's layers, recorded from `arch`'s forward (cached)."""
+  """The Keras model's layers, recorded from `arch`'s forward (cached).
+
+  options: the arch's layer options (others, like classifier_activation,
+  change no layer and are ignored).
+  """
+  spec = _get(arch)
+  layer_options = tuple((k, options.get(k, d)) for k, d in spec.options.items())
+  return _recorded(
+    arch, bool(include_top), None if include_top else pooling, layer_options
+  )
+
+
+@functools.cache
+def _recorded(arch, include_top, pooling, options) -> Layers:
   spec = _get(arch)
   rec = Record((spec.default_size, spec.default_size, 3))
-  out = spec.forward(rec, rec.input(), _Config(arch, include_top, pooling))
-  order = [n for n in keras_order(rec.parents, out) if rec.is_layer[n]]
+  cfg = config(arch, include_top, pooling, **dict(options))
+  out = spec.forward(rec, rec.input(), cfg)
+  order = [n for n in keras_order(rec.parents, out) if n in rec.kind]
   weighted = _weighted(rec, order)
   return Layers(
     names=tuple(order),
-    weighted=tuple(p for p, _, _ in weighted),
-    kinds={p: k for p, k, _ in weighted},
-    keys={p: keys for p, _, keys in weighted},
+    weighted=tuple(p for p, *_ in weighted),
+    kinds={p: k for p, k, _, _ in weighted},
+    keys={p: keys for p, _, keys, _ in weighted},
+    weights={p: shapes for p, _, _, shapes in weighted},
+    dropouts=dict(rec.dropouts),
+    parents=dict(rec.parents),
   )
 
 
 def layer_names(
-  arch: str, include_top: bool = True, pooling: str | None = None
+  arch: str, include_top: bool = True, pooling: str | None = None, **options
 ) -> list[str]:
   """`[l.name for l in model.layers]` of the Keras model, input included."""
-  return list(recorded(arch, include_top, pooling).names)
-
-
-def _get(arch: str) -> Arch:
-  if arch not in _ARCHS:
-    raise UserError(
-      f"unknown architecture {arch!r}; expected one of {sorted(_ARCHS)}"
-    )
-  return _ARCHS[arch]
+  return list(recorded(arch, include_top, pooling, **options).names)
 
 
 # ---------------------------------------------------------------------------
 # Computing: Flax layers with Keras' parameter names and shapes.
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+  """A layer output a model cut at `output_layer` does not compute."""
+
+  shape: tuple[int, ...]  # Without the batch.
+
+
+def _shape(x) -> tuple[int, ...]:
+  return x.shape if isinstance(x, Skipped) else tuple(x.shape[1:])
+
+
+class Compute(Net):
+  """Runs a forward inside a Flax module's compact `__call__`.
+
+  Layers become submodules of that module, named like the Keras layers; each
+  output passes through `taps`, which stops the pass at `output_layer`.
+  needed: the layers to compute (None: all); the others only pass on their
+  shapes, so a cut model has no parameters it does not use.
+  """
+
+  def __init__(
+    self,
+    taps: common.Taps,
+    needed: set[str] | None,
+    train: Any,
+    dtype: Any,
+    param_dtype: Any,
+    names: _Names | None = None,
+  ):
+    super().__init__(names)
+    self.taps, self.needed, self.train = taps, needed, train
+    self.dtype, self.param_dtype = dtype, param_dtype
+
+  def _skips(self, name: str, inputs) -> bool:
+    return any(isinstance(i, Skipped) for i in inputs) or (
+      self.needed is not None and name not in self.needed
+    )
+
+  def _layer(self, kind, name, inputs, fn, shape=None, weights=None):
+    name = self.names(kind, name)
+    if self._skips(name, inputs):
+      shapes = [_shape(i) for i in inputs]
+      return Skipped(tuple(shape(*shapes)) if shape else shapes[0])
+    return self.taps(name, fn(name, *inputs))
+
+  def op(self, fn, *xs):
+    if any(isinstance(x, Skipped) for x in xs):
+      return Skipped(_shape(xs[0]))
+    return fn(*xs)
+
+  def sequential(self, x, name, body):
+    if self._skips(name, [x]):  # Its auto names still count.
+      inner = Record(_shape(x), self.names)
+      return Skipped(inner.shapes[body(inner, inner.input())])
+    sequential = _Sequential(
+      body, self.names, self.train, self.dtype, self.param_dtype, name=name
+    )
+    return self.taps(name, sequential(x))
+
+  def shape(self, x) -> tuple[int, ...]:
+    return tuple(int(d) for d in _shape(x))
 
 
 class Conv(nn.Module):
@@ -508,6 +888,7 @@ class Conv(nn.Module):
   padding: str = "valid"
   use_bias: bool = True
   groups: int = 1
+  kernel_init: Callable = kernel_init
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -515,7 +896,7 @@ class Conv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     cin = x.shape[-1]
     shape = (*self.kernel_size, cin // self.groups, self.filters)
-    kernel = self.param("kernel", kernel_init, shape, self.param_dtype)
+    kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
     y = lax.conv_general_dilated(
       x.astype(self.dtype),
       kernel.astype(self.dtype),
@@ -526,6 +907,41 @@ class Conv(nn.Module):
     )
     if self.use_bias:
       bias = self.param("bias", zeros, (self.filters,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class DepthwiseConv(nn.Module):
+  """Keras DepthwiseConv2D (multiplier 1): `depthwise_kernel` has Keras'
+  shape (kh, kw, channels, 1)."""
+
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  padding: str = "valid"
+  use_bias: bool = True
+  kernel_init: Callable = kernel_init
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    w = self.param(
+      "depthwise_kernel",
+      self.kernel_init,
+      (*self.kernel_size, c, 1),
+      self.param_dtype,
+    )
+    y = lax.conv_general_dilated(
+      x.astype(self.dtype),
+      w.reshape(*self.kernel_size, 1, c).astype(self.dtype),
+      self.strides,
+      self.padding.upper(),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=c,
+    )
+    if self.use_bias:
+      bias = self.param("bias", zeros, (c,), self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
 
@@ -593,6 +1009,28 @@ class LayerScale(nn.Module):
     return x * gamma.astype(self.dtype)
 
 
+class Normalization(nn.Module):
+  """Keras' Normalization layer with its own (adapted) statistics.
+
+  mean, var and count are non-trainable, like BN's moving statistics, and live
+  in the same 'batch_stats' collection, so they are imported, checked, merged
+  and checkpointed the same way; nothing ever updates them.
+  """
+
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+    var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
+    std = jnp.sqrt(var.value.astype(self.dtype))
+    return (x.astype(self.dtype) - mean.value.astype(self.dtype)) / (
+      jnp.maximum(std, NORMALIZATION_EPSILON)
+    )
+
+
 class _Sequential(nn.Module):
   """A Keras Sequential inside the model: its layers nest under its name."""
 
@@ -604,90 +1042,83 @@ class _Sequential(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    net = Compute(common.Taps(), self.train, self.dtype, self.param_dtype)
-    net.names = self.names
-    return self.body(net, x)
-
-
-class Compute(Net):
-  """Runs a forward inside a Flax module's compact `__call__`.
-
-  Layers become submodules of that module, named like the Keras layers; each
-  output passes through `taps`, which stops the pass at `output_layer`.
-  """
-
-  def __init__(self, taps: common.Taps, train, dtype, param_dtype):
-    super().__init__()
-    self.taps, self.train = taps, train
-    self.dtype, self.param_dtype = dtype, param_dtype
-
-  def _layer(self, kind, name, inputs, fn, op=None, shape=None, **kw):
-    name = self.names(kind, name)
-    if fn is common.BatchNorm:
-      module = fn(
-        dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw
-      )
-      y = module(inputs[0], self.train)
-    elif fn is not None:
-      module = fn(
-        dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw
-      )
-      y = module(inputs[0])
-    else:
-      y = op(*inputs)
-    return self.taps(name, y)
-
-  def sequential(self, x, name, body):
-    sequential = _Sequential(
-      body, self.names, self.train, self.dtype, self.param_dtype, name=name
+    net = Compute(
+      common.Taps(), None, self.train, self.dtype, self.param_dtype, self.names
     )
-    y = sequential(x)
-    return self.taps(name, y)
-
-  def plus(self, a, b):
-    return a + b
-
-  def channels(self, x) -> int:
-    return int(x.shape[-1])
-
-  def spatial(self, x) -> tuple[int, int]:
-    return int(x.shape[1]), int(x.shape[2])
+    return self.body(net, x)
 
 
 class KerasApp(nn.Module):
   """A `keras.applications` model defined with `define`.
 
   Attributes:
-    arch: the registry name ('xception', 'inception_v3', 'convnext_tiny').
-    include_top: keep Keras' classifier (logits, no softmax).
+    arch: the architecture ('resnet50', 'xception', 'convnext_tiny', ...).
+    include_top: keep Keras' classifier (logits unless
+      classifier_activation='softmax'; float32 whatever `dtype`).
     num_classes: outputs of that classifier.
     pooling: without the top, None (4D features), 'avg' or 'max'.
+    classifier_activation: None (logits, what losses want) or 'softmax'.
     output_layer: stop at this Keras layer and return its output.
     dtype: compute dtype; param_dtype: storage dtype of the parameters.
+
+  A family with layer options (alpha) subclasses it with those fields.
   """
+
+  # The architectures a subclass builds (empty: any defined one).
+  ARCHS: ClassVar[tuple[str, ...]] = ()
 
   arch: str
   include_top: bool = True
   num_classes: int = 1000
   pooling: str | None = None
+  classifier_activation: str | None = None
   output_layer: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    spec = _get(self.arch)
+  def check(self) -> None:
+    """Raises UserError for a bad option; subclasses add their own."""
+    if self.ARCHS and self.arch not in self.ARCHS:
+      raise UserError(
+        f"{type(self).__name__}: arch must be one of {list(self.ARCHS)}, "
+        f"got {self.arch!r}"
+      )
+    _get(self.arch)
     if self.pooling not in (None, "avg", "max"):
       raise UserError(
-        f"pooling must be None, 'avg' or 'max', got {self.pooling!r}"
+        f"{self.arch}: pooling must be None, 'avg' or 'max', "
+        f"got {self.pooling!r}"
       )
-    names = layer_names(self.arch, self.include_top, self.pooling)
-    common.check_output_layer(self.arch, self.output_layer, names)
+    if self.classifier_activation not in (None, "softmax"):
+      raise UserError(
+        f"{self.arch}: classifier_activation must be None or 'softmax', "
+        f"got {self.classifier_activation!r}"
+      )
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
+    self.check()
+    spec = _get(self.arch)
+    options = {k: getattr(self, k) for k in spec.options}
+    layers = recorded(self.arch, self.include_top, self.pooling, **options)
     common.check_input(self.arch, tuple(x.shape), spec.min_size)
+    common.check_output_layer(self.arch, self.output_layer, list(layers.names))
+    needed = None
+    if self.output_layer is not None:
+      needed = ancestors(layers.parents, self.output_layer)
     taps = common.Taps(self.output_layer)
-    net = Compute(taps, train, self.dtype, self.param_dtype)
-    x = x.astype(self.dtype)
-    y = taps.run(lambda: spec.forward(net, x, self))
-    if self.include_top and self.output_layer in (None, names[-1]):
+    net = Compute(taps, needed, train, self.dtype, self.param_dtype)
+    cfg = config(
+      self.arch,
+      self.include_top,
+      self.pooling,
+      self.num_classes,
+      self.classifier_activation,
+      **options,
+    )
+    y = taps.run(
+      lambda: spec.forward(net, taps(INPUT, x.astype(self.dtype)), cfg)
+    )
+    if self.include_top and self.output_layer in (None, layers.names[-1]):
       y = y.astype(jnp.float32)
     return y

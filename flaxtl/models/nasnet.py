@@ -13,6 +13,7 @@ accepts). BatchNormalization: momentum 0.9997, epsilon 1e-3. Input:
 from __future__ import annotations
 
 from flaxtl.models import keras_model, registry
+from flaxtl.models.keras_model import correct_pad
 
 ARCH = "nasnet_mobile"
 MIN_SIZE = 32
@@ -22,13 +23,6 @@ NUM_BLOCKS = 4
 STEM_FILTERS = 32
 FILTER_MULTIPLIER = 2
 BN = {"momentum": 0.9997, "epsilon": 1e-3}
-
-
-def correct_pad(size: tuple[int, int], kernel: int):
-  """imagenet_utils.correct_pad: 'same'-like padding before a stride of 2."""
-  adjust = (1 - size[0] % 2, 1 - size[1] % 2)
-  k = kernel // 2
-  return ((k - adjust[0], k), (k - adjust[1], k))
 
 
 def _sep_block(net, x, filters, kernel=3, strides=1, block_id=""):
@@ -200,12 +194,13 @@ def forward(net: keras_model.Net, x, config):
   x = net.act(x, "relu")
   if config.include_top:
     x = net.global_avg_pool(x)
-    return net.dense(x, config.num_classes, name="predictions")
-  if config.pooling == "avg":
-    return net.global_avg_pool(x)
-  if config.pooling == "max":
-    return net.global_max_pool(x)
-  return x
+    return net.dense(
+      x,
+      config.num_classes,
+      activation=config.classifier_activation,
+      name="predictions",
+    )
+  return keras_model.pooled(net, x, config)
 
 
 def NASNetMobile(**kwargs) -> keras_model.KerasApp:  # noqa: N802

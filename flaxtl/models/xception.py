@@ -73,12 +73,13 @@ def top(net: keras_model.Net, x, config):
   """The top shared by Xception and the Inceptions: avg_pool + predictions."""
   if config.include_top:
     x = net.global_avg_pool(x, name="avg_pool")
-    return net.dense(x, config.num_classes, name="predictions")
-  if config.pooling == "avg":
-    return net.global_avg_pool(x)
-  if config.pooling == "max":
-    return net.global_max_pool(x)
-  return x
+    return net.dense(
+      x,
+      config.num_classes,
+      activation=config.classifier_activation,
+      name="predictions",
+    )
+  return keras_model.pooled(net, x, config)
 
 
 def Xception(**kwargs) -> keras_model.KerasApp:  # noqa: N802 (Keras' spelling)

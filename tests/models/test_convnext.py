@@ -9,15 +9,15 @@ from flaxtl import models
 from flaxtl.errors import UserError
 from flaxtl.models import common
 from flaxtl.train import freeze
-from tests import keras_apps as ka
+from tests import keras_oracle as oracle
 
 TINY, SIZE = "convnext_tiny", 32  # Keras' minimum input size.
 
 
 @pytest.fixture(scope="module")
 def notop(keras):
-  model = ka.build(keras, TINY, False, SIZE)
-  return model, ka.variables_from(keras, model, TINY, False)
+  model = oracle.build(keras, TINY, False, SIZE)
+  return model, oracle.variables_from(model, TINY, False)
 
 
 @pytest.mark.parametrize(
@@ -31,9 +31,9 @@ def notop(keras):
   ],
 )
 def test_layers_and_weights_match_keras(keras, arch):
-  model = ka.build(keras, arch, True, SIZE)
-  ka.check_layer_names(model, arch, True)
-  variables = ka.variables_from(keras, model, arch, True)
+  model = oracle.build(keras, arch, True, SIZE)
+  oracle.check_layer_names(model, arch, True)
+  variables = oracle.variables_from(model, arch, True)
   n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables))
   assert n == model.count_params()
   params = variables["params"]
@@ -48,7 +48,7 @@ def test_layers_and_weights_match_keras(keras, arch):
 
 
 def test_notop_layer_names_match_keras(notop):
-  ka.check_layer_names(notop[0], TINY, False)
+  oracle.check_layer_names(notop[0], TINY, False)
   assert models.keras_layer_names(TINY, False)[-1] == "layer_normalization"
 
 
@@ -64,13 +64,13 @@ def test_notop_layer_names_match_keras(notop):
 )
 def test_any_layer_is_an_output_like_keras(keras, notop, layer):
   model, variables = notop
-  x = ka.images(keras, TINY, SIZE)
+  x = oracle.keras_images(keras, TINY, SIZE)
   assert x.max() > 200  # ConvNeXt's preprocess_input leaves pixels as they are.
   want = keras.Model(model.input, model.get_layer(layer).output)(x)
   got = models.create(TINY, include_top=False, output_layer=layer).apply(
     variables, x
   )
-  assert ka.rel_diff(got, want) <= ka.TOL
+  assert oracle.rel_diff(got, want) <= oracle.TOL
 
 
 def test_first_layers_freeze_counts_the_stem_as_one_layer():

@@ -7,7 +7,7 @@ import pytest
 from flaxtl import models, weights
 from flaxtl.models import common, densenet
 from flaxtl.weights.mappings import densenet as densenet_mapping
-from tests import keras_family
+from tests import keras_oracle as oracle
 
 ARCHS = {
   "densenet121": "DenseNet121",
@@ -22,7 +22,7 @@ KERAS2_NAMES = {
   "predictions": "fc1000",
 }
 CASES = {
-  False: keras_family.ALL_LAYOUTS,
+  False: oracle.ALL_LAYOUTS,
   True: ("official_keras2", "keras_archive", "nested_legacy_h5"),
 }
 PARAMS = [(t, layout) for t, layouts in CASES.items() for layout in layouts]
@@ -42,7 +42,7 @@ def test_registry_entries():
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_layers_and_shapes_match_keras(keras, arch):
-  keras_family.check_architecture(
+  oracle.check_architecture(
     keras,
     getattr(keras.applications, ARCHS[arch]),
     arch,
@@ -67,10 +67,9 @@ def cases(keras, tmp_path_factory):
 
   def get(include_top):
     if include_top not in built:
-      built[include_top] = keras_family.Case(
+      built[include_top] = oracle.Case(
         keras,
-        keras.applications.DenseNet121,
-        keras.applications.densenet.preprocess_input,
+        "densenet121",
         tmp_path_factory.mktemp(f"densenet121_{include_top}"),
         include_top=include_top,
         layouts=CASES[include_top],
@@ -85,7 +84,7 @@ def cases(keras, tmp_path_factory):
 
 @pytest.mark.parametrize("include_top,layout", PARAMS)
 def test_parity_with_keras(cases, record_property, include_top, layout):
-  keras_family.check_parity(
+  oracle.check_parity(
     cases(include_top), "densenet121", layout, record_property
   )
 

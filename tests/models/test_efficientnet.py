@@ -9,7 +9,7 @@ from flaxtl import models, tree
 from flaxtl.errors import UserError
 from flaxtl.models import common, efficientnet
 from flaxtl.weights.mappings import keras_names
-from tests.weights import mobile_oracle as oracle
+from tests import keras_oracle as oracle
 
 SIZE = 32
 # arch -> Keras builder. B0 and V2B0 are the representatives the parity tests
@@ -44,7 +44,7 @@ def _flax_slots(arch, include_top, **options):
 @pytest.mark.parametrize("arch", PARAMS)
 def test_layers_and_shapes_match_keras(keras, arch):
   builder = getattr(keras.applications, BUILDERS[arch])
-  model = oracle.build(keras, builder, SIZE)
+  model = oracle.keras_model(keras, builder, True, SIZE, 1)
   names = [layer.name for layer in model.layers]
   ours = models.keras_layer_names(arch, include_top=True)
   assert names[0].startswith(ours[0])  # Keras may suffix input_layer.
@@ -74,12 +74,8 @@ def test_layers_and_shapes_match_keras(keras, arch):
 
 
 def test_notop_layers_match_keras(keras):
-  model = oracle.build(
-    keras,
-    keras.applications.EfficientNetV2B0,
-    SIZE,
-    include_top=False,
-    pooling="max",
+  model = oracle.keras_model(
+    keras, keras.applications.EfficientNetV2B0, False, SIZE, 1, pooling="max"
   )
   names = [layer.name for layer in model.layers]
   ours = models.keras_layer_names("efficientnetv2b0", False, "max")

@@ -7,21 +7,21 @@ import pytest
 
 from flaxtl import models
 from flaxtl.errors import UserError
-from tests import keras_apps as ka
+from tests import keras_oracle as oracle
 
 V3, IRV2, SIZE = "inception_v3", "inception_resnet_v2", 75  # Keras' minimum.
 
 
 @pytest.fixture(scope="module")
 def v3_notop(keras):
-  model = ka.build(keras, V3, False, SIZE)
-  return model, ka.variables_from(keras, model, V3, False)
+  model = oracle.build(keras, V3, False, SIZE)
+  return model, oracle.variables_from(model, V3, False)
 
 
 def test_v3_with_top_layers_and_weights_match_keras(keras):
-  model = ka.build(keras, V3, True, SIZE)
-  ka.check_layer_names(model, V3, True)
-  variables = ka.variables_from(keras, model, V3, True)
+  model = oracle.build(keras, V3, True, SIZE)
+  oracle.check_layer_names(model, V3, True)
+  variables = oracle.variables_from(model, V3, True)
   n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables))
   assert n == model.count_params()
   # BatchNormalization(scale=False): no gamma at all.
@@ -31,7 +31,7 @@ def test_v3_with_top_layers_and_weights_match_keras(keras):
 
 
 def test_v3_notop_layer_names_match_keras(v3_notop):
-  ka.check_layer_names(v3_notop[0], V3, False)
+  oracle.check_layer_names(v3_notop[0], V3, False)
 
 
 @pytest.mark.parametrize(
@@ -46,12 +46,12 @@ def test_v3_notop_layer_names_match_keras(v3_notop):
 )
 def test_v3_any_layer_is_an_output_like_keras(keras, v3_notop, layer):
   model, variables = v3_notop
-  x = ka.images(keras, V3, SIZE)
+  x = oracle.keras_images(keras, V3, SIZE)
   want = keras.Model(model.input, model.get_layer(layer).output)(x)
   got = models.create(V3, include_top=False, output_layer=layer).apply(
     variables, x
   )
-  assert ka.rel_diff(got, want) <= ka.TOL
+  assert oracle.rel_diff(got, want) <= oracle.TOL
 
 
 def test_v3_train_mode_batch_statistics_match_keras(keras, v3_notop):
@@ -61,15 +61,15 @@ def test_v3_train_mode_batch_statistics_match_keras(keras, v3_notop):
   over a batch of 4, where float rounding alone grows to 1e-3.
   """
   model, variables = v3_notop
-  x = ka.images(keras, V3, SIZE, n=4, seed=1)
+  x = oracle.keras_images(keras, V3, SIZE, n=4, seed=1)
   flax_model = models.create(V3, include_top=False, output_layer="mixed2")
   out, updates = flax_model.apply(
     variables, x, train=True, mutable=["batch_stats"]
   )
   head = keras.Model(model.input, model.get_layer("mixed2").output)
   want = head(x, training=True)  # Also updates Keras' moving statistics.
-  assert ka.rel_diff(out, want) <= ka.TOL
-  after = ka.keras_arrays(keras, model)
+  assert oracle.rel_diff(out, want) <= oracle.TOL
+  after = oracle.keras_arrays(model)
   ran = [layer.name for layer in head.layers if "batch_norm" in layer.name]
   assert len(ran) == 26
   for name in ran:
@@ -86,15 +86,15 @@ def test_v3_train_mode_batch_statistics_match_keras(keras, v3_notop):
 
 def test_inception_resnet_v2_matches_keras(keras, record_property):
   """Layers, weights and the output (no top) of the optional family member."""
-  model = ka.build(keras, IRV2, False, SIZE, pooling="avg")
-  ka.check_layer_names(model, IRV2, False, "avg")
-  variables = ka.variables_from(keras, model, IRV2, False)
+  model = oracle.build(keras, IRV2, False, SIZE, pooling="avg")
+  oracle.check_layer_names(model, IRV2, False, "avg")
+  variables = oracle.variables_from(model, IRV2, False)
   assert set(variables["params"]["block35_1_conv"]) == {"kernel", "bias"}
-  x = ka.images(keras, IRV2, SIZE)
-  got = ka.apply_fn(IRV2, False, pooling="avg")(variables, x)
-  rel = ka.rel_diff(got, model(x))
+  x = oracle.keras_images(keras, IRV2, SIZE)
+  got = oracle.apply_fn(IRV2, False, pooling="avg")(variables, x)
+  rel = oracle.rel_diff(got, model(x))
   record_property("max_rel_diff", rel)
-  assert rel <= ka.TOL
+  assert rel <= oracle.TOL
 
 
 def test_inception_resnet_v2_with_top_layer_names():

@@ -8,7 +8,7 @@ from flaxtl import models, tree
 from flaxtl.errors import UserError
 from flaxtl.models import common, mobilenet
 from flaxtl.weights.mappings import keras_names
-from tests.weights import mobile_oracle as oracle
+from tests import keras_oracle as oracle
 
 SIZE = 32
 # (arch, Keras builder, Keras kwargs, alpha): every alpha / variant Keras has
@@ -55,8 +55,14 @@ def _flax_slots(arch, include_top, **options):
 
 @pytest.mark.parametrize("arch,builder,kwargs,alpha", PARAMS)
 def test_layers_and_shapes_match_keras(keras, arch, builder, kwargs, alpha):
-  model = oracle.build(
-    keras, getattr(keras.applications, builder), SIZE, alpha=alpha, **kwargs
+  model = oracle.keras_model(
+    keras,
+    getattr(keras.applications, builder),
+    True,
+    SIZE,
+    1,
+    alpha=alpha,
+    **kwargs,
   )
   names = [layer.name for layer in model.layers]
   ours = models.keras_layer_names(arch, include_top=True, alpha=alpha)
@@ -89,12 +95,8 @@ def test_layers_and_shapes_match_keras(keras, arch, builder, kwargs, alpha):
   ],
 )
 def test_notop_layers_match_keras(keras, arch, builder, pooling):
-  model = oracle.build(
-    keras,
-    getattr(keras.applications, builder),
-    SIZE,
-    include_top=False,
-    pooling=pooling,
+  model = oracle.keras_model(
+    keras, getattr(keras.applications, builder), False, SIZE, 1, pooling=pooling
   )
   names = [layer.name for layer in model.layers]
   assert models.keras_layer_names(arch, False, pooling)[1:] == names[1:]

@@ -7,25 +7,25 @@ import pytest
 
 from flaxtl import models
 from flaxtl.errors import UserError
-from tests import keras_apps as ka
+from tests import keras_oracle as oracle
 
 ARCH, SIZE = "nasnet_mobile", 32  # Keras' minimum input size.
 
 
 @pytest.fixture(scope="module")
 def notop(keras):
-  model = ka.build(keras, ARCH, False, SIZE)
-  return model, ka.variables_from(keras, model, ARCH, False)
+  model = oracle.build(keras, ARCH, False, SIZE)
+  return model, oracle.variables_from(model, ARCH, False)
 
 
 def test_notop_layers_weights_and_output_match_keras(keras, notop):
   model, variables = notop
-  ka.check_layer_names(model, ARCH, False)
+  oracle.check_layer_names(model, ARCH, False)
   n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables))
   assert n == model.count_params()
-  x = ka.images(keras, ARCH, SIZE)
-  got = ka.apply_fn(ARCH, False)(variables, x)
-  assert ka.rel_diff(got, model(x)) <= ka.TOL
+  x = oracle.keras_images(keras, ARCH, SIZE)
+  got = oracle.apply_fn(ARCH, False)(variables, x)
+  assert oracle.rel_diff(got, model(x)) <= oracle.TOL
 
 
 @pytest.mark.parametrize(
@@ -39,22 +39,22 @@ def test_notop_layers_weights_and_output_match_keras(keras, notop):
 )
 def test_any_layer_is_an_output_like_keras(keras, notop, layer):
   model, variables = notop
-  x = ka.images(keras, ARCH, SIZE)
+  x = oracle.keras_images(keras, ARCH, SIZE)
   want = keras.Model(model.input, model.get_layer(layer).output)(x)
   got = models.create(ARCH, include_top=False, output_layer=layer).apply(
     variables, x
   )
-  assert ka.rel_diff(got, want) <= ka.TOL
+  assert oracle.rel_diff(got, want) <= oracle.TOL
 
 
 def test_with_top_at_an_odd_size_matches_keras(keras):
   """33x33: every strided cell pads by the other parity."""
-  model = ka.build(keras, ARCH, True, 33)
-  ka.check_layer_names(model, ARCH, True)
-  variables = ka.variables_from(keras, model, ARCH, True)
-  x = ka.images(keras, ARCH, 33)
-  got = ka.apply_fn(ARCH, True)(variables, x)
-  assert ka.rel_diff(got, model(x)) <= ka.TOL
+  model = oracle.build(keras, ARCH, True, 33)
+  oracle.check_layer_names(model, ARCH, True)
+  variables = oracle.variables_from(model, ARCH, True)
+  x = oracle.keras_images(keras, ARCH, 33)
+  got = oracle.apply_fn(ARCH, True)(variables, x)
+  assert oracle.rel_diff(got, model(x)) <= oracle.TOL
 
 
 def test_too_small_is_a_user_error():

@@ -8,7 +8,7 @@ import pytest
 from flaxtl import models, weights
 from flaxtl.errors import UserError
 from flaxtl.models import common, resnet
-from tests import keras_family
+from tests import keras_oracle as oracle
 
 ARCHS = {
   "resnet50": "ResNet50",
@@ -20,7 +20,7 @@ ARCHS = {
 }
 # One representative per variant, at the smallest size Keras accepts.
 CASES = {
-  ("resnet50", False): keras_family.ALL_LAYOUTS,
+  ("resnet50", False): oracle.ALL_LAYOUTS,
   ("resnet50", True): (
     "keras3_weights_h5",
     "official_keras2",
@@ -40,15 +40,6 @@ PARAMS = [
 
 def _builder(keras, arch):
   return getattr(keras.applications, ARCHS[arch])
-
-
-def _preprocess(keras, arch):
-  module = (
-    keras.applications.resnet_v2
-    if arch.endswith("v2")
-    else (keras.applications.resnet)
-  )
-  return module.preprocess_input
 
 
 def test_registry_entries():
@@ -109,15 +100,13 @@ def test_bad_options_are_clear_errors(options, size, msg):
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_layers_and_shapes_match_keras(keras, arch):
-  keras_family.check_architecture(
+  oracle.check_architecture(
     keras, _builder(keras, arch), arch, pooling_variants=arch == "resnet50"
   )
 
 
 def test_batch_norm_momentum_and_epsilon_are_keras(keras):
-  model = keras_family.keras_model(
-    keras, keras.applications.ResNet50V2, False, 32
-  )
+  model = oracle.keras_model(keras, keras.applications.ResNet50V2, False, 32)
   bns = [x for x in model.layers if type(x).__name__ == "BatchNormalization"]
   assert bns and {(x.momentum, x.epsilon) for x in bns} == {
     (resnet.BN_MOMENTUM, resnet.BN_EPSILON)
@@ -131,10 +120,9 @@ def cases(keras, tmp_path_factory):
   def get(arch, include_top):
     key = (arch, include_top)
     if key not in built:
-      built[key] = keras_family.Case(
+      built[key] = oracle.Case(
         keras,
-        _builder(keras, arch),
-        _preprocess(keras, arch),
+        arch,
         tmp_path_factory.mktemp(f"{arch}_{include_top}"),
         include_top=include_top,
         layouts=CASES[key],
@@ -148,9 +136,7 @@ def cases(keras, tmp_path_factory):
 
 @pytest.mark.parametrize("arch,include_top,layout", PARAMS)
 def test_parity_with_keras(cases, record_property, arch, include_top, layout):
-  keras_family.check_parity(
-    cases(arch, include_top), arch, layout, record_property
-  )
+  oracle.check_parity(cases(arch, include_top), arch, layout, record_property)
 
 
 def test_converted_checkpoint_round_trip(cases, tmp_path):
@@ -159,7 +145,7 @@ def test_converted_checkpoint_round_trip(cases, tmp_path):
   prov = weights.read_provenance(out)
   assert prov["collections"] == ["batch_stats", "params"]
   variables = weights.restore_variables(out)
-  got = keras_family.flaxtl_arrays(variables)
+  got = oracle.flaxtl_arrays(variables)
   for name, arrays in case.arrays.items():
     for a, b in zip(got[name], arrays):
       np.testing.assert_array_equal(a, b)

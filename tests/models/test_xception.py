@@ -10,22 +10,22 @@ from flaxtl.errors import UserError
 from flaxtl.models import common
 from flaxtl.models.heads import TransferModel
 from flaxtl.train import freeze
-from tests import keras_apps as ka
+from tests import keras_oracle as oracle
 
 ARCH, SIZE = "xception", 71  # Keras' minimum input size.
 
 
 @pytest.fixture(scope="module")
 def notop(keras):
-  model = ka.build(keras, ARCH, False, SIZE)
-  return model, ka.variables_from(keras, model, ARCH, False)
+  model = oracle.build(keras, ARCH, False, SIZE)
+  return model, oracle.variables_from(model, ARCH, False)
 
 
 @pytest.mark.parametrize("include_top,pooling", [(True, None), (False, "max")])
 def test_layers_and_weights_match_keras(keras, include_top, pooling):
-  model = ka.build(keras, ARCH, include_top, SIZE, pooling)
-  ka.check_layer_names(model, ARCH, include_top, pooling)
-  variables = ka.variables_from(keras, model, ARCH, include_top)
+  model = oracle.build(keras, ARCH, include_top, SIZE, pooling)
+  oracle.check_layer_names(model, ARCH, include_top, pooling)
+  variables = oracle.variables_from(model, ARCH, include_top)
   n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables))
   assert n == model.count_params()
   # The unnamed residual layers keep Keras' auto names; BN has 4 arrays.
@@ -41,7 +41,7 @@ def test_layers_and_weights_match_keras(keras, include_top, pooling):
 
 
 def test_notop_layer_names_match_keras(notop):
-  ka.check_layer_names(notop[0], ARCH, False)
+  oracle.check_layer_names(notop[0], ARCH, False)
 
 
 @pytest.mark.parametrize(
@@ -56,12 +56,12 @@ def test_notop_layer_names_match_keras(notop):
 )
 def test_any_layer_is_an_output_like_keras(keras, notop, layer):
   model, variables = notop
-  x = ka.images(keras, ARCH, SIZE)
+  x = oracle.keras_images(keras, ARCH, SIZE)
   want = keras.Model(model.input, model.get_layer(layer).output)(x)
   got = models.create(ARCH, include_top=False, output_layer=layer).apply(
     variables, x
   )
-  assert ka.rel_diff(got, want) <= ka.TOL
+  assert oracle.rel_diff(got, want) <= oracle.TOL
 
 
 def test_model_stopped_early_has_no_later_params():
@@ -73,13 +73,13 @@ def test_model_stopped_early_has_no_later_params():
 def test_train_mode_batch_statistics_match_keras(keras, notop):
   """Keras' BN momentum (0.99) and epsilon (1e-3) in a training pass."""
   model, variables = notop
-  x = ka.images(keras, ARCH, SIZE, n=4, seed=1)
+  x = oracle.keras_images(keras, ARCH, SIZE, n=4, seed=1)
   out, updates = models.create(ARCH, include_top=False).apply(
     variables, x, train=True, mutable=["batch_stats"]
   )
   want = model(x, training=True)  # Also updates Keras' moving statistics.
-  assert ka.rel_diff(out, want) <= ka.TOL
-  after = ka.keras_arrays(keras, model)
+  assert oracle.rel_diff(out, want) <= oracle.TOL
+  after = oracle.keras_arrays(model)
   for name, stats in updates["batch_stats"].items():
     old = variables["batch_stats"][name]
     assert not np.allclose(stats["mean"], old["mean"])

@@ -19,7 +19,8 @@ from configs import base
 from flaxtl import preprocess, weights
 from flaxtl.train import config as config_lib
 from flaxtl.train import setup, steps
-from tests import keras_family, keras_layouts
+from tests import keras_layouts
+from tests import keras_oracle as oracle
 
 ARCH = "resnet50"
 K = 16  # layers[15] is conv2_block1_0_bn, layers[16] conv2_block1_3_bn.
@@ -47,7 +48,7 @@ def _config(weights_path):
 @pytest.fixture(scope="module")
 def run(keras, tmp_path_factory):
   """Both frameworks' weights before and after one step, and the losses."""
-  model = keras_family.keras_model(
+  model = oracle.keras_model(
     keras, keras.applications.ResNet50, True, SIZE, classes=CLASSES
   )
   keras_layouts.perturb(model, 0)
@@ -56,7 +57,7 @@ def run(keras, tmp_path_factory):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (BATCH, SIZE, SIZE, 3)).astype(np.uint8)
   labels = rng.integers(0, CLASSES, BATCH).astype(np.int32)
-  before = keras_family.keras_arrays(model)
+  before = oracle.keras_arrays(model)
 
   frozen = [layer.name for layer in model.layers[:K] if layer.weights]
   for layer in model.layers[:K]:
@@ -67,7 +68,7 @@ def run(keras, tmp_path_factory):
   )
   x = keras.applications.resnet.preprocess_input(images.astype(np.float32))
   keras_loss = float(model.train_on_batch(x, labels))
-  keras_after = keras_family.keras_arrays(model)
+  keras_after = oracle.keras_arrays(model)
 
   config = _config(path)
   net = setup.build_model(config, CLASSES)
@@ -103,13 +104,13 @@ def run(keras, tmp_path_factory):
     opt_state=tx.init(params),
     rng=jax.random.PRNGKey(1),
   )
-  start = keras_family.flaxtl_arrays(
+  start = oracle.flaxtl_arrays(
     {"params": params["backbone"], "batch_stats": batch_stats["backbone"]}
   )
   new, metrics = jax.jit(step_fn, compiler_options=options)(
     state, {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
   )
-  after = keras_family.flaxtl_arrays(
+  after = oracle.flaxtl_arrays(
     {
       "params": new.params["backbone"],
       "batch_stats": new.batch_stats["backbone"],

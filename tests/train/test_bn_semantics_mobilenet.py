@@ -26,7 +26,7 @@ from configs import base
 from flaxtl import tree, weights
 from flaxtl.preprocess import preprocess_input
 from flaxtl.train import setup, steps
-from tests.weights import mobile_oracle as oracle
+from tests import keras_oracle as oracle
 
 SIZE, BATCH, ALPHA, CLASSES, LR = 64, 16, 0.35, 5, 0.1
 FIRST_TRAINED = "block_15_depthwise_BN"  # model.layers[k]
@@ -34,13 +34,14 @@ FIRST_TRAINED = "block_15_depthwise_BN"  # model.layers[k]
 
 @pytest.fixture(scope="module")
 def keras_step(keras, tmp_path_factory):
-  model = oracle.build(
+  model = oracle.keras_model(
     keras,
     keras.applications.MobileNetV2,
+    True,
     SIZE,
+    1,
     alpha=ALPHA,
     classes=CLASSES,
-    classifier_activation=None,
   )
   oracle.perturb(model)
   path = tmp_path_factory.mktemp("bn") / "start.weights.h5"

@@ -6,7 +6,7 @@ from flaxtl import weights
 from flaxtl.errors import UserError
 from flaxtl.weights import keras_file, sources
 from flaxtl.weights.mappings import convnext as convnext_mapping
-from tests import keras_apps as ka
+from tests import keras_oracle as oracle
 
 ARCH, SIZE = "convnext_tiny", 32
 
@@ -15,18 +15,20 @@ ARCH, SIZE = "convnext_tiny", 32
 def cases(keras, tmp_path_factory):
   root = tmp_path_factory.mktemp("convnext_tiny")
   return {
-    top: ka.Case(keras, ARCH, top, SIZE, root / str(top))
+    top: oracle.Case(
+      keras, ARCH, root / str(top), include_top=top, size=SIZE, seed=1
+    )
     for top in (True, False)
   }
 
 
-@pytest.mark.parametrize("layout", ka.LAYOUTS)
+@pytest.mark.parametrize("layout", oracle.LAYOUTS)
 @pytest.mark.parametrize("include_top", [True, False])
 def test_parity_with_keras(
   cases, tmp_path, record_property, include_top, layout
 ):
   case = cases[include_top]
-  prov = ka.check_conversion(
+  prov = oracle.check_conversion(
     case, case.files[layout], tmp_path / "c", record_property
   )
   assert prov["layout"] == layout
@@ -36,10 +38,10 @@ def test_parity_with_keras(
 def test_unnamed_keras3_file_maps_by_class_keys(cases, tmp_path):
   """Sequential layers sit under `layers/sequential/layers/conv2d`."""
   case = cases[False]
-  src = ka.strip_names(
+  src = oracle.strip_names(
     case.files["keras3_weights_h5"], tmp_path / "old.weights.h5"
   )
-  prov = ka.check_conversion(case, src, tmp_path / "c", arch=ARCH)
+  prov = oracle.check_conversion(case, src, tmp_path / "c", arch=ARCH)
   assert prov["mapping"] == "by_class_order"
 
 
@@ -56,7 +58,7 @@ def test_model_built_under_another_name(keras, cases, tmp_path):
   read = keras_file.read(tmp_path / "mine.keras")
   assert "my_convnext_stem_conv" in [layer.name for layer in read.layers]
   assert convnext_mapping.detect(read) == ARCH
-  ka.check_conversion(case, tmp_path / "mine.keras", tmp_path / "c")
+  oracle.check_conversion(case, tmp_path / "mine.keras", tmp_path / "c")
 
 
 def test_wrong_size_is_named(cases):

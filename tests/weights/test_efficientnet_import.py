@@ -11,7 +11,7 @@ from flaxtl import models, weights
 from flaxtl.models import efficientnet
 from flaxtl.weights import keras_file, sources
 from flaxtl.weights.mappings import efficientnet as mapping
-from tests.weights import mobile_oracle as oracle
+from tests import keras_oracle as oracle
 
 SIZE = 32  # The smallest input Keras accepts.
 REPS = {
@@ -27,7 +27,7 @@ def refs(keras, tmp_path_factory):
   def get(arch):
     if arch not in built:
       builder = getattr(keras.applications, REPS[arch])
-      model = oracle.build(keras, builder, SIZE, classifier_activation=None)
+      model = oracle.keras_model(keras, builder, True, SIZE, 1)
       oracle.perturb(model)
       x = oracle.images(SIZE)  # 0..255: the model normalises.
       feature = models.get(arch).feature_layer
@@ -64,7 +64,7 @@ def test_parity_with_keras(refs, forward, record_property, arch, top, layout):
   v1 = arch in efficientnet.V1_ARCHS
   assert prov["options"] == ({"imagenet_rescaling": False} if v1 else {})
   got = forward(arch, top)(converted.variables, ref.x)
-  rel = oracle.max_rel_diff(got, ref.want[top])
+  rel = oracle.rel_diff(got, ref.want[top])
   record_property("max_rel_diff", rel)
   assert rel <= oracle.TOL
 
@@ -112,7 +112,7 @@ def test_any_layer_is_an_output_layer(keras, refs, arch):
   for name, w in zip(names, want):
     model = models.create(arch, output_layer=name)
     got = jax.jit(model.apply)(converted.variables, ref.x)
-    assert oracle.max_rel_diff(got, w) <= oracle.TOL, name
+    assert oracle.rel_diff(got, w) <= oracle.TOL, name
 
 
 def test_checkpoint_round_trip(refs, forward, tmp_path):
@@ -121,7 +121,7 @@ def test_checkpoint_round_trip(refs, forward, tmp_path):
   variables = weights.restore_variables(out)
   assert variables["batch_stats"]["normalization"]["count"].dtype == np.int32
   got = forward("efficientnetb0", True)(variables, ref.x)
-  assert oracle.max_rel_diff(got, ref.want[True]) <= oracle.TOL
+  assert oracle.rel_diff(got, ref.want[True]) <= oracle.TOL
 
 
 def _text(names) -> list[str]:
@@ -219,7 +219,7 @@ def test_keras_imagenet_model_with_its_extra_rescaling(
   got = forward("efficientnetb0", False, imagenet_rescaling=True)(
     converted.variables, x
   )
-  rel = oracle.max_rel_diff(got, want)
+  rel = oracle.rel_diff(got, want)
   record_property("max_rel_diff", rel)
   assert rel <= oracle.TOL
 

@@ -10,7 +10,7 @@ from flaxtl import weights
 from flaxtl.errors import UserError
 from flaxtl.weights import keras_file, sources
 from flaxtl.weights.mappings import inception as inception_mapping
-from tests import keras_apps as ka
+from tests import keras_oracle as oracle
 
 ARCH, SIZE = "inception_v3", 75
 
@@ -19,18 +19,26 @@ ARCH, SIZE = "inception_v3", 75
 def cases(keras, tmp_path_factory):
   root = tmp_path_factory.mktemp("inception_v3")
   return {
-    top: ka.Case(keras, ARCH, top, SIZE, root / str(top), official=True)
+    top: oracle.Case(
+      keras,
+      ARCH,
+      root / str(top),
+      include_top=top,
+      size=SIZE,
+      layouts=oracle.LAYOUTS + oracle.OFFICIAL,
+      seed=1,
+    )
     for top in (True, False)
   }
 
 
-@pytest.mark.parametrize("layout", ka.LAYOUTS + ka.OFFICIAL)
+@pytest.mark.parametrize("layout", oracle.LAYOUTS + oracle.OFFICIAL)
 @pytest.mark.parametrize("include_top", [True, False])
 def test_parity_with_keras(
   cases, tmp_path, record_property, include_top, layout
 ):
   case = cases[include_top]
-  prov = ka.check_conversion(
+  prov = oracle.check_conversion(
     case, case.files[layout], tmp_path / "c", record_property
   )
   assert prov["layout"] == layout.replace(
@@ -56,16 +64,16 @@ def test_auto_names_from_another_session_nested(keras, cases, tmp_path):
     legacy_h5_format.save_weights_to_hdf5_group(f, outer)
   names = [layer.name for layer in keras_file.read(path).layers]
   assert names[0] == "conv2d_94" and "head" in names
-  prov = ka.check_conversion(case, path, tmp_path / "c")
+  prov = oracle.check_conversion(case, path, tmp_path / "c")
   assert prov["skipped_file_layers"] == ["head at /head"]
 
 
 def test_unnamed_keras3_file_maps_by_class_keys(cases, tmp_path):
   case = cases[True]
-  src = ka.strip_names(
+  src = oracle.strip_names(
     case.files["keras3_weights_h5"], tmp_path / "old.weights.h5"
   )
-  prov = ka.check_conversion(case, src, tmp_path / "c", arch=ARCH)
+  prov = oracle.check_conversion(case, src, tmp_path / "c", arch=ARCH)
   assert prov["mapping"] == "by_class_order"
 
 

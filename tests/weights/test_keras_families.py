@@ -15,7 +15,8 @@ from flaxtl import convert, models, weights
 from flaxtl.weights import keras_file, sources
 from flaxtl.weights.mappings import densenet as densenet_mapping
 from flaxtl.weights.mappings import resnet as resnet_mapping
-from tests import keras_family, keras_layouts
+from tests import keras_layouts
+from tests import keras_oracle as oracle
 from tests.models.test_densenet import KERAS2_NAMES
 from tests.weights import test_sources
 
@@ -29,7 +30,7 @@ def files(keras, tmp_path_factory):
   """
   root = tmp_path_factory.mktemp("families")
   out = {}
-  r50 = keras_family.keras_model(
+  r50 = oracle.keras_model(
     keras, keras.applications.ResNet50, False, 32, seed=5
   )
   keras_layouts.perturb(r50, 5)
@@ -38,15 +39,15 @@ def files(keras, tmp_path_factory):
   )
   out["resnet50_keras3"] = root / "resnet50.weights.h5"
   r50.save_weights(out["resnet50_keras3"])
-  out["resnet50_arrays"] = keras_family.keras_arrays(r50)
-  d121 = keras_family.keras_model(
+  out["resnet50_arrays"] = oracle.keras_arrays(r50)
+  d121 = oracle.keras_model(
     keras, keras.applications.DenseNet121, True, 32, seed=6
   )
   keras_layouts.perturb(d121, 6)
   out["densenet121"] = keras_layouts.write_official(
     d121, root / "densenet121.h5", "keras2", rename=KERAS2_NAMES
   )
-  out["densenet121_arrays"] = keras_family.keras_arrays(d121)
+  out["densenet121_arrays"] = oracle.keras_arrays(d121)
   return out
 
 
@@ -125,7 +126,7 @@ def test_convert_imagenet_cli_from_a_local_server(
   prov = weights.read_provenance(out)
   assert prov["url"] == base + rel and prov["source"] == "imagenet"
   assert (prov["layout"], prov["mapping"]) == ("legacy_weights_h5", "by_name")
-  got = keras_family.flaxtl_arrays(weights.restore_variables(out))
+  got = oracle.flaxtl_arrays(weights.restore_variables(out))
   want = files[f"{arch}_arrays"]
   assert set(got) == set(want)
   for name, arrays in want.items():
@@ -143,11 +144,11 @@ def test_files_without_layer_names_map_by_order(files, tmp_path, capsys):
     )
   read = keras_file.read(src)
   assert all(layer.name is None for layer in read.layers)
-  line = keras_family.run_cli_error(capsys, src, "--out", tmp_path / "o")
+  line = oracle.run_cli_error(capsys, src, "--out", tmp_path / "o")
   assert "cannot tell which architecture" in line
   converted = resnet_mapping.from_keras(read, "resnet50")
   assert converted.mapping == "by_order" and not converted.include_top
-  got = keras_family.flaxtl_arrays(converted.variables)
+  got = oracle.flaxtl_arrays(converted.variables)
   for name, arrays in files["resnet50_arrays"].items():
     for a, b in zip(got[name], arrays):
       np.testing.assert_array_equal(a, b)
@@ -223,9 +224,7 @@ def test_bad_input_is_one_line_and_writes_nothing(
     with h5py.File(path, "r+") as f:
       edit(f)
   before = sorted(p.name for p in tmp_path.iterdir())
-  line = keras_family.run_cli_error(
-    capsys, path, "--out", tmp_path / "out", *extra
-  )
+  line = oracle.run_cli_error(capsys, path, "--out", tmp_path / "out", *extra)
   assert re.search(msg, line), line
   assert str(path) in line
   assert sorted(p.name for p in tmp_path.iterdir()) == before  # Nothing new.

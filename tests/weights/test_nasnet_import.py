@@ -7,8 +7,8 @@ import pytest
 
 from flaxtl.weights import keras_file, sources
 from flaxtl.weights.mappings import nasnet as nasnet_mapping
-from tests import keras_apps as ka
 from tests import keras_layouts
+from tests import keras_oracle as oracle
 
 ARCH, SIZE = "nasnet_mobile", 32
 
@@ -17,18 +17,20 @@ ARCH, SIZE = "nasnet_mobile", 32
 def cases(keras, tmp_path_factory):
   root = tmp_path_factory.mktemp("nasnet_mobile")
   return {
-    top: ka.Case(keras, ARCH, top, SIZE, root / str(top))
+    top: oracle.Case(
+      keras, ARCH, root / str(top), include_top=top, size=SIZE, seed=1
+    )
     for top in (True, False)
   }
 
 
-@pytest.mark.parametrize("layout", ka.LAYOUTS)
+@pytest.mark.parametrize("layout", oracle.LAYOUTS)
 @pytest.mark.parametrize("include_top", [True, False])
 def test_parity_with_keras(
   cases, tmp_path, record_property, include_top, layout
 ):
   case = cases[include_top]
-  prov = ka.check_conversion(
+  prov = oracle.check_conversion(
     case, case.files[layout], tmp_path / "c", record_property
   )
   assert prov["layout"] == layout
@@ -62,5 +64,5 @@ def test_nested_parity_with_keras(keras, cases, tmp_path, layout):
   """Inside a bigger model; its legacy h5 keeps NASNet's name scopes."""
   case = cases[False]
   src = keras_layouts.write_nested(keras, case.model, tmp_path)[layout]
-  prov = ka.check_conversion(case, src, tmp_path / "c")
+  prov = oracle.check_conversion(case, src, tmp_path / "c")
   assert any(s.startswith("head ") for s in prov["skipped_file_layers"])

@@ -18,7 +18,7 @@ from flaxtl import models, preprocess, weights
 from flaxtl.errors import UserError
 from flaxtl.weights import keras_file, sources
 from flaxtl.weights.mappings import xception as xception_mapping
-from tests import keras_apps as ka
+from tests import keras_oracle as oracle
 
 ARCH, SIZE = "xception", 71
 
@@ -27,18 +27,26 @@ ARCH, SIZE = "xception", 71
 def cases(keras, tmp_path_factory):
   root = tmp_path_factory.mktemp("xception")
   return {
-    top: ka.Case(keras, ARCH, top, SIZE, root / str(top), official=True)
+    top: oracle.Case(
+      keras,
+      ARCH,
+      root / str(top),
+      include_top=top,
+      size=SIZE,
+      layouts=oracle.LAYOUTS + oracle.OFFICIAL,
+      seed=1,
+    )
     for top in (True, False)
   }
 
 
-@pytest.mark.parametrize("layout", ka.LAYOUTS + ka.OFFICIAL)
+@pytest.mark.parametrize("layout", oracle.LAYOUTS + oracle.OFFICIAL)
 @pytest.mark.parametrize("include_top", [True, False])
 def test_parity_with_keras(
   cases, tmp_path, record_property, include_top, layout
 ):
   case = cases[include_top]
-  prov = ka.check_conversion(
+  prov = oracle.check_conversion(
     case, case.files[layout], tmp_path / "c", record_property
   )
   assert prov["layout"] == layout.replace(
@@ -49,11 +57,11 @@ def test_parity_with_keras(
 
 def test_unnamed_keras3_file_maps_by_class_keys(cases, tmp_path):
   case = cases[False]
-  src = ka.strip_names(
+  src = oracle.strip_names(
     case.files["keras3_weights_h5"], tmp_path / "old.weights.h5"
   )
   assert all(layer.name is None for layer in keras_file.read(src).layers)
-  prov = ka.check_conversion(case, src, tmp_path / "c", arch=ARCH)
+  prov = oracle.check_conversion(case, src, tmp_path / "c", arch=ARCH)
   assert prov["mapping"] == "by_class_order"
 
 
@@ -66,7 +74,7 @@ def test_auto_names_from_another_session(keras, cases, tmp_path):
   assert "conv2d_4" in [layer.name for layer in again.layers]
   again.set_weights(case.model.get_weights())
   again.save_weights(tmp_path / "again.weights.h5")
-  ka.check_conversion(case, tmp_path / "again.weights.h5", tmp_path / "c")
+  oracle.check_conversion(case, tmp_path / "again.weights.h5", tmp_path / "c")
 
 
 def test_detect_and_wrong_architecture(cases):
@@ -115,7 +123,7 @@ def test_imagenet_download_from_a_local_server(cases, tmp_path, monkeypatch):
   assert weights.read_provenance(out)["source"] == "imagenet"
   variables = weights.restore_variables(out)
   got = cases[False].apply(variables, cases[False].x)
-  assert ka.rel_diff(got, cases[False].want) <= ka.TOL
+  assert oracle.rel_diff(got, cases[False].want) <= oracle.TOL
 
 
 # --- The real pretrained file: ImageNet Xception inside a Keras 3.3 model ---
@@ -208,9 +216,9 @@ def test_real_xception_gives_keras_features(
   count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables))
   assert count == 20_861_480  # Keras' Xception without the top.
   got = jax.jit(model.apply)(variables, x)
-  rel = ka.rel_diff(got, want)
+  rel = oracle.rel_diff(got, want)
   record_property("max_rel_diff", rel)
-  assert rel <= ka.TOL
+  assert rel <= oracle.TOL
   assert want.shape == (2, 5, 5, 2048) and float(np.abs(want).max()) > 1.0
 
 

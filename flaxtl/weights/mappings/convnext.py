@@ -14,7 +14,7 @@ from flaxtl.errors import UserError
 from flaxtl.models import convnext
 from flaxtl.weights import keras_file
 from flaxtl.weights.converted import Converted
-from flaxtl.weights.mappings import keras_apps
+from flaxtl.weights.mappings import keras_names
 
 # Official ImageNet files: (arch, include_top) -> (path under
 # https://storage.googleapis.com/tensorflow/keras-applications/, sha256),
@@ -91,13 +91,13 @@ def from_keras(
     raise UserError(
       f"{weights.path}: holds a {found} model, not {arch}; use --arch {found}"
     )
-  rename = {}
+  aliases = {}
   prefix = _prefix(weights)
   if prefix is not None and prefix[0] != arch:
     old = prefix[0] + "_"
-    rename = {
+    aliases = {
       layer.name: arch + "_" + layer.name[len(old) :]
       for layer in weights.layers
       if layer.name and layer.name.startswith(old)
     }
-  return keras_apps.from_keras(weights, arch, include_top, rename)
+  return keras_names.from_keras(weights, arch, include_top, aliases=aliases)

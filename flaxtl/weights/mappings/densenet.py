@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 
-from flaxtl.models import densenet
+from flaxtl.models import keras_model
 from flaxtl.weights import keras_file
 from flaxtl.weights.converted import Converted
 from flaxtl.weights.mappings import keras_names
@@ -51,7 +51,7 @@ IMAGENET_FILES = {
 
 @functools.cache
 def _weighted(arch: str) -> frozenset[str]:
-  return frozenset(densenet.weighted_layer_names(arch, include_top=False))
+  return frozenset(keras_model.recorded(arch, include_top=False).weighted)
 
 
 def detect(weights: keras_file.KerasWeights) -> str | None:
@@ -66,6 +66,12 @@ def from_keras(
   arch: str,
   include_top: bool | None = None,
 ) -> Converted:
+  # Unnamed Keras 3 groups map by position, as ResNet's ('by_order').
   return keras_names.from_keras(
-    weights, arch, include_top, aliases=ALIASES, found=detect(weights)
+    weights,
+    arch,
+    include_top,
+    aliases=ALIASES,
+    found=detect(weights),
+    class_keys=False,
   )

@@ -2,25 +2,22 @@
 
 The models are named and shaped like Keras' (flaxtl.models.efficientnet), so
 this is `keras_names` plus what it cannot know:
-- Keras names EfficientNet's Normalization layer automatically
-  ('normalization', or 'normalization_3' in a session that built other
-  models first): any single such layer is taken as 'normalization'.
 - Whether the model had Keras' extra ImageNet Rescaling layer
   (`imagenet_rescaling`, recorded in the provenance): from the model config
   when the file has one (full-model h5, .keras), else from the
   Normalization variance, which holds the ImageNet stddev (not its square) in
   the official files and in every model started from them.
-- The names of an older Keras 3 `.weights.h5`, rebuilt from the layers'
-  classes, and BN layers of a fine-tuned nested model that a legacy h5
-  stores in two parts (`repair`).
+- Which architecture an unnamed Keras 3 file holds (its groups named by each
+  architecture's class keys in turn).
+Keras names EfficientNet's Normalization layer automatically ('normalization',
+or 'normalization_3' in a session that built other models first):
+`name_repairs` renames it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
-import re
 import zipfile
 
 import h5py
@@ -29,7 +26,7 @@ import numpy as np
 from flaxtl.models import efficientnet, registry
 from flaxtl.weights import keras_file
 from flaxtl.weights.converted import Converted
-from flaxtl.weights.mappings import keras_names, repair
+from flaxtl.weights.mappings import keras_names, name_repairs
 
 FAMILY = "efficientnet"
 
@@ -128,35 +125,15 @@ IMAGENET_OPTIONS = {
   arch: {"imagenet_rescaling": True} for arch in efficientnet.V1_ARCHS
 }
 
-_AUTO_NORMALIZATION = re.compile(r"normalization(_\d+)?")
-
-
-def _named(weights: keras_file.KerasWeights, arch: str):
-  weights = repair.merged(weights)
-  weights = repair.named(weights, efficientnet.keras_layers(arch))
-  auto = [
-    layer
-    for layer in weights.layers
-    if layer.name and _AUTO_NORMALIZATION.fullmatch(layer.name)
-  ]
-  if len(auto) != 1 or auto[0].name == "normalization":
-    return weights
-  layers = [
-    dataclasses.replace(layer, name="normalization")
-    if layer is auto[0]
-    else layer
-    for layer in weights.layers
-  ]
-  return dataclasses.replace(weights, layers=layers)
-
 
 def detect(weights: keras_file.KerasWeights) -> str | None:
   """The EfficientNet architecture the file holds, from its layer names."""
   if not any(layer.name is None for layer in weights.layers):
-    return keras_names.detect(_named(weights, "efficientnetb0"), FAMILY)
+    named, _, _ = name_repairs.repaired(weights, "efficientnetb0", None)
+    return keras_names.detect(named, FAMILY)
   for arch in registry.names(FAMILY):  # Unnamed Keras 3 groups.
-    renamed = _named(weights, arch)
-    if renamed is not weights and _fits(renamed, arch):
+    renamed = name_repairs.by_class_keys(weights, arch)
+    if renamed is not None and _fits(renamed, arch):
       return arch
   return None
 
@@ -228,8 +205,8 @@ def from_keras(
   include_top: bool | None = None,
 ) -> Converted:
   """Maps the file onto `arch`; records imagenet_rescaling for EfficientNet."""
-  weights = _named(weights, arch)
   options = {}
   if arch in efficientnet.V1_ARCHS:
-    options["imagenet_rescaling"] = imagenet_rescaling(weights)
+    named, _, _ = name_repairs.repaired(weights, arch, include_top)
+    options["imagenet_rescaling"] = imagenet_rescaling(named)
   return keras_names.from_keras(weights, arch, include_top, [options])

@@ -1,7 +1,7 @@
 """A Keras file's layers -> InceptionV3 / InceptionResNetV2 variables.
 
 Nearly every layer of these models is auto-named by Keras (`conv2d_17`), so
-the file's numbering may start anywhere; `keras_apps` maps them by their
+the file's numbering may start anywhere; `name_repairs` maps them by their
 order within each class, then every shape is checked.
 """
 
@@ -12,7 +12,7 @@ import re
 from flaxtl.errors import UserError
 from flaxtl.weights import keras_file
 from flaxtl.weights.converted import Converted
-from flaxtl.weights.mappings import keras_apps
+from flaxtl.weights.mappings import keras_names
 
 _BASE = "inception_resnet_v2/inception_resnet_v2_weights_tf_dim_ordering_tf"
 # Official ImageNet files: (arch, include_top) -> (path under
@@ -79,4 +79,4 @@ def from_keras(
     raise UserError(
       f"{weights.path}: holds an {found} model, not {arch}; use --arch {found}"
     )
-  return keras_apps.from_keras(weights, arch, include_top)
+  return keras_names.from_keras(weights, arch, include_top)

@@ -1,19 +1,20 @@
-"""The mapping for families whose variables are named and shaped like Keras'.
+"""The mapping of every Keras family: variables named and shaped as Keras'.
 
-Such a family (flaxtl.models registry, naming='keras') has a flat parameter
-tree with one entry per weighted Keras layer, named like the layer, with
-Keras' shapes. A file layer then maps onto the model by name (after the
-family's `aliases` for names older Keras versions used, e.g. DenseNet's
-'conv1/conv'), or, when the file records no usable names, by position among
-the weighted layers of the same kind (conv, BN, dense: Keras 3 `.weights.h5`
-groups are numbered per layer class). Its arrays, in Keras' stored order, go
-onto the layer's variables sorted by KERAS_ORDER. Every shape is checked;
-nothing is transposed.
+Such a family (`flaxtl.models.keras_model`, naming='keras') has a flat
+parameter tree with one entry per weighted Keras layer, named like the layer,
+with Keras' shapes. A file layer maps onto the model by name, after the
+family's `aliases` (names older Keras versions used, e.g. DenseNet's
+'conv1/conv') and `name_repairs` (split layers, class keys of unnamed Keras 3
+groups, name scopes, Sequentials, auto names from another session); when the
+names still do not cover the model, by position among the weighted layers of
+the same kind (conv, BN, dense). Its arrays, in Keras' stored order, go onto
+the layer's variables sorted by KERAS_ORDER. Every shape is checked; nothing
+is transposed.
 
 A family mapping module is typically:
 
     def detect(weights):
-      return keras_names.detect(weights, "resnet", weighted=resnet.weighted)
+      return keras_names.detect(weights, "resnet", weighted=...)
     def from_keras(weights, arch, include_top=None):
       return keras_names.from_keras(weights, arch, include_top,
                                     found=detect(weights))
@@ -32,6 +33,7 @@ from flaxtl.errors import UserError
 from flaxtl.models import common, registry
 from flaxtl.weights import keras_file
 from flaxtl.weights.converted import Converted
+from flaxtl.weights.mappings import name_repairs
 
 # Keras stores a layer's variables in this order (Conv2D: kernel, bias;
 # BatchNormalization: gamma, beta, moving_mean, moving_variance; separable:
@@ -153,6 +155,7 @@ def from_keras(
   *,
   aliases: Mapping[str, str] | None = None,
   found: str | None = None,
+  class_keys: bool = True,
 ) -> Converted:
   """Maps the file's layers onto `arch`, trying each options dict in turn.
 
@@ -160,6 +163,8 @@ def from_keras(
   shapes all match the file wins and is recorded in the provenance.
   found: the architecture the family's `detect` sees in the file; another
   one than `arch` is an error that says which.
+  class_keys: name an unnamed Keras 3 file's groups by their class keys
+  (mapping 'by_class_order'); without, its layers map by position.
   """
   spec = registry.get(arch)
   src = weights.path
@@ -168,6 +173,9 @@ def from_keras(
       f"{src}: holds a {found} model, not {arch}; use --arch {found}"
     )
   weights = renamed(weights, aliases)
+  weights, include_top, keyed = name_repairs.repaired(
+    weights, arch, include_top, class_keys
+  )
   by_name = {layer.name: layer for layer in weights.layers if layer.name}
   if include_top is None:
     include_top = _has_top(weights.layers, by_name, spec)
@@ -190,6 +198,8 @@ def from_keras(
       for layer in weights.layers
       if id(layer) not in used
     ]
+    if keyed:
+      mapping = "by_class_order"
     return Converted(
       variables, arch, include_top, num_classes, mapping, skipped, dict(options)
     )

@@ -1,20 +1,19 @@
 """Keras files -> MobileNetV2 / MobileNetV3 variables.
 
 The models are named and shaped like Keras' (flaxtl.models.mobilenet), so
-this is `keras_names` plus two things it cannot know: the width multiplier
+this is `keras_names` plus what it cannot know: the width multiplier
 `alpha`, found from the file's shapes (candidates whose pure-Python shapes
 disagree with a named layer of the file are not even tried) and recorded in
-the provenance; the names of an older Keras 3 `.weights.h5`, rebuilt from the
-layers' classes; BN layers of a fine-tuned nested model that a legacy h5
-stores in two parts (`repair`).
+the provenance, and which architecture an unnamed Keras 3 file holds (its
+groups named by each architecture's class keys in turn).
 """
 
 from __future__ import annotations
 
-from flaxtl.models import mobilenet, registry
+from flaxtl.models import keras_model, mobilenet, registry
 from flaxtl.weights import keras_file
 from flaxtl.weights.converted import Converted
-from flaxtl.weights.mappings import keras_names, repair
+from flaxtl.weights.mappings import keras_names, name_repairs
 
 FAMILY = "mobilenet"
 
@@ -109,17 +108,8 @@ ALPHAS = {
 }
 
 
-def _named(weights: keras_file.KerasWeights, arch: str):
-  weights = repair.merged(weights)
-  return repair.named(weights, mobilenet.keras_layers(arch, True))
-
-
 def _size(arch: str) -> int:
-  return len(mobilenet.keras_layers(arch))
-
-
-def _unnamed(weights: keras_file.KerasWeights) -> bool:
-  return any(layer.name is None for layer in weights.layers)
+  return len(keras_model.layer_names(arch))
 
 
 def detect(weights: keras_file.KerasWeights) -> str | None:
@@ -128,11 +118,11 @@ def detect(weights: keras_file.KerasWeights) -> str | None:
   A Keras 3 file without names is named after each architecture's layer
   classes in turn; the first whose shapes then agree is the one.
   """
-  if not _unnamed(weights):
+  if not any(layer.name is None for layer in weights.layers):
     return keras_names.detect(weights, FAMILY)
   for arch in sorted(registry.names(FAMILY), key=_size):
-    renamed = _named(weights, arch)
-    if renamed is not weights and _fitting_alphas(renamed, arch, False):
+    renamed = name_repairs.by_class_keys(weights, arch)
+    if renamed is not None and _fitting_alphas(renamed, arch, False):
       return arch
   return None
 
@@ -175,10 +165,7 @@ def from_keras(
   include_top: bool | None = None,
 ) -> Converted:
   """Maps the file onto `arch`, inferring and recording alpha."""
-  weights = _named(weights, arch)
-  top = include_top
-  if top is None:
-    classifier = registry.get(arch).classifier
-    top = any(layer.name == classifier for layer in weights.layers)
-  candidates = [{"alpha": a} for a in alpha_candidates(weights, arch, top)]
+  named, top, _ = name_repairs.repaired(weights, arch, include_top)
+  alphas = alpha_candidates(named, arch, bool(top))
+  candidates = [{"alpha": a} for a in alphas]
   return keras_names.from_keras(weights, arch, include_top, candidates)

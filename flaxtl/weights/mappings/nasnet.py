@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from flaxtl.weights import keras_file
 from flaxtl.weights.converted import Converted
-from flaxtl.weights.mappings import keras_apps
+from flaxtl.weights.mappings import keras_names
 
 # Official ImageNet files: (arch, include_top) -> (path under
 # https://storage.googleapis.com/tensorflow/keras-applications/, md5), from
@@ -49,4 +49,4 @@ def from_keras(
   arch: str = "nasnet_mobile",
   include_top: bool | None = None,
 ) -> Converted:
-  return keras_apps.from_keras(weights, arch, include_top)
+  return keras_names.from_keras(weights, arch, include_top)

@@ -1,7 +1,7 @@
 """A Keras file's layers -> Xception variables (`flaxtl.models.xception`).
 
 Explicit Keras names map one to one; the four unnamed residual convolutions
-and their BatchNormalizations map by their order (`keras_apps`).
+and their BatchNormalizations map by their order (`name_repairs`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import re
 
 from flaxtl.weights import keras_file
 from flaxtl.weights.converted import Converted
-from flaxtl.weights.mappings import keras_apps
+from flaxtl.weights.mappings import keras_names
 
 # Official ImageNet files: (arch, include_top) -> (path under
 # https://storage.googleapis.com/tensorflow/keras-applications/, md5), from
@@ -43,4 +43,4 @@ def from_keras(
   arch: str = "xception",
   include_top: bool | None = None,
 ) -> Converted:
-  return keras_apps.from_keras(weights, arch, include_top)
+  return keras_names.from_keras(weights, arch, include_top)
