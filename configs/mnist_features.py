@@ -2,6 +2,11 @@
 
     python launch.py --config configs/mnist_features.py      # the recipe
     python launch.py --config configs/mnist_features.py:hed  # offline, 64x64
+    python launch.py --config configs/mnist_features.py:mobilenet_v2
+    python launch.py --config configs/mnist_features.py:lite0
+
+`:mobilenet_v2` / `:lite0`: the same head on the cached features of the real
+ImageNet MobileNetV2 / EfficientNet-Lite0 (offline wheels), 96x96, 30 epochs.
 
 VGG16 without its top; block5_pool features (7x7x512 = 25,088 at 224x224)
 are computed once and cached on disk, then the tutorial's head trains on them:
@@ -36,6 +41,12 @@ def get_config(arg: str = ""):
     c.image_size = 64  # 2x2x512 = 2,048 features.
     c.optim.lr = 1e-3
     c.num_epochs = 30
+  elif arg in base.IMAGENET_VARIANTS:
+    base.offline_imagenet(c, arg)  # 3x3x1280 = 11,520 features.
+    c.num_epochs = 30  # As :hed: head epochs cost little once cached.
   elif arg:
-    raise ValueError(f"unknown variant {arg!r}; expected '' or 'hed'")
+    raise ValueError(
+      f"unknown variant {arg!r}; expected '', 'hed' or one of "
+      f"{list(base.IMAGENET_VARIANTS)}"
+    )
   return c

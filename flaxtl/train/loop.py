@@ -375,7 +375,8 @@ class _Trainer:
     plan = setup.freeze_plan(config, params, self.phases[phase_i].first_layers)
     tx, train_step = self.compile_train_step(plan)
     state = steps.TrainState(
-      step=jnp.zeros((), jnp.int32),
+      # Placed like the step's output: else the second call recompiles.
+      step=jax.device_put(jnp.zeros((), jnp.int32), self.replicated),
       params=params,
       batch_stats=self.run_.variables.get("batch_stats", {}),
       opt_state=self.init_opt_state(tx, params),

@@ -87,6 +87,14 @@ def test_run_writes_everything_and_learns(reference_run):
   )
 
 
+def test_the_train_step_compiles_once(tmp_path, caplog):
+  """The state enters the step placed as the step returns it: a step counter
+  left uncommitted made the second call compile the whole step again."""
+  with jax.log_compiles(), caplog.at_level("WARNING", logger="jax"):
+    train.train_and_evaluate(tiny_config(total_steps=3), tmp_path / "w")
+  assert caplog.text.count("Compiling jit(step_fn)") == 1
+
+
 def test_rerun_in_same_workdir_resumes_and_matches(reference_run, tmp_path):
   ref_dir, ref = reference_run
   first = train.train_and_evaluate(tiny_config(total_steps=16), tmp_path)
