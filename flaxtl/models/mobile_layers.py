@@ -26,10 +26,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-from jax import lax
 import jax.numpy as jnp
 
 from flaxtl.models import common
+from flaxtl.ops import conv as conv_ops
 
 INPUT_NAME = "input_layer"  # Keras 3's name for a model's first input.
 NORMALIZATION_EPSILON = 1e-7  # keras.backend.epsilon(), Normalization's floor.
@@ -372,7 +372,7 @@ class DepthwiseConv2D(nn.Module):
     w = self.param(
       "depthwise_kernel", self.kernel_init, (k, k, c, 1), self.param_dtype
     )
-    return lax.conv_general_dilated(
+    return conv_ops.conv_general_dilated(
       x.astype(self.dtype),
       w.reshape(k, k, 1, c).astype(self.dtype),
       (self.strides, self.strides),
