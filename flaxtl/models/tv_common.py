@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from flaxtl.errors import UserError
 from flaxtl.models import common
+from flaxtl.ops import conv as conv_ops
 
 BN_MOMENTUM = 0.9  # torch.nn.BatchNorm2d's momentum=0.1.
 TORCH_BN_EPS = 1e-5
@@ -121,6 +122,7 @@ class Layers:
       strides=(stride, stride),
       padding=pads,
       feature_group_count=groups,
+      conv_general_dilated=conv_ops.conv_general_dilated,
       use_bias=bias,
       dtype=self.dtype,
       param_dtype=self.param_dtype,

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from flaxtl.errors import UserError
 from flaxtl.models import common, registry, tv_common
+from flaxtl.ops import conv as conv_ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +133,7 @@ class _Ctx:
       (stride, stride),
       padding=((padding, padding), (padding, padding)),
       feature_group_count=groups,
+      conv_general_dilated=conv_ops.conv_general_dilated,
       kernel_init=weight_init,
       dtype=self.dtype,
       param_dtype=self.param_dtype,

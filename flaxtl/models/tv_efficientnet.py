@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from flaxtl.errors import UserError
 from flaxtl.models import common, registry, tv_common
+from flaxtl.ops import conv as conv_ops
 
 # torchvision's EfficientNet-B0 stages: (expand_ratio, kernel, stride,
 # input_channels, out_channels, num_layers), before width/depth scaling.
@@ -237,6 +238,7 @@ class ConvNormActivation(nn.Module):
       (self.stride, self.stride),
       padding=((p, p), (p, p)),
       feature_group_count=x.shape[-1] if self.depthwise else 1,
+      conv_general_dilated=conv_ops.conv_general_dilated,
       use_bias=False,
       kernel_init=conv_init,
       dtype=ctx.dtype,

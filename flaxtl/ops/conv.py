@@ -1,9 +1,11 @@
-"""3x3 'same' convolutions in the form that runs fastest for their shape.
+"""Convolutions in the form that runs fastest for their shape.
 
-On CPU (`conv_impl_for`, measured per layer by benchmarks/conv_forms.py; tables
-in benchmarks/README.md): tiny maps as one im2col matmul (XLA:CPU's convolution
-is slow on 2x2 and 4x4 maps), large float32 maps with many channels as Winograd
-F(2x2, 3x3) (2.25x fewer multiplies), everything else as XLA's convolution.
+3x3 'same' convs on CPU (`conv_impl_for`, measured per layer by
+benchmarks/conv_forms.py; tables in benchmarks/README.md): tiny maps as one
+im2col matmul (XLA:CPU's convolution is slow on 2x2 and 4x4 maps), large
+float32 maps with many channels as Winograd F(2x2, 3x3) (2.25x fewer
+multiplies), everything else as XLA's convolution. Depthwise convs on CPU
+(`conv_general_dilated`, benchmarks/depthwise.py) as a sum of shifted slices.
 GPU and TPU always get XLA's convolution.
 """
 
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 
 CONV_IMPLS = ("auto", "direct", "im2col", "winograd")
@@ -145,3 +148,83 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   n, h, w, c = x.shape
   x = x[:, : h // 2 * 2, : w // 2 * 2]
   return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def depthwise_taps(
+  x: jax.Array,
+  kernel: jax.Array,
+  strides: Sequence[int],
+  pads: Sequence[tuple[int, int]],
+) -> jax.Array:
+  """Depthwise conv (multiplier 1) as the sum of its k*k shifted slices.
+
+  x (N, H, W, C), kernel (kh, kw, 1, C), explicit (low, high) pads. Each tap
+  is a strided slice of the padded input times a per-channel weight: one
+  fused elementwise loop, where XLA:CPU's grouped convolution runs 10-20x
+  slower (benchmarks/README.md, "Depthwise"). Sums in float32.
+  """
+  kh, kw = kernel.shape[:2]
+  sh, sw = strides
+  xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+  oh = (xp.shape[1] - kh) // sh + 1
+  ow = (xp.shape[2] - kw) // sw + 1
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      tap = xp[
+        :, i : i + (oh - 1) * sh + 1 : sh, j : j + (ow - 1) * sw + 1 : sw
+      ]
+      term = tap.astype(acc) * kernel[i, j, 0].astype(acc)
+      out = term if out is None else out + term
+  return out.astype(x.dtype)
+
+
+def conv_general_dilated(
+  lhs: jax.Array,
+  rhs: jax.Array,
+  window_strides: Sequence[int],
+  padding: str | Sequence[tuple[int, int]],
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: Any = None,
+  feature_group_count: int = 1,
+  **kwargs: Any,
+) -> jax.Array:
+  """`lax.conv_general_dilated`, with CPU depthwise convs as `depthwise_taps`.
+
+  A drop-in for `nn.Conv(conv_general_dilated=...)`: a 2D NHWC conv with one
+  group per input channel, one output channel per group and no dilation runs
+  as taps on CPU; everything else (and every other platform) is lax's.
+  """
+  c = lhs.shape[-1]
+  is_depthwise = (
+    lhs.ndim == 4
+    and feature_group_count == c > 1
+    and rhs.shape[2:] == (1, c)
+    and not any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+    and kwargs.get("preferred_element_type") is None
+    and jax.default_backend() == "cpu"
+  )
+  if not is_depthwise:
+    return lax.conv_general_dilated(
+      lhs,
+      rhs,
+      window_strides,
+      padding,
+      lhs_dilation,
+      rhs_dilation,
+      dimension_numbers,
+      feature_group_count,
+      **kwargs,
+    )
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(
+      lhs.shape[1:3], rhs.shape[:2], window_strides, padding
+    )
+  return depthwise_taps(lhs, rhs, window_strides, padding)

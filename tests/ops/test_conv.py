@@ -63,3 +63,105 @@ def test_max_pool_2x2_matches_flax_max_pool_and_its_gradient(shape):
     return jax.vjp(f, x)[1](dy)[0]
 
   np.testing.assert_array_equal(grad(conv.max_pool_2x2), grad(ref))
+
+
+def _grouped_conv(x, k, strides, padding):
+  return jax.lax.conv_general_dilated(
+    x,
+    k,
+    strides,
+    padding,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=x.shape[-1],
+  )
+
+
+@pytest.mark.parametrize(
+  ("shape", "kernel", "strides", "padding"),
+  [
+    ((2, 7, 9, 4), 3, (1, 1), "SAME"),
+    ((1, 8, 8, 3), 3, (2, 2), "SAME"),  # Even size: TF's (0, 1) padding.
+    ((2, 9, 7, 5), 5, (2, 2), "SAME"),
+    ((1, 9, 9, 2), 3, (2, 2), ((1, 1), (1, 1))),  # Keras' correct_pad.
+    ((1, 6, 6, 3), 5, (1, 1), "VALID"),
+  ],
+)
+def test_depthwise_taps_match_xla_grouped_conv_values_and_gradients(
+  shape, kernel, strides, padding
+):
+  kx, kk, kd = jax.random.split(jax.random.PRNGKey(3), 3)
+  x = jax.random.normal(kx, shape)
+  k = jax.random.normal(kk, (kernel, kernel, 1, shape[-1]))
+  ref_y, ref_vjp = jax.vjp(
+    lambda x, k: _grouped_conv(x, k, strides, padding), x, k
+  )
+  y, vjp = jax.vjp(
+    lambda x, k: conv.conv_general_dilated(
+      x,
+      k,
+      strides,
+      padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=shape[-1],
+    ),
+    x,
+    k,
+  )
+  assert y.shape == ref_y.shape
+  np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+  dy = jax.random.normal(kd, y.shape)
+  for g, ref_g in zip(vjp(dy), ref_vjp(dy)):
+    np.testing.assert_allclose(g, ref_g, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_general_dilated_takes_taps_only_for_cpu_depthwise():
+  x = jnp.ones((1, 6, 6, 4))
+
+  def hlo(k, groups):
+    return (
+      jax.jit(
+        lambda x, k: conv.conv_general_dilated(
+          x,
+          k,
+          (1, 1),
+          "SAME",
+          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+          feature_group_count=groups,
+        )
+      )
+      .lower(x, k)
+      .as_text()
+    )
+
+  assert "convolution" not in hlo(jnp.ones((3, 3, 1, 4)), 4)  # Depthwise.
+  # Depth multiplier 2, grouped (2 channels a group), dense: XLA's conv.
+  assert "convolution" in hlo(jnp.ones((3, 3, 1, 8)), 4)
+  assert "convolution" in hlo(jnp.ones((3, 3, 2, 4)), 2)
+  assert "convolution" in hlo(jnp.ones((3, 3, 4, 4)), 1)
+
+
+def test_flax_conv_with_depthwise_taps_keeps_its_params_and_bf16_output():
+  x = jax.random.normal(jax.random.PRNGKey(4), (2, 5, 5, 6))
+  kwargs = {
+    "features": 6,
+    "kernel_size": (3, 3),
+    "feature_group_count": 6,
+    "use_bias": True,
+  }
+  ref = nn.Conv(**kwargs)
+  variables = ref.init(jax.random.PRNGKey(5), x)
+  ours = nn.Conv(**kwargs, conv_general_dilated=conv.conv_general_dilated)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(5), x)) == (
+    jax.tree.map(jnp.shape, variables)
+  )
+  np.testing.assert_allclose(
+    ours.apply(variables, x), ref.apply(variables, x), rtol=1e-5, atol=1e-5
+  )
+  bf16 = nn.Conv(
+    **kwargs, dtype=jnp.bfloat16, conv_general_dilated=conv.conv_general_dilated
+  )
+  y = bf16.apply(variables, x)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(
+    y.astype(jnp.float32), ref.apply(variables, x), rtol=2e-2, atol=2e-2
+  )
