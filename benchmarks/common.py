@@ -53,8 +53,9 @@ def _machine_busy_s() -> float:
 
 
 def _own_cpu_s() -> float:
+  """This process's CPU time and its finished children's (a timed CLI run)."""
   t = os.times()
-  return t.user + t.system
+  return t.user + t.system + t.children_user + t.children_system
 
 
 class CpuProbe:

@@ -1,8 +1,10 @@
-"""VGG16 conv-stack forward (no top): flaxtl vs PyTorch vs Keras 3, fp32, bf16.
+"""Backbone forward (no top): flaxtl vs PyTorch vs Keras 3, fp32, bf16.
 
-    python benchmarks/forward.py        # ~4 minutes on 2 CPU cores
+    python benchmarks/forward.py        # VGG16, ~4 minutes on 2 CPU cores
     python benchmarks/forward.py --cases 64x32 --dtypes fp32 \
       --frameworks flaxtl,torch
+    python benchmarks/forward.py --arch mobilenetv2 --cases 224x8 \
+      --dtypes fp32               # -> results/forward_mobilenetv2.json
 
 Same input for everyone: a resident float32 NHWC batch of values in 0..255
 (already preprocessed, so only the network is timed), random weights (glorot
@@ -11,14 +13,19 @@ Each framework runs in its own process (see common.run_worker); each case gets
 one warm-up call (compilation), then the median of up to 5 calls in ~4 s.
 
 - flaxtl: `flaxtl.models.create('vgg16', include_top=False, dtype=...)` under
-  `jax.jit`, params float32 (bf16 casts them inside).
+  `jax.jit`, params float32 (bf16 casts them inside). Other archs
+  (`--arch`, benchmarks/archs.py): `include_top=False, pooling='avg'`, BN in
+  inference mode (`train=False`).
 - *_tuned: the same in a process that first calls `common.tune_malloc()`;
   flaxtl_tuned also compiles with flaxtl's own XLA options for the image size
   (`flaxtl.train.setup.compiler_options`, as feature caching and predict do).
 - torch: the same 13 convs in plain torch.nn, channels_last,
   `torch.inference_mode`; bf16 via `torch.autocast('cpu', torch.bfloat16)`.
+  Other archs: the torchvision model with its classifier replaced by
+  Identity (pooled features), `eval()`, channels_last.
 - keras: `keras.applications.VGG16(weights=None, include_top=False)` on the
   JAX backend, `predict_on_batch`; bf16 via the 'mixed_bfloat16' policy.
+  Other archs: the keras.applications model, `pooling='avg'`.
 
 Each worker imports its framework inside its own function, so a torch process
 never loads jax (nor the other way round): one framework's threads and
@@ -34,6 +41,7 @@ from pathlib import Path
 import sys
 import time
 
+import archs
 import common
 import numpy as np
 
@@ -68,7 +76,13 @@ def _images(size: int, batch: int) -> np.ndarray:
 
 
 def flaxtl_cases(
-  cases, dtypes, budget: float, options: dict | None, ynn: str, conv_impl: str
+  arch: str,
+  cases,
+  dtypes,
+  budget: float,
+  options: dict | None,
+  ynn: str,
+  conv_impl: str,
 ) -> None:
   """options: XLA compile options; None: the trainer's choice under `ynn`."""
   import jax
@@ -80,29 +94,31 @@ def flaxtl_cases(
   from flaxtl.train import setup
 
   config = base.get_base()
+  config.model.arch = arch
   config.xla_cpu_ynn = ynn
   config.model.conv_impl = conv_impl
+  build = {"conv_impl": conv_impl} if arch == "vgg16" else {"pooling": "avg"}
   for case in cases:
     size, batch = parse_case(case)
     config.image_size = size
     x = jnp.asarray(_images(size, batch))
     # float32 params for both dtypes: a bf16 model casts them inside.
-    fp32_model = models.create("vgg16", include_top=False)
-    params = models.init_variables(fp32_model, size)["params"]
+    fp32_model = models.create(arch, include_top=False, **build)
+    params = models.init_variables(fp32_model, size)
     for dt in dtypes:
       dtype = "bfloat16" if dt == "bf16" else "float32"
       opts = options
       if opts is None:
         opts = setup.compiler_options(config, dtype=dtype) or {}
       model = models.create(
-        "vgg16",
+        arch,
         include_top=False,
         dtype=jnp.bfloat16 if dt == "bf16" else jnp.float32,
-        conv_impl=conv_impl,
+        **build,
       )
       t0 = time.perf_counter()
       fn = (
-        jax.jit(lambda p, x, model=model: model.apply({"params": p}, x))
+        jax.jit(lambda v, x, model=model: model.apply(v, x, train=False))
         .lower(params, x)
         .compile(opts or None)
       )
@@ -139,10 +155,13 @@ def torch_vgg16_features(torch):
   return torch.nn.Sequential(*layers)
 
 
-def torch_cases(cases, dtypes, budget: float) -> None:
+def torch_cases(arch: str, cases, dtypes, budget: float) -> None:
   import torch
 
-  model = torch_vgg16_features(torch).eval()
+  if arch == "vgg16":
+    model = torch_vgg16_features(torch).eval()
+  else:
+    model = archs.torch_model(arch, head=False).eval()
   model = model.to(memory_format=torch.channels_last)
   for case in cases:
     size, batch = parse_case(case)
@@ -170,7 +189,7 @@ def torch_cases(cases, dtypes, budget: float) -> None:
       )
 
 
-def keras_cases(cases, dtypes, budget: float) -> None:
+def keras_cases(arch: str, cases, dtypes, budget: float) -> None:
   os.environ.setdefault("KERAS_BACKEND", "jax")
   import keras
 
@@ -179,9 +198,12 @@ def keras_cases(cases, dtypes, budget: float) -> None:
     keras.config.set_dtype_policy(policy)
     for case in cases:
       size, batch = parse_case(case)
-      model = keras.applications.VGG16(
-        weights=None, include_top=False, input_shape=(size, size, 3)
-      )
+      if arch == "vgg16":
+        model = keras.applications.VGG16(
+          weights=None, include_top=False, input_shape=(size, size, 3)
+        )
+      else:
+        model = archs.keras_model(arch, size)
       x = _images(size, batch)
       t0 = time.perf_counter()
       model.predict_on_batch(x)  # Traces and compiles the predict step.
@@ -203,6 +225,7 @@ def keras_cases(cases, dtypes, budget: float) -> None:
 
 def worker(
   name: str,
+  arch: str,
   cases,
   dtypes,
   budget: float,
@@ -216,14 +239,14 @@ def worker(
     # Stock: XLA's defaults (xla_cpu_ynn='on'); tuned: as the trainer runs.
     ynn = "auto" if tuned else "on"
     flaxtl_cases(
-      cases, dtypes, budget, options if tuned else None, ynn, conv_impl
+      arch, cases, dtypes, budget, options if tuned else None, ynn, conv_impl
     )
   elif base == "flaxtl_xla":
-    flaxtl_cases(cases, dtypes, budget, options, "auto", conv_impl)
+    flaxtl_cases(arch, cases, dtypes, budget, options, "auto", conv_impl)
   elif base == "torch":
-    torch_cases(cases, dtypes, budget)
+    torch_cases(arch, cases, dtypes, budget)
   elif base == "keras":
-    keras_cases(cases, dtypes, budget)
+    keras_cases(arch, cases, dtypes, budget)
   else:
     raise SystemExit(f"unknown framework {name!r}")
   common.emit({"peak_rss_mb": common.peak_rss_mb()})
@@ -299,7 +322,16 @@ def summarise(results: dict) -> tuple[str, dict]:
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--frameworks", default=",".join(FRAMEWORKS))
+  ap.add_argument(
+    "--arch",
+    default="vgg16",
+    help=f"vgg16 or one of {list(archs.ARCHS)} (benchmarks/archs.py)",
+  )
+  ap.add_argument(
+    "--frameworks",
+    default=None,
+    help="default: all that build the arch (Keras has no tv_* models)",
+  )
   ap.add_argument("--cases", default=",".join(CASES))
   ap.add_argument("--dtypes", default=",".join(DTYPES))
   ap.add_argument(
@@ -326,9 +358,13 @@ def main() -> None:
     help="experiment: override flaxtl.ops.conv._IM2COL_MAX_PIXELS in the "
     "flaxtl workers",
   )
-  ap.add_argument("--out", default="forward.json")
+  ap.add_argument(
+    "--out", help="default: forward.json (VGG16), forward_<arch>.json"
+  )
   ap.add_argument("--worker", help=argparse.SUPPRESS)
   args = ap.parse_args()
+  if args.arch != "vgg16":
+    archs.get(args.arch)  # Fails early on a typo.
   cases, dtypes = args.cases.split(","), args.dtypes.split(",")
   if args.worker:
     if args.im2col_max_pixels is not None:
@@ -337,6 +373,7 @@ def main() -> None:
       conv_ops._IM2COL_MAX_PIXELS = args.im2col_max_pixels
     worker(
       args.worker,
+      args.arch,
       cases,
       dtypes,
       args.budget,
@@ -348,8 +385,18 @@ def main() -> None:
   if args.im2col_max_pixels is not None:
     extra += ["--im2col-max-pixels", str(args.im2col_max_pixels)]
 
+  fws = args.frameworks or ",".join(
+    f
+    for f in FRAMEWORKS
+    if args.arch == "vgg16"
+    or archs.get(args.arch).keras
+    or not f.startswith("keras")
+  )
+  out = args.out or (
+    "forward.json" if args.arch == "vgg16" else f"forward_{args.arch}.json"
+  )
   results: dict[str, dict] = {}
-  for fw in args.frameworks.split(","):
+  for fw in fws.split(","):
     common.wait_for_quiet()
     print(f"[forward] {fw} ...", file=sys.stderr, flush=True)
     t = time.perf_counter()
@@ -358,6 +405,8 @@ def main() -> None:
       [
         "--worker",
         fw,
+        "--arch",
+        args.arch,
         "--cases",
         args.cases,
         "--dtypes",
@@ -376,8 +425,9 @@ def main() -> None:
     }
   table, derived = summarise(results)
   path = common.write_json(
-    args.out,
+    out,
     {
+      "arch": args.arch,
       "env": common.env_info(),
       "tuned_options": json.loads(args.options),
       "results": results,

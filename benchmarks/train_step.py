@@ -1,14 +1,21 @@
-"""VGG16 train step (64x64, batch 16), fp32, SGD: flaxtl vs PyTorch vs Keras 3.
+"""Train step, fp32, SGD: flaxtl vs PyTorch vs Keras 3 (VGG16 by default).
 
-    python benchmarks/train_step.py     # ~4 minutes on 2 CPU cores
+    python benchmarks/train_step.py     # VGG16 64x64, ~4 minutes on 2 cores
     python benchmarks/train_step.py --cases freeze8,full \
       --frameworks flaxtl,torch
+    python benchmarks/train_step.py --arch resnet50   # 224x224, batch 8
 
 Model everywhere: VGG16 without top, Flatten -> Dense(256, relu) -> Dense(10),
 random weights, cross entropy on logits, SGD lr 1e-3 nesterov 0.9,
 global-norm clipping at 1.0 over the trainable parameters.
 
-Cases:
+Other archs (`--arch`, benchmarks/archs.py; 224x224, batch 8 by default):
+the backbone without top, global average pooling, the same head, BN layers
+trained in batch mode except frozen ones (Keras' rule, `model.bn_mode=
+'keras'`, by hand in PyTorch). Cases `freeze` (a middle stage frozen, named
+per arch in archs.py, `freeze.until` in flaxtl) and `full`.
+
+VGG16 cases:
   freeze8          first 8 Keras layers frozen (block1_conv1 ... block3_conv1).
   full             everything trains.
   frozen_backbone  all 13 convs frozen, only the head trains, backbone run
@@ -51,6 +58,7 @@ import re
 import sys
 import time
 
+import archs
 import common
 from forward import torch_vgg16_features
 import numpy as np
@@ -70,7 +78,9 @@ CASES = ("freeze8", "full", "frozen_backbone", "head_cached")
 # freeze.first_layers per case (Keras' model.layers[:k] of VGG16 no-top).
 # freeze4 (block1 frozen) is not run by default; it chose the XLA:CPU options.
 FIRST_LAYERS = {"freeze8": 8, "full": 0, "frozen_backbone": 19, "freeze4": 4}
-SIZE, BATCH, CLASSES, HIDDEN = 64, 16, 10, 256
+SIZE, BATCH, CLASSES, HIDDEN = 64, 16, archs.CLASSES, archs.HIDDEN
+# Other archs' defaults: the size their ImageNet weights were trained at.
+FAMILY_SIZE, FAMILY_BATCH = 224, 8
 LR, MOMENTUM, CLIP = 1e-3, 0.9, 1.0
 # Rows of block5_pool features the head_cached case slices its batches from.
 N_CACHED = 4096
@@ -88,11 +98,12 @@ def _batch(n: int | None = None, seed: int = 0):
 # --- flaxtl -------------------------------------------------------------------
 
 
-def _config(first_layers: int, ynn: str):
-  """The trainer's config for this benchmark's model and optimiser."""
+def _config(arch: str, case: str, ynn: str):
+  """The trainer's config for this benchmark's model, case and optimiser."""
   from configs import base
 
   config = base.get_base()
+  config.model.arch = arch
   config.image_size = SIZE
   config.batch_size = BATCH
   config.model.weights = "none"
@@ -100,7 +111,12 @@ def _config(first_layers: int, ynn: str):
   config.model.hidden = (HIDDEN,)
   config.model.activations = ("relu",)
   config.model.dropout = (0.0,)
-  config.freeze.first_layers = first_layers
+  if arch == "vgg16":
+    config.freeze.first_layers = FIRST_LAYERS.get(case, 0)  # 0: head_cached.
+  else:
+    config.model.pooling = "avg"
+    if case == "freeze":
+      config.freeze.until = archs.get(arch).until
   config.optim.update(
     {
       "name": "sgd",
@@ -122,7 +138,9 @@ def _count_convolutions(hlo: str) -> int:
   )
 
 
-def flaxtl_case(case: str, budget: float, options: dict | None, ynn: str):
+def flaxtl_case(
+  arch: str, case: str, budget: float, options: dict | None, ynn: str
+):
   """options: XLA compile options; None: the trainer's choice under `ynn`."""
   import jax
   import jax.numpy as jnp
@@ -131,7 +149,7 @@ def flaxtl_case(case: str, budget: float, options: dict | None, ynn: str):
   from flaxtl.train import config as config_lib
   from flaxtl.train import setup, steps
 
-  config = _config(0 if case == "head_cached" else FIRST_LAYERS[case], ynn)
+  config = _config(arch, case, ynn)
   config_lib.validate(config)
   model = setup.build_model(config, CLASSES)
   variables = models.init_variables(model, SIZE)
@@ -158,7 +176,13 @@ def flaxtl_case(case: str, budget: float, options: dict | None, ynn: str):
   # Host arrays: each call transfers them, as the training loop does.
   batch = {"image": x, "label": y}
 
-  out: dict = {"xla_options": options or {}}
+  out: dict = {
+    "xla_options": options or {},
+    "frozen_arrays": sum(1 for r in plan.rows if r[1] == "frozen"),
+    "bn_inference_layers": len(
+      setup.train_mode(config, plan, batch_stats).bn_inference
+    ),
+  }
   t0 = time.perf_counter()
   lowered = jax.jit(step, donate_argnums=0).lower(state, batch)
   t1 = time.perf_counter()
@@ -278,10 +302,7 @@ def _head_cached(config, model, variables, budget: float, options):
 # --- PyTorch ------------------------------------------------------------------
 
 
-def torch_case(case: str, budget: float) -> dict:
-  import torch
-
-  torch.manual_seed(0)
+def _torch_vgg16(torch, case: str):
   features = torch_vgg16_features(torch)
   model = torch.nn.Sequential(
     features,
@@ -296,6 +317,20 @@ def torch_case(case: str, budget: float) -> dict:
   n_frozen = {"freeze4": 2, "freeze8": 5, "full": 0}.get(case, len(convs))
   for conv in convs[:n_frozen]:
     conv.requires_grad_(False)
+  return model
+
+
+def torch_case(arch: str, case: str, budget: float) -> dict:
+  import torch
+
+  torch.manual_seed(0)
+  if arch == "vgg16":
+    model = _torch_vgg16(torch, case)
+  else:
+    model = archs.torch_model(arch, head=True)
+    model = model.to(memory_format=torch.channels_last).train()
+    if case == "freeze":
+      archs.torch_freeze(model, arch)
   trainable = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.SGD(trainable, lr=LR, momentum=MOMENTUM, nesterov=True)
   x, y = _batch()
@@ -319,6 +354,12 @@ def torch_case(case: str, budget: float) -> dict:
     "img_s": BATCH / res["median_s"],
     "first_step_s": first,
     "threads": torch.get_num_threads(),
+    "frozen_arrays": sum(1 for p in model.parameters() if not p.requires_grad),
+    "bn_inference_layers": sum(
+      1
+      for m in model.modules()
+      if isinstance(m, torch.nn.BatchNorm2d) and not m.training
+    ),
     **res,
   }
 
@@ -326,20 +367,26 @@ def torch_case(case: str, budget: float) -> dict:
 # --- Keras 3 ------------------------------------------------------------------
 
 
-def keras_case(case: str, budget: float) -> dict:
+def keras_case(arch: str, case: str, budget: float) -> dict:
   os.environ.setdefault("KERAS_BACKEND", "jax")
   import keras
 
   keras.utils.set_random_seed(0)
-  base = keras.applications.VGG16(
-    weights=None, include_top=False, input_shape=(SIZE, SIZE, 3)
-  )
-  for layer in base.layers[: FIRST_LAYERS[case]]:
+  if arch == "vgg16":
+    base = keras.applications.VGG16(
+      weights=None, include_top=False, input_shape=(SIZE, SIZE, 3)
+    )
+    k, flatten = FIRST_LAYERS[case], [keras.layers.Flatten()]
+  else:
+    base = archs.keras_model(arch, SIZE)  # Global average pooled.
+    k = archs.keras_frozen_count(base, arch) if case == "freeze" else 0
+    flatten = []
+  for layer in base.layers[:k]:
     layer.trainable = False
   model = keras.Sequential(
     [
       base,
-      keras.layers.Flatten(),
+      *flatten,
       keras.layers.Dense(HIDDEN, activation="relu"),
       keras.layers.Dense(CLASSES),
     ]
@@ -358,23 +405,34 @@ def keras_case(case: str, budget: float) -> dict:
   res = common.time_fn(
     lambda: model.train_on_batch(x, y), warmup=1, reps=7, budget_s=budget
   )
-  return {"img_s": BATCH / res["median_s"], "first_step_s": first, **res}
+  return {
+    "img_s": BATCH / res["median_s"],
+    "first_step_s": first,
+    "frozen_layers": k,
+    # Trainable-kind arrays (kernels, BN scale/bias) of the frozen layers.
+    "frozen_arrays": sum(
+      1 for layer in base.layers[:k] for w in layer.weights if w.trainable
+    ),
+    **res,
+  }
 
 
-def worker(fw: str, case: str, budget: float, options: dict | None) -> None:
+def worker(
+  fw: str, arch: str, case: str, budget: float, options: dict | None
+) -> None:
   base, tuned = fw.removesuffix("_tuned"), fw.endswith("_tuned")
   if tuned:
     common.tune_malloc()  # Before the framework's first allocation.
   if base == "flaxtl":
     # Stock: XLA's defaults (xla_cpu_ynn='on'); tuned: as the trainer runs.
     ynn = "auto" if tuned else "on"
-    rec = flaxtl_case(case, budget, options if tuned else None, ynn)
+    rec = flaxtl_case(arch, case, budget, options if tuned else None, ynn)
   elif base == "flaxtl_xla":
-    rec = flaxtl_case(case, budget, options, "auto")
+    rec = flaxtl_case(arch, case, budget, options, "auto")
   elif base == "torch":
-    rec = torch_case(case, budget)
+    rec = torch_case(arch, case, budget)
   elif base == "keras":
-    rec = keras_case(case, budget)
+    rec = keras_case(arch, case, budget)
   else:
     raise SystemExit(f"unknown framework {fw!r}")
   common.emit(
@@ -414,22 +472,23 @@ def _speed_table(results, fws, cases, derived) -> str:
 
 
 def _freeze_ratio_table(results, fws, derived) -> str | None:
-  """Step time freeze-8 / full (time, so the inverse of images/s)."""
+  """Step time freeze / full (time, so the inverse of images/s)."""
   rows = []
   for f in fws:
     r = results.get(f, {})
+    freeze = "freeze8" if "freeze8" in r else "freeze"
     ratio = common.ratio(
-      r.get("full", {}).get("img_s"), r.get("freeze8", {}).get("img_s")
+      r.get("full", {}).get("img_s"), r.get(freeze, {}).get("img_s")
     )
     if ratio is not None:
-      derived[f"freeze8_over_full_time/{f}"] = ratio
+      derived[f"{freeze}_over_full_time/{f}"] = ratio
       rows.append([f, common.fmt_ratio(ratio)])
   if not rows:
     return None
   return (
-    "Step time, freeze-8 / full fine-tune (lower is better; target <= "
-    "0.65):\n\n"
-    + common.markdown_table(["framework", "freeze-8 / full step time"], rows)
+    "Step time, freeze / full fine-tune (lower is better; VGG16 freeze-8 "
+    "target <= 0.65):\n\n"
+    + common.markdown_table(["framework", "freeze / full step time"], rows)
   )
 
 
@@ -522,7 +581,7 @@ def summarise(results: dict) -> tuple[str, dict]:
   fws = [f for f in FRAMEWORKS + EXTRA_FRAMEWORKS if f in results]
   cases = [
     c
-    for c in ("freeze4", "freeze8", "full", "frozen_backbone")
+    for c in ("freeze4", "freeze8", "freeze", "full", "frozen_backbone")
     if any(c in results.get(f, {}) for f in fws)
   ]
   derived: dict = {}
@@ -554,8 +613,22 @@ def _experiments(im2col_max_pixels: int | None) -> None:
 def main() -> None:
   global SIZE, BATCH  # --size/--batch; workers get them on their command line.
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--frameworks", default=",".join(FRAMEWORKS))
-  ap.add_argument("--cases", default=",".join(CASES))
+  ap.add_argument(
+    "--arch",
+    default="vgg16",
+    help=f"vgg16 or one of {list(archs.ARCHS)} (benchmarks/archs.py)",
+  )
+  ap.add_argument(
+    "--frameworks",
+    default=None,
+    help="default: all that build the arch (Keras has no tv_* models)",
+  )
+  ap.add_argument(
+    "--cases",
+    default=None,
+    help=f"VGG16: {','.join(CASES)} (default), freeze4; other archs: "
+    f"{','.join(archs.CASES)}",
+  )
   ap.add_argument(
     "--budget",
     type=float,
@@ -576,26 +649,50 @@ def main() -> None:
     "flaxtl workers",
   )
   ap.add_argument(
-    "--size", type=int, default=SIZE, help="input size (the tutorial's is 224)"
+    "--size",
+    type=int,
+    help=f"input size (default {SIZE} for VGG16, {FAMILY_SIZE} for the "
+    "others; the tutorial's is 224)",
   )
-  ap.add_argument("--batch", type=int, default=BATCH)
-  ap.add_argument("--out", default="train_step.json")
+  ap.add_argument(
+    "--batch",
+    type=int,
+    help=f"default {BATCH} for VGG16, {FAMILY_BATCH} for the others",
+  )
+  ap.add_argument(
+    "--out", help="default: train_step.json (VGG16), train_step_<arch>.json"
+  )
   ap.add_argument("--worker", help=argparse.SUPPRESS)
   ap.add_argument("--case", help=argparse.SUPPRESS)
   args = ap.parse_args()
-  SIZE, BATCH = args.size, args.batch
+  vgg = args.arch == "vgg16"
+  if not vgg:
+    archs.get(args.arch)  # Fails early on a typo.
+  SIZE = args.size or (SIZE if vgg else FAMILY_SIZE)
+  BATCH = args.batch or (BATCH if vgg else FAMILY_BATCH)
   if args.worker:
     _experiments(args.im2col_max_pixels)
-    worker(args.worker, args.case, args.budget, json.loads(args.options))
+    worker(
+      args.worker, args.arch, args.case, args.budget, json.loads(args.options)
+    )
     return
-  extra = ["--size", str(SIZE), "--batch", str(BATCH)]
+  extra = ["--arch", args.arch, "--size", str(SIZE), "--batch", str(BATCH)]
+  fws = args.frameworks or ",".join(
+    f
+    for f in FRAMEWORKS
+    if vgg or archs.get(args.arch).keras or "keras" not in f
+  )
+  cases = args.cases or ",".join(CASES if vgg else archs.CASES)
+  out = args.out or (
+    "train_step.json" if vgg else f"train_step_{args.arch}.json"
+  )
   if args.im2col_max_pixels is not None:
     extra += ["--im2col-max-pixels", str(args.im2col_max_pixels)]
 
   results: dict[str, dict] = {}
-  for fw in args.frameworks.split(","):
+  for fw in fws.split(","):
     results[fw] = {}
-    for case in args.cases.split(","):
+    for case in cases.split(","):
       if case == "head_cached" and not fw.startswith("flaxtl"):
         continue
       common.wait_for_quiet()
@@ -618,11 +715,13 @@ def main() -> None:
         results[fw][r.get("case", case)] = r
   table, derived = summarise(results)
   path = common.write_json(
-    args.out,
+    out,
     {
       "env": common.env_info(),
       "tuned_options": json.loads(args.options),
       "config": {
+        "arch": args.arch,
+        "freeze": archs.get(args.arch).frozen_desc if not vgg else "",
         "size": SIZE,
         "batch": BATCH,
         "hidden": HIDDEN,

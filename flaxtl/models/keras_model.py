@@ -43,6 +43,7 @@ import jax.numpy as jnp
 
 from flaxtl.errors import UserError
 from flaxtl.models import common
+from flaxtl.ops import conv as conv_ops
 
 INPUT = "input_layer"  # Keras 3's name for a model's first input.
 NORMALIZATION_EPSILON = 1e-7  # keras.backend.epsilon(), Normalization's floor.
@@ -897,7 +898,7 @@ class Conv(nn.Module):
     cin = x.shape[-1]
     shape = (*self.kernel_size, cin // self.groups, self.filters)
     kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
-    y = lax.conv_general_dilated(
+    y = conv_ops.conv_general_dilated(
       x.astype(self.dtype),
       kernel.astype(self.dtype),
       self.strides,
@@ -932,7 +933,7 @@ class DepthwiseConv(nn.Module):
       (*self.kernel_size, c, 1),
       self.param_dtype,
     )
-    y = lax.conv_general_dilated(
+    y = conv_ops.conv_general_dilated(
       x.astype(self.dtype),
       w.reshape(*self.kernel_size, 1, c).astype(self.dtype),
       self.strides,
@@ -973,7 +974,7 @@ class SeparableConv(nn.Module):
       self.param_dtype,
     )
     dn = ("NHWC", "HWIO", "NHWC")
-    y = lax.conv_general_dilated(
+    y = conv_ops.conv_general_dilated(
       x.astype(self.dtype),
       depthwise.reshape(*self.kernel_size, 1, cin).astype(self.dtype),
       self.strides,
@@ -981,7 +982,7 @@ class SeparableConv(nn.Module):
       dimension_numbers=dn,
       feature_group_count=cin,
     )
-    y = lax.conv_general_dilated(
+    y = conv_ops.conv_general_dilated(
       y, pointwise.astype(self.dtype), (1, 1), "VALID", dimension_numbers=dn
     )
     if self.use_bias:
