@@ -336,7 +336,7 @@ def _check_arrays_and_output(case, variables, record_property) -> float:
   assert np.ptp(case.want) > 0  # Not a degenerate (constant) output.
   rel = rel_diff(out, case.want)
   if record_property is not None:
-    record_property("max_rel_diff", rel)
+    record_property("max_rel_diff", float(rel))
   assert rel <= TOL, rel
   return rel
 

@@ -171,7 +171,7 @@ def test_updated_kernels_and_statistics_match_keras(
       diff = float(np.abs(np.asarray(got) - want).max())
       assert diff <= 1e-3 * scale + ulps, (name, diff, scale)
       worst = max(worst, diff / (scale + ulps))
-  record_property("max_rel_diff_of_update", worst)
+  record_property("max_rel_diff_of_update", float(worst))
   trained_bn = [n for n in set(after) - frozen if len(after[n]) == 4]
   assert FIRST_TRAINED in trained_bn
   # Every trained array and every moving statistic of a trained BN moved.

@@ -65,7 +65,7 @@ def test_parity_with_keras(refs, forward, record_property, arch, top, layout):
   assert prov["options"] == ({"imagenet_rescaling": False} if v1 else {})
   got = forward(arch, top)(converted.variables, ref.x)
   rel = oracle.rel_diff(got, ref.want[top])
-  record_property("max_rel_diff", rel)
+  record_property("max_rel_diff", float(rel))
   assert rel <= oracle.TOL
 
   p, s = converted.variables["params"], converted.variables["batch_stats"]
@@ -220,7 +220,7 @@ def test_keras_imagenet_model_with_its_extra_rescaling(
     converted.variables, x
   )
   rel = oracle.rel_diff(got, want)
-  record_property("max_rel_diff", rel)
+  record_property("max_rel_diff", float(rel))
   assert rel <= oracle.TOL
 
   archive = tmp_path / "imagenet.keras"

