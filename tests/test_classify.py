@@ -110,7 +110,8 @@ def test_bad_inputs_exit_2_with_one_line(photos, tmp_path, capsys):
     text=True,
   )
   assert r.returncode == 2 and "Traceback" not in r.stderr
-  assert r.stderr.strip().splitlines()[-1].startswith("error: image file not")
+  last = r.stderr.strip().splitlines()[-1]
+  assert last == f"error: {tmp_path / 'missing.jpg'}: image file not found"
   cases = [
     ([str(photos[0]), "--weights", "nowhere"], "neither"),
     ([str(photos[0]), "--weights", "imagenet"], "needs --arch"),

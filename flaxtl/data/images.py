@@ -71,6 +71,16 @@ def open_image(data: bytes, where: str) -> Image.Image:
     raise UserError(f"{where}: cannot read image: {e}") from None
 
 
+def read_image(path: str | Path, where: str = "") -> np.ndarray:
+  """One file, decoded -> uint8 (H, W, 1|3); a bad file is a UserError."""
+  where = where or str(path)
+  img = open_image(read_bytes(path, where), where)
+  try:
+    return to_array(img)
+  except DECODE_ERRORS as e:  # Truncated data shows up only when decoded.
+    raise UserError(f"{where}: cannot read image: {e}") from None
+
+
 def to_array(img: Image.Image) -> np.ndarray:
   """A Pillow image -> uint8 (H, W, 1|3)."""
   img = normalise_mode(img)
