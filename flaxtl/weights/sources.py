@@ -206,7 +206,7 @@ def _fetch_imagenet(
 ):
   entry = _imagenet_entry(arch, include_top, options)
   if entry is None:
-    offline = sorted({a for a, _ in IMAGENET_FILES} | set(TORCH_WHEELS))
+    offline = sorted({key[0] for key in IMAGENET_FILES} | set(TORCH_WHEELS))
     raise UserError(
       f"no ImageNet weights for arch {arch!r} (named ImageNet weights exist "
       f"for {offline}); convert a file you have with `python -m "
