@@ -50,6 +50,7 @@ def test_model_built_under_another_name(keras, cases, tmp_path):
   other = keras.applications.ConvNeXtTiny(
     weights=None,
     input_shape=(SIZE, SIZE, 3),
+    classes=case.model.output_shape[-1],
     classifier_activation=None,
     name="my_convnext",
   )

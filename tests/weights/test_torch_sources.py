@@ -55,7 +55,7 @@ def test_imagenet_weights_into_a_new_classifier(mobilenet_checkpoint):
   c = _config(weights=str(mobilenet_checkpoint), head="keras_top")
   model = setup.build_model(c, num_classes=10)
   fresh = setup.init_fn(model, 64)(np.zeros(2, np.uint32))
-  merged, report = setup.load_pretrained(c, fresh)
+  merged, report = setup.merge_pretrained(c, fresh, setup.resolve_pretrained(c))
   pre = weights.restore_variables(mobilenet_checkpoint)
   bb = merged["params"]["backbone"]
   np.testing.assert_array_equal(
