@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxtl.models import common, registry
+from flaxtl.models import common
 from flaxtl.models import tv_common as tv
 
 # arch -> (width, depth, resolution, dropout) (efficientnet_params).
@@ -95,8 +95,11 @@ def _leaves(arch: str, include_top: bool, params_only: bool) -> list[str]:
   return leaves
 
 
-def module_paths(arch: str, include_top: bool = True) -> list[str]:
+def module_paths(
+  arch: str, include_top: bool = True, pooling: str | None = None
+) -> list[str]:
   """Every module whose output `output_layer` can name, in forward order."""
+  del pooling  # The pool without the top is no module here.
   return tv.post_order(_leaves(arch, include_top, params_only=False))
 
 
@@ -122,10 +125,7 @@ class MBConvBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    layers, taps = (
-      tv.Layers(self.dtype, self.param_dtype),
-      common.Taps(self.stop),
-    )
+    layers, taps = tv.tools(self)
 
     def bn(y, name):
       return taps(name, layers.bn(y, train, name, BN_EPS, BN_MOMENTUM))
@@ -215,10 +215,8 @@ class EfficientNetLite(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    tv.check_output_layer(
-      self.arch, self.output_layer, module_paths(self.arch, self.include_top)
-    )
-    common.check_input(self.arch, tuple(x.shape), MIN_SIZE)
+    names = module_paths(self.arch, self.include_top)
+    tv.check(self.arch, self.output_layer, names, x.shape, MIN_SIZE)
     layers = tv.Layers(self.dtype, self.param_dtype)
     taps = common.Taps(self.output_layer)
 
@@ -250,28 +248,18 @@ class EfficientNetLite(nn.Module):
     return taps.run(forward)
 
 
-for _arch in ARCHS:
-  registry.register(
-    registry.Backbone(
-      arch=_arch,
-      family="efficientnet_lite",
-      build=lambda arch=_arch, **options: EfficientNetLite(
-        arch=arch, **options
-      ),
-      layer_names=lambda include_top=True, pooling=None, arch=_arch, **_: (
-        layer_names(arch, include_top, pooling)
-      ),
-      output_layers=lambda include_top=True, pooling=None, arch=_arch, **_: (
-        module_paths(arch, include_top)
-      ),
-      # The TF checkpoints' (x - 127) / 128, which 'tf' is within 0.4% of.
-      preprocess="tf",
-      min_size=MIN_SIZE,
-      feature_layer=FEATURES,
-      classifier="_fc",
-      batch_stats=True,
-      stem_layers=("_conv_stem",),
-      options={"dropout": None, "drop_connect_rate": DROP_CONNECT},
-      naming="torch",
-    )
-  )
+tv.register_family(
+  "efficientnet_lite",
+  EfficientNetLite,
+  ARCHS,
+  layer_names,
+  module_paths,
+  # The TF checkpoints' (x - 127) / 128, which 'tf' is within 0.4% of.
+  preprocess="tf",
+  min_size=MIN_SIZE,
+  feature_layer=FEATURES,
+  classifier="_fc",
+  batch_stats=True,
+  stem_layers=("_conv_stem",),
+  options={"dropout": None, "drop_connect_rate": DROP_CONNECT},
+)

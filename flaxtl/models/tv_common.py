@@ -15,12 +15,18 @@ output_layer: any module path in forward order ('layer2', 'layer2/1/bn2',
 'features/4'): the output of that module, as a torch forward hook sees it.
 A container's output comes after its last child's (post-order). A model built
 to stop early has no parameters after that module.
+
+A family module holds only its own structure: `register_family` registers
+its archs (torch naming, 'torch' input unless told), `check` / `check_arch`
+validate a model's options and input, `with_top` / `pool` / `output` give the
+torchvision top (avgpool + classifier) or the pooled features without it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -29,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxtl.errors import UserError
-from flaxtl.models import common
+from flaxtl.models import common, registry
 from flaxtl.ops import conv as conv_ops
 
 BN_MOMENTUM = 0.9  # torch.nn.BatchNorm2d's momentum=0.1.
@@ -69,6 +75,54 @@ def post_order(leaves: Iterable[str]) -> list[str]:
   return out
 
 
+# (module path, whether it holds parameters), in the order outputs are ready.
+Modules = list[tuple[str, bool]]
+
+
+def pool_module(pooling: str) -> str:
+  """The module a global pool without the top is named ('avgpool')."""
+  return "avgpool" if pooling == "avg" else "maxpool"
+
+
+def with_top(
+  features: Iterable[tuple[str, bool]],
+  classifier: Sequence[bool],
+  include_top: bool,
+  pooling: str | None,
+) -> Modules:
+  """`features`, then avgpool, `classifier/{i}` (params: classifier[i]).
+
+  Without the top, the global pool (if any) as module 'avgpool'/'maxpool'.
+  """
+  mods = list(features)
+  if include_top:
+    top = [(f"classifier/{i}", p) for i, p in enumerate(classifier)]
+    return [*mods, ("avgpool", False), *top, ("classifier", False)]
+  if pooling is not None:
+    mods.append((pool_module(pooling), False))
+  return mods
+
+
+def paths(mods: Modules) -> list[str]:
+  """Every module path of `mods` (the `output_layer`s), in order."""
+  return [m for m, _ in mods]
+
+
+def param_paths(mods: Modules) -> list[str]:
+  """The paths of `mods` that hold parameters (`layer_names`), in order."""
+  return [m for m, params in mods if params]
+
+
+def check_arch(arch: str, archs: Collection[str], pooling: str | None) -> None:
+  """`arch` is one of `archs` and `pooling` one the registry knows."""
+  if arch not in archs:
+    raise UserError(
+      f"unknown architecture {arch!r}; expected one of {sorted(archs)}"
+    )
+  if pooling not in registry.POOLINGS:
+    raise UserError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
+
+
 def check_output_layer(
   arch: str, output_layer: str | None, names: Sequence[str]
 ) -> None:
@@ -77,6 +131,76 @@ def check_output_layer(
     raise UserError(
       f"output_layer {output_layer!r} is not a module of {arch} (module paths "
       f"like {top[:6]} or {names[:3]}, '/'-joined)"
+    )
+
+
+def check(
+  arch: str,
+  output_layer: str | None,
+  names: Sequence[str],
+  shape: Sequence[int],
+  min_size: int,
+) -> None:
+  """`output_layer` is one of the module paths `names`; the input fits."""
+  check_output_layer(arch, output_layer, names)
+  common.check_input(arch, tuple(shape), min_size)
+
+
+def _for_arch(fn: Callable[..., list[str]], arch: str) -> Callable:
+  """fn(arch, include_top, pooling) as the registry calls it."""
+
+  def call(
+    include_top: bool = True, pooling: str | None = None, **_: Any
+  ) -> list[str]:
+    return fn(arch, include_top, pooling)  # Family options: no effect.
+
+  return call
+
+
+def register(
+  arch: str,
+  family: str,
+  build: Callable[..., nn.Module],
+  layer_names: Callable[..., list[str]],
+  output_layers: Callable[..., list[str]],
+  preprocess: str = "torch",
+  **fields: Any,
+) -> None:
+  """Registers a PyTorch-named backbone; fields: the rest of its Backbone."""
+  registry.register(
+    registry.Backbone(
+      arch=arch,
+      family=family,
+      build=build,
+      layer_names=layer_names,
+      output_layers=output_layers,
+      preprocess=preprocess,
+      naming="torch",
+      **fields,
+    )
+  )
+
+
+def register_family(
+  family: str,
+  model: type[nn.Module],
+  archs: Iterable[str],
+  layer_names: Callable[[str, bool, str | None], list[str]],
+  module_paths: Callable[[str, bool, str | None], list[str]],
+  **fields: Any,
+) -> None:
+  """`register`s `model(arch=arch)` for each arch of a family.
+
+  layer_names, module_paths: (arch, include_top, pooling) -> module paths.
+  """
+  for arch in archs:
+    register(
+      arch,
+      family,
+      functools.partial(model, arch=arch),
+      _for_arch(layer_names, arch),
+      _for_arch(module_paths, arch),
+      **fields,
     )
 
 
@@ -208,6 +332,23 @@ def dropout(x: jax.Array, rate: float, train: Any, name: str) -> jax.Array:
 
 def logits(x: jax.Array) -> jax.Array:
   return x.astype(jnp.float32)
+
+
+def pool(taps: common.Taps, x: jax.Array, pooling: str | None) -> jax.Array:
+  """Without the top: the global pool, as module 'avgpool' / 'maxpool'."""
+  if pooling is None:
+    return x
+  return taps(pool_module(pooling), common.global_pool(x, pooling))
+
+
+def output(x: jax.Array, include_top: bool, dtype: Any) -> jax.Array:
+  """Logits in float32; features in the compute dtype."""
+  return x.astype(jnp.float32 if include_top else dtype)
+
+
+def tools(module: nn.Module) -> tuple[Layers, common.Taps]:
+  """A container's `Layers` (its dtypes) and `Taps` (its `stop`)."""
+  return Layers(module.dtype, module.param_dtype), common.Taps(module.stop)
 
 
 ACTIVATIONS = {

@@ -26,8 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxtl.errors import UserError
-from flaxtl.models import common, registry, tv_common
+from flaxtl.models import common, tv_common
 from flaxtl.ops import conv as conv_ops
 
 
@@ -55,13 +54,11 @@ def stage_index(stage: int) -> int:
   return 2 * stage + 1
 
 
-# (module path, whether it holds parameters), in the order outputs are ready.
-Modules = list[tuple[str, bool]]
 # CNBlock's `block`: dwconv, Permute, LayerNorm, Linear, GELU, Linear, Permute.
 _BLOCK_PARAMS = (True, False, True, True, False, True, False)
 
 
-def _cnblock(prefix: str) -> Modules:
+def _cnblock(prefix: str) -> tv_common.Modules:
   mods = [(f"{prefix}/block/{i}", p) for i, p in enumerate(_BLOCK_PARAMS)]
   # The block itself holds layer_scale, applied after `block`.
   return [
@@ -87,21 +84,19 @@ def _features(arch: str) -> tuple[tuple[str, bool], ...]:
   return (*mods, ("features", False))
 
 
-def _modules(arch: str, include_top: bool, pooling: str | None) -> Modules:
-  mods = list(_features(arch))
-  if include_top:
-    top = [(f"classifier/{i}", i != 1) for i in range(3)]
-    return [*mods, ("avgpool", False), *top, ("classifier", False)]
-  if pooling is not None:
-    mods.append(("avgpool" if pooling == "avg" else "maxpool", False))
-  return mods
+def _modules(
+  arch: str, include_top: bool, pooling: str | None
+) -> tv_common.Modules:
+  # classifier: LayerNorm2d '0', Flatten '1', Linear '2'.
+  top = (True, False, True)
+  return tv_common.with_top(_features(arch), top, include_top, pooling)
 
 
 def module_paths(
   arch: str, include_top: bool = True, pooling: str | None = None
 ) -> list[str]:
   """Every module path in the order its output is ready: `output_layer`s."""
-  return [m for m, _ in _modules(arch, include_top, pooling)]
+  return tv_common.paths(_modules(arch, include_top, pooling))
 
 
 def layer_names(
@@ -111,7 +106,7 @@ def layer_names(
 
   A CNBlock ('features/1/0') is one: it holds its layer_scale.
   """
-  return [m for m, params in _modules(arch, include_top, pooling) if params]
+  return tv_common.param_paths(_modules(arch, include_top, pooling))
 
 
 # torchvision's trunc_normal_(std=0.02) truncates at +-2 absolute, i.e. never:
@@ -300,7 +295,9 @@ class TVConvNeXt(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    self._check(x.shape)
+    tv_common.check_arch(self.arch, VARIANTS, self.pooling)
+    names = module_paths(self.arch, self.include_top, self.pooling)
+    tv_common.check(self.arch, self.output_layer, names, x.shape, MIN_SIZE)
     taps = common.Taps(self.output_layer)
     ctx = _Ctx(taps, train, self.dtype, self.param_dtype)
     sd = self.stochastic_depth_prob
@@ -310,51 +307,23 @@ class TVConvNeXt(nn.Module):
     def forward():
       y = Features(self.arch, sd, name="features")(x.astype(self.dtype), ctx)
       if not self.include_top:
-        if self.pooling is not None:
-          name = "avgpool" if self.pooling == "avg" else "maxpool"
-          y = taps(name, common.global_pool(y, self.pooling))
-        return y
+        return tv_common.pool(taps, y, self.pooling)
       y = taps("avgpool", jnp.mean(y, axis=(1, 2)))
       return Classifier(self.num_classes, name="classifier")(y, ctx)
 
-    return taps.run(forward).astype(
-      jnp.float32 if self.include_top else self.dtype
-    )
-
-  def _check(self, shape) -> None:
-    if self.arch not in VARIANTS:
-      raise UserError(
-        f"unknown architecture {self.arch!r}; expected one of "
-        f"{sorted(VARIANTS)}"
-      )
-    if self.pooling not in registry.POOLINGS:
-      raise UserError(
-        f"pooling must be None, 'avg' or 'max', got {self.pooling!r}"
-      )
-    names = module_paths(self.arch, self.include_top, self.pooling)
-    tv_common.check_output_layer(self.arch, self.output_layer, names)
-    common.check_input(self.arch, tuple(shape), MIN_SIZE)
+    return tv_common.output(taps.run(forward), self.include_top, self.dtype)
 
 
-for _arch in VARIANTS:
-  registry.register(
-    registry.Backbone(
-      arch=_arch,
-      family="tv_convnext",
-      build=functools.partial(TVConvNeXt, _arch),
-      layer_names=lambda include_top=True, pooling=None, arch=_arch, **_: (
-        layer_names(arch, include_top, pooling)
-      ),
-      output_layers=lambda include_top=True, pooling=None, arch=_arch, **_: (
-        module_paths(arch, include_top, pooling)
-      ),
-      preprocess="torch",
-      min_size=MIN_SIZE,
-      feature_layer="features",
-      classifier="classifier/2",
-      batch_stats=False,
-      stem_layers=("features/0/0",),
-      options={"stochastic_depth_prob": None},
-      naming="torch",
-    )
-  )
+tv_common.register_family(
+  "tv_convnext",
+  TVConvNeXt,
+  VARIANTS,
+  layer_names,
+  module_paths,
+  min_size=MIN_SIZE,
+  feature_layer="features",
+  classifier="classifier/2",
+  batch_stats=False,
+  stem_layers=("features/0/0",),
+  options={"stochastic_depth_prob": None},
+)

@@ -29,8 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxtl.errors import UserError
-from flaxtl.models import common, registry, tv_common
+from flaxtl.models import common, tv_common
 from flaxtl.ops import conv as conv_ops
 
 # torchvision's EfficientNet-B0 stages: (expand_ratio, kernel, stride,
@@ -131,16 +130,12 @@ def head_width(arch: str) -> int:
   return 4 * blocks(arch)[-1][-1].cout
 
 
-# (module path, whether it holds parameters), in the order outputs are ready.
-Modules = list[tuple[str, bool]]
-
-
-def _conv_norm_act(prefix: str, act: bool = True) -> Modules:
+def _conv_norm_act(prefix: str, act: bool = True) -> tv_common.Modules:
   mods = [(f"{prefix}/0", True), (f"{prefix}/1", True)]
   return [*mods, *([(f"{prefix}/2", False)] if act else []), (prefix, False)]
 
 
-def _mbconv(b: Block) -> Modules:
+def _mbconv(b: Block) -> tv_common.Modules:
   p = f"features/{b.stage}/{b.index}"
   mods, i = [], 0
   if b.expanded != b.cin:
@@ -174,28 +169,27 @@ def _features(arch: str) -> tuple[tuple[str, bool], ...]:
   return (*mods, ("features", False))
 
 
-def _modules(arch: str, include_top: bool, pooling: str | None) -> Modules:
-  mods = list(_features(arch))
-  if include_top:
-    top = ("avgpool", False), ("classifier/0", False), ("classifier/1", True)
-    return [*mods, *top, ("classifier", False)]
-  if pooling is not None:
-    mods.append(("avgpool" if pooling == "avg" else "maxpool", False))
-  return mods
+def _modules(
+  arch: str, include_top: bool, pooling: str | None
+) -> tv_common.Modules:
+  # classifier: Dropout '0', Linear '1'.
+  return tv_common.with_top(
+    _features(arch), (False, True), include_top, pooling
+  )
 
 
 def module_paths(
   arch: str, include_top: bool = True, pooling: str | None = None
 ) -> list[str]:
   """Every module path in the order its output is ready: `output_layer`s."""
-  return [m for m, _ in _modules(arch, include_top, pooling)]
+  return tv_common.paths(_modules(arch, include_top, pooling))
 
 
 def layer_names(
   arch: str, include_top: bool = True, pooling: str | None = None
 ) -> list[str]:
   """The modules with parameters ('features/0/0'), in forward order."""
-  return [m for m, params in _modules(arch, include_top, pooling) if params]
+  return tv_common.param_paths(_modules(arch, include_top, pooling))
 
 
 # torchvision's initialisers, so a model trained from scratch starts where
@@ -412,7 +406,9 @@ class TVEfficientNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    self._check(x.shape)
+    tv_common.check_arch(self.arch, VARIANTS, self.pooling)
+    names = module_paths(self.arch, self.include_top, self.pooling)
+    tv_common.check(self.arch, self.output_layer, names, x.shape, MIN_SIZE)
     variant = VARIANTS[self.arch]
     taps = common.Taps(self.output_layer)
     ctx = _Ctx(taps, train, variant, self.dtype, self.param_dtype)
@@ -422,55 +418,24 @@ class TVEfficientNet(nn.Module):
         x.astype(self.dtype), ctx
       )
       if not self.include_top:
-        if self.pooling is not None:
-          name = "avgpool" if self.pooling == "avg" else "maxpool"
-          y = taps(name, common.global_pool(y, self.pooling))
-        return y
+        return tv_common.pool(taps, y, self.pooling)
       y = taps("avgpool", jnp.mean(y, axis=(1, 2)))
       rate = variant.dropout if self.dropout is None else self.dropout
       return Classifier(self.num_classes, rate, name="classifier")(y, ctx)
 
-    return taps.run(forward).astype(
-      jnp.float32 if self.include_top else self.dtype
-    )
-
-  def _check(self, shape) -> None:
-    if self.arch not in VARIANTS:
-      raise UserError(
-        f"unknown architecture {self.arch!r}; expected one of "
-        f"{sorted(VARIANTS)}"
-      )
-    if self.pooling not in registry.POOLINGS:
-      raise UserError(
-        f"pooling must be None, 'avg' or 'max', got {self.pooling!r}"
-      )
-    names = module_paths(self.arch, self.include_top, self.pooling)
-    tv_common.check_output_layer(self.arch, self.output_layer, names)
-    common.check_input(self.arch, tuple(shape), MIN_SIZE)
+    return tv_common.output(taps.run(forward), self.include_top, self.dtype)
 
 
-for _arch in VARIANTS:
-  registry.register(
-    registry.Backbone(
-      arch=_arch,
-      family="tv_efficientnet",
-      build=functools.partial(TVEfficientNet, _arch),
-      layer_names=lambda include_top=True, pooling=None, arch=_arch, **_: (
-        layer_names(arch, include_top, pooling)
-      ),
-      output_layers=lambda include_top=True, pooling=None, arch=_arch, **_: (
-        module_paths(arch, include_top, pooling)
-      ),
-      preprocess="torch",
-      min_size=MIN_SIZE,
-      feature_layer="features",
-      classifier="classifier/1",
-      batch_stats=True,
-      stem_layers=("features/0/0",),
-      options={
-        "dropout": None,
-        "stochastic_depth_prob": STOCHASTIC_DEPTH_PROB,
-      },
-      naming="torch",
-    )
-  )
+tv_common.register_family(
+  "tv_efficientnet",
+  TVEfficientNet,
+  VARIANTS,
+  layer_names,
+  module_paths,
+  min_size=MIN_SIZE,
+  feature_layer="features",
+  classifier="classifier/1",
+  batch_stats=True,
+  stem_layers=("features/0/0",),
+  options={"dropout": None, "stochastic_depth_prob": STOCHASTIC_DEPTH_PROB},
+)

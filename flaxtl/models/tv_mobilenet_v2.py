@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxtl.models import common, registry
+from flaxtl.models import common
 from flaxtl.models import tv_common as tv
 
 ARCH = "tv_mobilenet_v2"
@@ -130,10 +130,7 @@ class _InvertedResidualConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    layers, taps = (
-      tv.Layers(self.dtype, self.param_dtype),
-      common.Taps(self.stop),
-    )
+    layers, taps = tv.tools(self)
     hidden = round(x.shape[-1] * self.expand_ratio)
     i = 0
 
@@ -224,10 +221,8 @@ class MobileNetV2(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    tv.check_output_layer(
-      ARCH, self.output_layer, module_paths(self.include_top, self.width_mult)
-    )
-    common.check_input(ARCH, tuple(x.shape), MIN_SIZE)
+    names = module_paths(self.include_top, self.width_mult)
+    tv.check(ARCH, self.output_layer, names, x.shape, MIN_SIZE)
     taps = common.Taps(self.output_layer)
 
     def forward() -> jax.Array:
@@ -266,31 +261,23 @@ class Classifier(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    layers, taps = (
-      tv.Layers(self.dtype, self.param_dtype),
-      common.Taps(self.stop),
-    )
+    layers, taps = tv.tools(self)
     x = taps("0", tv.dropout(x, self.dropout, train, "0"))
     x = layers.linear(x, self.num_classes, "1", classifier_init)
     return taps("1", tv.logits(x))
 
 
-registry.register(
-  registry.Backbone(
-    arch=ARCH,
-    family="tv_mobilenet_v2",
-    build=lambda **options: MobileNetV2(**options),
-    layer_names=layer_names,
-    output_layers=lambda include_top=True, pooling=None, **options: (
-      module_paths(include_top, options.get("width_mult", 1.0))
-    ),
-    preprocess="torch",
-    min_size=MIN_SIZE,
-    feature_layer="features",
-    classifier="classifier/1",
-    batch_stats=True,
-    stem_layers=("features/0/0",),
-    options={"width_mult": 1.0, "dropout": 0.2},
-    naming="torch",
-  )
+# module_paths takes the registry's keywords: width_mult, the rest ignored.
+tv.register(
+  ARCH,
+  "tv_mobilenet_v2",
+  MobileNetV2,
+  layer_names,
+  module_paths,
+  min_size=MIN_SIZE,
+  feature_layer="features",
+  classifier="classifier/1",
+  batch_stats=True,
+  stem_layers=("features/0/0",),
+  options={"width_mult": 1.0, "dropout": 0.2},
 )

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxtl.models import common, registry
+from flaxtl.models import common
 from flaxtl.models import tv_common as tv
 
 # arch -> (block kind, blocks per stage).
@@ -50,8 +50,11 @@ def _stages(arch: str):
     yield f"layer{s + 1}", blocks
 
 
-def module_paths(arch: str, include_top: bool = True) -> list[str]:
+def module_paths(
+  arch: str, include_top: bool = True, pooling: str | None = None
+) -> list[str]:
   """Every module whose output `output_layer` can name, in forward order."""
+  del pooling  # The pool without the top is no module here.
   kind = ARCHS[arch][0]
   leaves = ["conv1", "bn1", "relu", "maxpool"]
   for stage, blocks in _stages(arch):
@@ -86,10 +89,7 @@ class Downsample(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    layers, taps = (
-      tv.Layers(self.dtype, self.param_dtype),
-      common.Taps(self.stop),
-    )
+    layers, taps = tv.tools(self)
     x = taps("0", layers.conv(x, self.features, 1, "0", self.stride))
     return taps("1", layers.bn(x, train, "1"))
 
@@ -107,10 +107,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    layers, taps = (
-      tv.Layers(self.dtype, self.param_dtype),
-      common.Taps(self.stop),
-    )
+    layers, taps = tv.tools(self)
     out = self.planes * EXPANSION[self.kind]
     if self.kind == "basic":
       plan = [(self.planes, 3, self.stride), (self.planes, 3, 1)]
@@ -188,10 +185,8 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    tv.check_output_layer(
-      self.arch, self.output_layer, module_paths(self.arch, self.include_top)
-    )
-    common.check_input(self.arch, tuple(x.shape), MIN_SIZE)
+    names = module_paths(self.arch, self.include_top)
+    tv.check(self.arch, self.output_layer, names, x.shape, MIN_SIZE)
     layers = tv.Layers(self.dtype, self.param_dtype)
     taps = common.Taps(self.output_layer)
     kind = ARCHS[self.arch][0]
@@ -221,24 +216,15 @@ class ResNet(nn.Module):
     return taps.run(forward)
 
 
-for _arch in ARCHS:
-  registry.register(
-    registry.Backbone(
-      arch=_arch,
-      family="tv_resnet",
-      build=lambda arch=_arch, **options: ResNet(arch=arch, **options),
-      layer_names=lambda include_top=True, pooling=None, arch=_arch, **_: (
-        layer_names(arch, include_top, pooling)
-      ),
-      output_layers=lambda include_top=True, pooling=None, arch=_arch, **_: (
-        module_paths(arch, include_top)
-      ),
-      preprocess="torch",
-      min_size=MIN_SIZE,
-      feature_layer="layer4",
-      classifier="fc",
-      batch_stats=True,
-      stem_layers=("conv1",),
-      naming="torch",
-    )
-  )
+tv.register_family(
+  "tv_resnet",
+  ResNet,
+  ARCHS,
+  layer_names,
+  module_paths,
+  min_size=MIN_SIZE,
+  feature_layer="layer4",
+  classifier="fc",
+  batch_stats=True,
+  stem_layers=("conv1",),
+)

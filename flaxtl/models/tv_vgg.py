@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxtl.models import common, registry
+from flaxtl.models import common
 from flaxtl.models import tv_common as tv
 
 # torchvision's cfgs "D" and "E": conv widths, "M" a 2x2 max pool.
@@ -56,7 +56,10 @@ def _features(arch: str) -> list[tuple[int, str, int]]:
   return out
 
 
-def module_paths(arch: str, include_top: bool = True) -> list[str]:
+def module_paths(
+  arch: str, include_top: bool = True, pooling: str | None = None
+) -> list[str]:
+  del pooling  # The pool without the top is no module here.
   leaves = [f"features/{i}" for i, _, _ in _features(arch)]
   if include_top:
     leaves += ["avgpool", *(f"classifier/{i}" for i in range(7))]
@@ -84,10 +87,7 @@ class Features(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    layers, taps = (
-      tv.Layers(self.dtype, self.param_dtype),
-      common.Taps(self.stop),
-    )
+    layers, taps = tv.tools(self)
     for i, kind, width in _features(self.arch):
       if kind == "conv":
         x = layers.conv(x, width, 3, str(i), padding=1, bias=True)
@@ -110,10 +110,7 @@ class Classifier(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    layers, taps = (
-      tv.Layers(self.dtype, self.param_dtype),
-      common.Taps(self.stop),
-    )
+    layers, taps = tv.tools(self)
     for i, units in ((0, HIDDEN), (3, HIDDEN)):
       x = taps(str(i), layers.linear(x, units, str(i), classifier_init))
       x = taps(str(i + 1), nn.relu(x))
@@ -146,10 +143,8 @@ class VGG(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    tv.check_output_layer(
-      self.arch, self.output_layer, module_paths(self.arch, self.include_top)
-    )
-    common.check_input(self.arch, tuple(x.shape), MIN_SIZE)
+    names = module_paths(self.arch, self.include_top)
+    tv.check(self.arch, self.output_layer, names, x.shape, MIN_SIZE)
     taps = common.Taps(self.output_layer)
 
     def forward() -> jax.Array:
@@ -178,24 +173,15 @@ class VGG(nn.Module):
     return taps.run(forward)
 
 
-for _arch in CFGS:
-  registry.register(
-    registry.Backbone(
-      arch=_arch,
-      family="tv_vgg",
-      build=lambda arch=_arch, **options: VGG(arch=arch, **options),
-      layer_names=lambda include_top=True, pooling=None, arch=_arch, **_: (
-        layer_names(arch, include_top, pooling)
-      ),
-      output_layers=lambda include_top=True, pooling=None, arch=_arch, **_: (
-        module_paths(arch, include_top)
-      ),
-      preprocess="torch",
-      min_size=MIN_SIZE,
-      feature_layer="features",
-      classifier="classifier/6",
-      stem_layers=("features/0", "features/2"),
-      options={"dropout": 0.5},
-      naming="torch",
-    )
-  )
+tv.register_family(
+  "tv_vgg",
+  VGG,
+  CFGS,
+  layer_names,
+  module_paths,
+  min_size=MIN_SIZE,
+  feature_layer="features",
+  classifier="classifier/6",
+  stem_layers=("features/0", "features/2"),
+  options={"dropout": 0.5},
+)

@@ -8,7 +8,6 @@ names but have squeeze-and-excitation (`_se_reduce`): those are refused.
 from __future__ import annotations
 
 from flaxtl.models import efficientnet_lite
-from flaxtl.weights.converted import Converted
 from flaxtl.weights.mappings import tv_common
 from flaxtl.weights.torch_file import TorchWeights
 
@@ -37,7 +36,4 @@ def detect(weights: TorchWeights) -> str | None:
   return None
 
 
-def from_torch(
-  weights: TorchWeights, arch: str, include_top: bool | None = None
-) -> Converted:
-  return tv_common.from_torch(weights, arch, include_top, CLASSIFIER)
+from_torch = tv_common.from_torch_for(CLASSIFIER)

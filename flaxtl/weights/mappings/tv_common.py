@@ -192,3 +192,23 @@ def from_torch(
       "without the top (--notop)"
     )
   return convert(weights, arch, include_top, n, fixups=fixups)
+
+
+FromTorch = Callable[..., Converted]
+
+
+def from_torch_for(
+  classifier: str, fixups: Mapping[str, Fixup] | None = None
+) -> FromTorch:
+  """A family's `from_torch(weights, arch, include_top=None)`.
+
+  classifier: the torch key of its classifier's weight ('fc.weight');
+  fixups: as in `convert`, the same for every arch of the family.
+  """
+
+  def family_from_torch(
+    weights: TorchWeights, arch: str, include_top: bool | None = None
+  ) -> Converted:
+    return from_torch(weights, arch, include_top, classifier, fixups)
+
+  return family_from_torch

@@ -8,7 +8,6 @@ differ only there) and the number of blocks in each stage.
 from __future__ import annotations
 
 from flaxtl.models import tv_efficientnet
-from flaxtl.weights.converted import Converted
 from flaxtl.weights.mappings import tv_common
 from flaxtl.weights.torch_file import TorchWeights
 
@@ -39,7 +38,4 @@ def detect(weights: TorchWeights) -> str | None:
   return None
 
 
-def from_torch(
-  weights: TorchWeights, arch: str, include_top: bool | None = None
-) -> Converted:
-  return tv_common.from_torch(weights, arch, include_top, CLASSIFIER)
+from_torch = tv_common.from_torch_for(CLASSIFIER)

@@ -7,7 +7,6 @@ timm's ResNets use torchvision's module names (`conv1`, `layer1.0.conv1`,
 from __future__ import annotations
 
 from flaxtl.models import tv_resnet
-from flaxtl.weights.converted import Converted
 from flaxtl.weights.mappings import tv_common
 from flaxtl.weights.torch_file import TorchWeights
 
@@ -28,7 +27,4 @@ def detect(weights: TorchWeights) -> str | None:
   return None
 
 
-def from_torch(
-  weights: TorchWeights, arch: str, include_top: bool | None = None
-) -> Converted:
-  return tv_common.from_torch(weights, arch, include_top, CLASSIFIER)
+from_torch = tv_common.from_torch_for(CLASSIFIER)

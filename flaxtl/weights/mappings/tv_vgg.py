@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 
 from flaxtl.models import tv_vgg
-from flaxtl.weights.converted import Converted
 from flaxtl.weights.mappings import tv_common
 from flaxtl.weights.torch_file import TorchWeights
 
@@ -45,13 +44,6 @@ def detect(weights: TorchWeights) -> str | None:
   return None
 
 
-def from_torch(
-  weights: TorchWeights, arch: str, include_top: bool | None = None
-) -> Converted:
-  return tv_common.from_torch(
-    weights,
-    arch,
-    include_top,
-    CLASSIFIER,
-    fixups={"classifier/0/kernel": fc1_kernel},
-  )
+from_torch = tv_common.from_torch_for(
+  CLASSIFIER, {"classifier/0/kernel": fc1_kernel}
+)
