@@ -303,6 +303,16 @@ class Case:
       f.unlink(missing_ok=True)
 
 
+def top_and_notop(keras, arch: str, root: Path, size: int, **kwargs) -> dict:
+  """{True: Case with the top, False: without}, seed 1, under `root`."""
+  return {
+    top: Case(
+      keras, arch, root / str(top), include_top=top, size=size, seed=1, **kwargs
+    )
+    for top in (True, False)
+  }
+
+
 class Reference:
   """A perturbed Keras model, its outputs and its files, with and without
   the top (the no-top model is Keras' own sub-model ending at the feature

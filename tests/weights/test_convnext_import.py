@@ -14,12 +14,7 @@ ARCH, SIZE = "convnext_tiny", 32
 @pytest.fixture(scope="module")
 def cases(keras, tmp_path_factory):
   root = tmp_path_factory.mktemp("convnext_tiny")
-  return {
-    top: oracle.Case(
-      keras, ARCH, root / str(top), include_top=top, size=SIZE, seed=1
-    )
-    for top in (True, False)
-  }
+  return oracle.top_and_notop(keras, ARCH, root, SIZE)
 
 
 @pytest.mark.parametrize("layout", oracle.LAYOUTS)

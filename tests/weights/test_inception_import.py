@@ -18,18 +18,9 @@ ARCH, SIZE = "inception_v3", 75
 @pytest.fixture(scope="module")
 def cases(keras, tmp_path_factory):
   root = tmp_path_factory.mktemp("inception_v3")
-  return {
-    top: oracle.Case(
-      keras,
-      ARCH,
-      root / str(top),
-      include_top=top,
-      size=SIZE,
-      layouts=oracle.LAYOUTS + oracle.OFFICIAL,
-      seed=1,
-    )
-    for top in (True, False)
-  }
+  return oracle.top_and_notop(
+    keras, ARCH, root, SIZE, layouts=oracle.LAYOUTS + oracle.OFFICIAL
+  )
 
 
 @pytest.mark.parametrize("layout", oracle.LAYOUTS + oracle.OFFICIAL)
@@ -41,9 +32,7 @@ def test_parity_with_keras(
   prov = oracle.check_conversion(
     case, case.files[layout], tmp_path / "c", record_property
   )
-  assert prov["layout"] == layout.replace(
-    "official_keras1", "legacy_weights_h5"
-  ).replace("official_keras2", "legacy_weights_h5")
+  assert prov["layout"] == oracle.READ_AS[layout]
 
 
 def test_auto_names_from_another_session_nested(keras, cases, tmp_path):

@@ -17,6 +17,7 @@ from flaxtl import convert, files, models, weights
 from flaxtl.errors import UserError
 from flaxtl.weights import keras_file
 from flaxtl.weights.mappings import vgg as vgg_mapping
+from tests import keras_oracle as oracle
 from tests.keras_layouts import write_keras3, write_official
 
 TOL = 1e-4  # Largest |difference| relative to the largest |Keras output|.
@@ -146,13 +147,7 @@ def test_parity_with_keras(
   )  # arch and top inferred from the file
   prov = weights.read_provenance(out)
   assert (prov["arch"], prov["include_top"]) == (arch, include_top)
-  expected_layout = (
-    layout.replace("official_keras1", "legacy_weights_h5")
-    .replace("official_keras2", "legacy_weights_h5")
-    .replace("nested_weights_h5", "keras3_weights_h5")
-    .replace("nested_legacy_h5", "legacy_weights_h5")
-  )
-  assert prov["layout"] == expected_layout
+  assert prov["layout"] == oracle.READ_AS[layout]
   assert prov["source_sha256"] == files.file_hash(src)
 
   params = weights.restore(out)

@@ -16,12 +16,7 @@ ARCH, SIZE = "nasnet_mobile", 32
 @pytest.fixture(scope="module")
 def cases(keras, tmp_path_factory):
   root = tmp_path_factory.mktemp("nasnet_mobile")
-  return {
-    top: oracle.Case(
-      keras, ARCH, root / str(top), include_top=top, size=SIZE, seed=1
-    )
-    for top in (True, False)
-  }
+  return oracle.top_and_notop(keras, ARCH, root, SIZE)
 
 
 @pytest.mark.parametrize("layout", oracle.LAYOUTS)

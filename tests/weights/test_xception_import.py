@@ -26,18 +26,9 @@ ARCH, SIZE = "xception", 71
 @pytest.fixture(scope="module")
 def cases(keras, tmp_path_factory):
   root = tmp_path_factory.mktemp("xception")
-  return {
-    top: oracle.Case(
-      keras,
-      ARCH,
-      root / str(top),
-      include_top=top,
-      size=SIZE,
-      layouts=oracle.LAYOUTS + oracle.OFFICIAL,
-      seed=1,
-    )
-    for top in (True, False)
-  }
+  return oracle.top_and_notop(
+    keras, ARCH, root, SIZE, layouts=oracle.LAYOUTS + oracle.OFFICIAL
+  )
 
 
 @pytest.mark.parametrize("layout", oracle.LAYOUTS + oracle.OFFICIAL)
@@ -49,9 +40,7 @@ def test_parity_with_keras(
   prov = oracle.check_conversion(
     case, case.files[layout], tmp_path / "c", record_property
   )
-  assert prov["layout"] == layout.replace(
-    "official_keras1", "legacy_weights_h5"
-  ).replace("official_keras2", "legacy_weights_h5")
+  assert prov["layout"] == oracle.READ_AS[layout]
   assert prov["mapping"] == "by_name"
 
 
