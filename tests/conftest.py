@@ -1,6 +1,8 @@
 """Shared fixtures. Keras 3 (JAX backend) is the oracle the port is held to."""
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import types
@@ -19,6 +21,8 @@ os.environ["FLAXTL_KERAS_BASE_URL"] = "http://127.0.0.1:9/"
 import numpy as np
 import pytest
 
+atexit.register(shutil.rmtree, os.environ["FLAXTL_WEIGHTS_DIR"], True)
+
 
 @pytest.fixture(scope="session")
 def keras():
@@ -26,6 +30,27 @@ def keras():
 
   assert k.backend.backend() == "jax", "tests need KERAS_BACKEND=jax"
   return k
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory):
+  """`tmp_path_factory.mktemp` for module fixtures, freed with the module.
+
+  The reference models' Keras files and checkpoints take up to 1 GB per
+  module; pytest would keep them all (~14 GB) until the session ends. Kept,
+  like a failed test's tmp_path, when one of the module's tests failed.
+  """
+  failed_before = request.session.testsfailed
+  made = []
+
+  def mktemp(name: str):
+    made.append(tmp_path_factory.mktemp(name))
+    return made[-1]
+
+  yield mktemp
+  if request.session.testsfailed == failed_before:
+    for path in made:
+      shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

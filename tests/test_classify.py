@@ -22,8 +22,8 @@ CATS = {"Egyptian_cat", "tiger_cat", "tabby"}
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> list[Path]:
-  root = tmp_path_factory.mktemp("photos")
+def photos(module_tmp) -> list[Path]:
+  root = module_tmp("photos")
   paths = []
   for name in ("chelsea", "coffee"):
     paths.append(root / f"{name}.png")
@@ -69,8 +69,8 @@ def test_mobilenet_v2_names_the_cat_and_the_espresso_like_torch(
   _same_ranking(results, _torch_top5(torch, model, photos, "tv_mobilenet_v2"))
 
 
-def test_efficientnet_lite0_agrees_with_torch(torch, photos, tmp_path_factory):
-  lite = torch_oracle.lite_module(tmp_path_factory.mktemp("lite_code"))
+def test_efficientnet_lite0_agrees_with_torch(torch, photos, module_tmp):
+  lite = torch_oracle.lite_module(module_tmp("lite_code"))
   results = classify.classify(photos, "imagenet", "efficientnet_lite0")
   cat, coffee = results
   assert coffee[0][1] == "espresso" and coffee[0][2] > 0.9

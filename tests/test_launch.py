@@ -77,9 +77,9 @@ def wait_for_checkpoint(workdir: Path, proc, timeout=240) -> None:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+def finished(module_tmp) -> tuple[Path, subprocess.CompletedProcess]:
   """A short run launched without --workdir, from another directory."""
-  cwd = tmp_path_factory.mktemp("cwd")
+  cwd = module_tmp("cwd")
   r = launch("--config.total_steps=8", *QUIET, config=str(ROOT / TINY), cwd=cwd)
   assert r.returncode == 0, r.stderr
   return cwd / "workdirs" / "mnist_cnn-tiny", r
@@ -282,11 +282,11 @@ def test_unusable_workdir(tmp_path, kind):
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> Path:
+def converted(module_tmp) -> Path:
   """A real converted VGG16 (no top) written by flaxtl.weights.save."""
   model = models.create("vgg16", include_top=False)
   variables = jax.tree.map(np.asarray, common.init_variables(model, 32))
-  out = tmp_path_factory.mktemp("conv") / "vgg16_random"
+  out = module_tmp("conv") / "vgg16_random"
   return weights.save(
     variables, out, {"arch": "vgg16", "include_top": False, "num_classes": None}
   )

@@ -132,8 +132,8 @@ def test_gradual_unfreezing_phases(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("run")
+def finished_run(module_tmp):
+  tmp = module_tmp("run")
   cfg = quick("configs/mnist_cnn.py", tmp, total_steps=30)
   cfg.image_size = 32
   train.train_and_evaluate(cfg, tmp / "w")

@@ -26,11 +26,11 @@ PER_CLASS = 12
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
+def digits(module_tmp) -> Path:
   """Real MNIST digits as PNG files: folder/<class>/<k>.png (12 per class),
   and the tutorial's test layout: test.csv naming `0.png`.. with the images
   in Images/test/."""
-  root = tmp_path_factory.mktemp("digits")
+  root = module_tmp("digits")
   test = data.load({"source": "mnist_sample", "val_fraction": 0.0}).test
   counts = dict.fromkeys(range(10), 0)
   for image, label in zip(test.images, test.labels):
@@ -78,8 +78,8 @@ def _launch(workdir: Path, folder: Path):
 
 
 @pytest.fixture(scope="module")
-def finished(digits, tmp_path_factory) -> Path:
-  workdir = tmp_path_factory.mktemp("ref")
+def finished(digits, module_tmp) -> Path:
+  workdir = module_tmp("ref")
   p = _launch(workdir, digits / "folder")
   out, _ = p.communicate(timeout=900)
   assert p.returncode == 0, out
@@ -154,10 +154,10 @@ def test_predict_submission_keeps_the_csv_filenames(digits, finished, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def damaged(digits, tmp_path_factory):
+def damaged(digits, module_tmp):
   """The digit folder with one training file truncated: (folder, that file,
   the training step that first reads it)."""
-  folder = tmp_path_factory.mktemp("damaged") / "folder"
+  folder = module_tmp("damaged") / "folder"
   for src in (digits / "folder").rglob("*.png"):
     dst = folder / src.relative_to(digits / "folder")
     dst.parent.mkdir(parents=True, exist_ok=True)

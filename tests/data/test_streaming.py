@@ -29,10 +29,10 @@ def value_of(k: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
+def folder(module_tmp) -> Path:
   """2 classes x 7 images of mixed sizes, formats and modes; image k is one
   flat grey level, so a batch's rows name their files after any resize."""
-  root = tmp_path_factory.mktemp("folder")
+  root = module_tmp("folder")
   rng = np.random.default_rng(0)
   for k in range(14):
     cls = root / ("cat" if k < 7 else "dog")

@@ -62,7 +62,7 @@ def test_batch_norm_momentum_and_epsilon_are_keras(cases):
 
 
 @pytest.fixture(scope="module")
-def cases(keras, tmp_path_factory):
+def cases(keras, module_tmp):
   built = {}
 
   def get(include_top):
@@ -70,7 +70,7 @@ def cases(keras, tmp_path_factory):
       built[include_top] = oracle.Case(
         keras,
         "densenet121",
-        tmp_path_factory.mktemp(f"densenet121_{include_top}"),
+        module_tmp(f"densenet121_{include_top}"),
         include_top=include_top,
         layouts=CASES[include_top],
         rename=KERAS2_NAMES,

@@ -114,7 +114,7 @@ def test_batch_norm_momentum_and_epsilon_are_keras(keras):
 
 
 @pytest.fixture(scope="module")
-def cases(keras, tmp_path_factory):
+def cases(keras, module_tmp):
   built = {}
 
   def get(arch, include_top):
@@ -123,7 +123,7 @@ def cases(keras, tmp_path_factory):
       built[key] = oracle.Case(
         keras,
         arch,
-        tmp_path_factory.mktemp(f"{arch}_{include_top}"),
+        module_tmp(f"{arch}_{include_top}"),
         include_top=include_top,
         layouts=CASES[key],
       )

@@ -20,12 +20,12 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def vgg16(torch, torchvision, tmp_path_factory):
+def vgg16(torch, torchvision, module_tmp):
   torch.manual_seed(0)
   model = torchvision.models.vgg16(weights=None, num_classes=10)
   x = torch_oracle.images(2, SIZE)
   want = torch_oracle.logits(torch, model, x)
-  path = tmp_path_factory.mktemp("vgg") / "vgg16.pth"
+  path = module_tmp("vgg") / "vgg16.pth"
   torch.save(model.state_dict(), path)
   del model
   return torch_file.read(path), x, want

@@ -24,13 +24,13 @@ FROZEN_BN, TRAINED_BN = "conv2_block1_0_bn", "conv2_block1_3_bn"
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
+def checkpoints(module_tmp) -> dict[str, Path]:
   """Converted no-top checkpoints of random ResNet50 and tv_resnet18."""
   out = {}
   for arch in ("resnet50", "tv_resnet18"):
     model = models.create(arch, include_top=False)
     variables = jax.tree.map(np.asarray, common.init_variables(model, 32))
-    path = tmp_path_factory.mktemp(arch) / arch
+    path = module_tmp(arch) / arch
     provenance = {"arch": arch, "include_top": False, "num_classes": None}
     out[arch] = weights.save(variables, path, provenance)
   return out

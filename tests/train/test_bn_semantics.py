@@ -46,13 +46,13 @@ def _config(weights_path):
 
 
 @pytest.fixture(scope="module")
-def run(keras, tmp_path_factory):
+def run(keras, module_tmp):
   """Both frameworks' weights before and after one step, and the losses."""
   model = oracle.keras_model(
     keras, keras.applications.ResNet50, True, SIZE, classes=CLASSES
   )
   keras_layouts.perturb(model, 0)
-  path = tmp_path_factory.mktemp("bn") / "resnet50.weights.h5"
+  path = module_tmp("bn") / "resnet50.weights.h5"
   model.save_weights(path)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (BATCH, SIZE, SIZE, 3)).astype(np.uint8)

@@ -33,7 +33,7 @@ FIRST_TRAINED = "block_15_depthwise_BN"  # model.layers[k]
 
 
 @pytest.fixture(scope="module")
-def keras_step(keras, tmp_path_factory):
+def keras_step(keras, module_tmp):
   model = oracle.keras_model(
     keras,
     keras.applications.MobileNetV2,
@@ -44,7 +44,7 @@ def keras_step(keras, tmp_path_factory):
     classes=CLASSES,
   )
   oracle.perturb(model)
-  path = tmp_path_factory.mktemp("bn") / "start.weights.h5"
+  path = module_tmp("bn") / "start.weights.h5"
   model.save_weights(path)
   k = [layer.name for layer in model.layers].index(FIRST_TRAINED)
   x = np.asarray(preprocess_input(oracle.images(SIZE, n=BATCH), "tf"))

@@ -58,8 +58,8 @@ def _params(workdir):
 
 
 @pytest.fixture(scope="module")
-def one_device(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("one")
+def one_device(module_tmp):
+  workdir = module_tmp("one")
   _run(workdir)
   return workdir
 

@@ -49,8 +49,8 @@ def metrics_lines(workdir: Path, split="train"):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("ref")
+def reference_run(module_tmp):
+  workdir = module_tmp("ref")
   result = train.train_and_evaluate(tiny_config(), workdir)
   return workdir, result
 

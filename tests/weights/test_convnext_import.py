@@ -12,8 +12,8 @@ ARCH, SIZE = "convnext_tiny", 32
 
 
 @pytest.fixture(scope="module")
-def cases(keras, tmp_path_factory):
-  root = tmp_path_factory.mktemp("convnext_tiny")
+def cases(keras, module_tmp):
+  root = module_tmp("convnext_tiny")
   return oracle.top_and_notop(keras, ARCH, root, SIZE)
 
 

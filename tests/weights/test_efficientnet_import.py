@@ -21,7 +21,7 @@ REPS = {
 
 
 @pytest.fixture(scope="module")
-def refs(keras, tmp_path_factory):
+def refs(keras, module_tmp):
   built = {}
 
   def get(arch):
@@ -31,7 +31,7 @@ def refs(keras, tmp_path_factory):
       oracle.perturb(model)
       x = oracle.images(SIZE)  # 0..255: the model normalises.
       feature = models.get(arch).feature_layer
-      tmp = tmp_path_factory.mktemp(arch)
+      tmp = module_tmp(arch)
       built[arch] = oracle.Reference(keras, model, feature, x, tmp)
     return built[arch]
 

@@ -16,8 +16,8 @@ ARCH, SIZE = "inception_v3", 75
 
 
 @pytest.fixture(scope="module")
-def cases(keras, tmp_path_factory):
-  root = tmp_path_factory.mktemp("inception_v3")
+def cases(keras, module_tmp):
+  root = module_tmp("inception_v3")
   return oracle.top_and_notop(
     keras, ARCH, root, SIZE, layouts=oracle.LAYOUTS + oracle.OFFICIAL
   )

@@ -24,11 +24,11 @@ serve = test_sources.serve  # The local HTTP server fixture.
 
 
 @pytest.fixture(scope="module")
-def files(keras, tmp_path_factory):
+def files(keras, module_tmp):
   """Official-layout files of a perturbed ResNet50 (notop) and DenseNet121
   (top, its Keras-2 layer names), a Keras 3 ResNet50 file, and their arrays.
   """
-  root = tmp_path_factory.mktemp("families")
+  root = module_tmp("families")
   out = {}
   r50 = oracle.keras_model(
     keras, keras.applications.ResNet50, False, 32, seed=5

@@ -113,27 +113,20 @@ PARAMS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def cases(keras, tmp_path_factory):
+@pytest.fixture(scope="module")
+def cases(keras, module_tmp):
   built = {}
 
   def get(arch, include_top):
     if (arch, include_top) not in built:
       size, layouts = CASES[(arch, include_top)]
-      tmp = tmp_path_factory.mktemp(
-        f"{arch}_{'top' if include_top else 'notop'}"
-      )
+      tmp = module_tmp(f"{arch}_{'top' if include_top else 'notop'}")
       built[(arch, include_top)] = Case(
         keras, tmp, arch, include_top, size, layouts
       )
     return built[(arch, include_top)]
 
-  yield get
-  for (
-    case
-  ) in built.values():  # The 224 files are ~0.5 GB each: free the disk early.
-    for f in case.files.values():
-      f.unlink(missing_ok=True)
+  return get
 
 
 @pytest.mark.parametrize("arch,include_top,layout", PARAMS)

@@ -38,7 +38,7 @@ def _alpha(arch):
 
 
 @pytest.fixture(scope="module")
-def refs(keras, tmp_path_factory):
+def refs(keras, module_tmp):
   built = {}
 
   def get(arch):
@@ -51,7 +51,7 @@ def refs(keras, tmp_path_factory):
       oracle.perturb(model)
       x = oracle.images(SIZE)
       x = np.asarray(preprocess_input(x, spec.preprocess))
-      tmp = tmp_path_factory.mktemp(arch)
+      tmp = module_tmp(arch)
       built[arch] = oracle.Reference(keras, model, spec.feature_layer, x, tmp)
     return built[arch]
 

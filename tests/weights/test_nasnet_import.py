@@ -14,8 +14,8 @@ ARCH, SIZE = "nasnet_mobile", 32
 
 
 @pytest.fixture(scope="module")
-def cases(keras, tmp_path_factory):
-  root = tmp_path_factory.mktemp("nasnet_mobile")
+def cases(keras, module_tmp):
+  root = module_tmp("nasnet_mobile")
   return oracle.top_and_notop(keras, ARCH, root, SIZE)
 
 

@@ -41,13 +41,13 @@ def serve(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def notop_file(keras, tmp_path_factory):
+def notop_file(keras, module_tmp):
   """A real Keras VGG16 notop file in the official layout."""
   keras.utils.set_random_seed(3)
   model = keras.applications.VGG16(
     weights=None, include_top=False, input_shape=(32, 32, 3)
   )
-  return write_official(model, tmp_path_factory.mktemp("official") / "notop.h5")
+  return write_official(model, module_tmp("official") / "notop.h5")
 
 
 def _md5(path):

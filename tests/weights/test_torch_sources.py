@@ -36,9 +36,9 @@ def test_lite1_lite2_convert_and_name_the_espresso(arch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def mobilenet_checkpoint(tmp_path_factory):
+def mobilenet_checkpoint(module_tmp):
   return sources.fetch(
-    "imagenet", "tv_mobilenet_v2", weights_dir=tmp_path_factory.mktemp("w")
+    "imagenet", "tv_mobilenet_v2", weights_dir=module_tmp("w")
   )
 
 

@@ -24,8 +24,8 @@ ARCH, SIZE = "xception", 71
 
 
 @pytest.fixture(scope="module")
-def cases(keras, tmp_path_factory):
-  root = tmp_path_factory.mktemp("xception")
+def cases(keras, module_tmp):
+  root = module_tmp("xception")
   return oracle.top_and_notop(
     keras, ARCH, root, SIZE, layouts=oracle.LAYOUTS + oracle.OFFICIAL
   )
