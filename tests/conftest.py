@@ -29,6 +29,9 @@ def keras():
   import keras as k
 
   assert k.backend.backend() == "jax", "tests need KERAS_BACKEND=jax"
+  from tests import keras_oracle
+
+  keras_oracle.host_initializers(k)
   return k
 
 

@@ -48,9 +48,14 @@ def _config(weights_path):
 @pytest.fixture(scope="module")
 def run(keras, module_tmp):
   """Both frameworks' weights before and after one step, and the losses."""
-  model = oracle.keras_model(
-    keras, keras.applications.ResNet50, True, SIZE, classes=CLASSES
-  )
+  # Keras' own JAX init: every update is well-posed from this start. From
+  # the others tried (JAX seeds 1-2, NumPy seeds 0-3) about half of them move
+  # by 1% when the weights move by 1e-6 (flaxtl against itself), and float32
+  # rounding alone then separates the two frameworks there.
+  with oracle.jax_initializers(keras):
+    model = oracle.keras_model(
+      keras, keras.applications.ResNet50, True, SIZE, classes=CLASSES
+    )
   keras_layouts.perturb(model, 0)
   path = module_tmp("bn") / "resnet50.weights.h5"
   model.save_weights(path)
