@@ -355,10 +355,6 @@ class Case:
       if layout not in layouts:
         self.files.pop(layout).unlink()
 
-  def cleanup(self) -> None:
-    for f in self.files.values():
-      f.unlink(missing_ok=True)
-
 
 def top_and_notop(keras, arch: str, root: Path, size: int, **kwargs) -> dict:
   """{True: Case with the top, False: without}, seed 1, under `root`."""

@@ -77,9 +77,7 @@ def cases(keras, module_tmp):
       )
     return built[include_top]
 
-  yield get
-  for case in built.values():
-    case.cleanup()
+  return get
 
 
 @pytest.mark.parametrize("include_top,layout", PARAMS)

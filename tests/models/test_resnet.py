@@ -129,9 +129,7 @@ def cases(keras, module_tmp):
       )
     return built[key]
 
-  yield get
-  for case in built.values():
-    case.cleanup()
+  return get
 
 
 @pytest.mark.parametrize("arch,include_top,layout", PARAMS)

@@ -157,7 +157,6 @@ def test_parity_with_keras(
     kernel, bias = layers[name].arrays
     np.testing.assert_array_equal(p["kernel"], kernel)
     np.testing.assert_array_equal(p["bias"], bias)
-  shutil.rmtree(out)
 
 
 def test_explicit_notop_from_a_top_file(cases, tmp_path):
