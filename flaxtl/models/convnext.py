@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from flaxtl.models import keras_model, registry
+from flaxtl.models import keras_model
 
 MIN_SIZE = 32
 # Keras' MODEL_CONFIGS: blocks per stage and stage widths.
@@ -99,22 +99,13 @@ def ConvNeXt(arch: str = "convnext_tiny", **kwargs) -> keras_model.KerasApp:  # 
 
 
 for _arch in CONFIGS:
-  keras_model.define(_arch, forward, MIN_SIZE)
-  registry.register(
-    registry.Backbone(
-      arch=_arch,
-      family="convnext",
-      build=lambda arch=_arch, **options: keras_model.KerasApp(
-        arch=arch, **options
-      ),
-      layer_names=lambda include_top=True, pooling=None, arch=_arch: (
-        keras_model.layer_names(arch, include_top, pooling)
-      ),
-      preprocess="none",
-      min_size=MIN_SIZE,
-      feature_layer="layer_normalization",
-      classifier=f"{_arch}_head_dense",
-      batch_stats=False,
-      stem_layers=(f"{_arch}_stem_conv",),
-    )
+  keras_model.register(
+    _arch,
+    forward,
+    family="convnext",
+    min_size=MIN_SIZE,
+    feature_layer="layer_normalization",
+    classifier=f"{_arch}_head_dense",
+    batch_stats=False,
+    stem_layers=(f"{_arch}_stem_conv",),
   )

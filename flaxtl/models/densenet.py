@@ -10,9 +10,7 @@ named as in a fresh Keras session).
 
 from __future__ import annotations
 
-import functools
-
-from flaxtl.models import keras_model, registry
+from flaxtl.models import keras_model
 
 # Conv blocks per dense block (conv2..conv5).
 BLOCKS: dict[str, tuple[int, int, int, int]] = {
@@ -90,19 +88,13 @@ class DenseNet(keras_model.KerasApp):
 
 
 for _arch in BLOCKS:
-  keras_model.define(_arch, forward, MIN_SIZE)
-  registry.register(
-    registry.Backbone(
-      arch=_arch,
-      family="densenet",
-      build=functools.partial(DenseNet, arch=_arch),
-      layer_names=functools.partial(keras_layer_names, _arch),
-      preprocess="torch",
-      min_size=MIN_SIZE,
-      feature_layer="relu",
-      classifier="predictions",
-      batch_stats=True,
-      stem_layers=("conv1_conv",),
-      options={"classifier_activation": None},
-    )
+  keras_model.register(
+    _arch,
+    forward,
+    family="densenet",
+    build=DenseNet,
+    preprocess="torch",
+    min_size=MIN_SIZE,
+    feature_layer="relu",
+    stem_layers=("conv1_conv",),
   )

@@ -23,14 +23,12 @@ Dropout layers (the per-sample `blockNx_drop` stochastic depth and
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any
 
 import flax.linen as nn
 
 from flaxtl.errors import UserError
-from flaxtl.models import keras_model, registry
+from flaxtl.models import keras_model
 from flaxtl.models.keras_model import correct_pad, make_divisible
 
 MIN_SIZE = 32
@@ -395,22 +393,13 @@ def keras_layer_names(
 
 
 for _arch, _forward in FORWARDS.items():
-  _options: dict[str, Any] = {}
-  if _arch in V1_ARCHS:
-    _options["imagenet_rescaling"] = False
-  keras_model.define(_arch, _forward, MIN_SIZE, options=_options)
-  registry.register(
-    registry.Backbone(
-      arch=_arch,
-      family="efficientnet",
-      build=functools.partial(EfficientNet, arch=_arch),
-      layer_names=functools.partial(keras_layer_names, _arch),
-      preprocess="none",
-      min_size=MIN_SIZE,
-      feature_layer="top_activation",
-      classifier="predictions",
-      batch_stats=True,
-      stem_layers=("stem_conv",),
-      options={"classifier_activation": None, **_options},
-    )
+  keras_model.register(
+    _arch,
+    _forward,
+    family="efficientnet",
+    build=EfficientNet,
+    min_size=MIN_SIZE,
+    feature_layer="top_activation",
+    stem_layers=("stem_conv",),
+    layer_options={"imagenet_rescaling": False} if _arch in V1_ARCHS else {},
   )

@@ -12,7 +12,7 @@ defaults). Input: `preprocess_input` mode 'tf' ([-1, 1]).
 
 from __future__ import annotations
 
-from flaxtl.models import keras_model, registry, xception
+from flaxtl.models import keras_model, xception
 
 MIN_SIZE = 75
 
@@ -241,22 +241,12 @@ for _arch, _forward, _feature in (
   ("inception_v3", inception_v3, "mixed10"),
   ("inception_resnet_v2", inception_resnet_v2, "conv_7b_ac"),
 ):
-  keras_model.define(_arch, _forward, MIN_SIZE)
-  registry.register(
-    registry.Backbone(
-      arch=_arch,
-      family="inception",
-      build=lambda arch=_arch, **options: keras_model.KerasApp(
-        arch=arch, **options
-      ),
-      layer_names=lambda include_top=True, pooling=None, arch=_arch: (
-        keras_model.layer_names(arch, include_top, pooling)
-      ),
-      preprocess="tf",
-      min_size=MIN_SIZE,
-      feature_layer=_feature,
-      classifier="predictions",
-      batch_stats=True,
-      stem_layers=("conv2d", "conv2d_1", "conv2d_2"),
-    )
+  keras_model.register(
+    _arch,
+    _forward,
+    family="inception",
+    preprocess="tf",
+    min_size=MIN_SIZE,
+    feature_layer=_feature,
+    stem_layers=("conv2d", "conv2d_1", "conv2d_2"),
   )

@@ -19,13 +19,8 @@ Keras' Rescaling layer inside and takes 0..255.
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
-import flax.linen as nn
-
 from flaxtl.errors import UserError
-from flaxtl.models import keras_model, registry
+from flaxtl.models import keras_model
 from flaxtl.models.keras_model import correct_pad, make_divisible
 
 MIN_SIZE = 32
@@ -314,25 +309,15 @@ def keras_layer_names(
   return keras_model.layer_names(arch, include_top, pooling, alpha=alpha)
 
 
-def _build(arch: str, **options: Any) -> nn.Module:
-  cls = MobileNetV2 if arch == "mobilenetv2" else MobileNetV3
-  return cls(arch=arch, **options)
-
-
 for _arch, _forward in FORWARDS.items():
-  keras_model.define(_arch, _forward, MIN_SIZE, options={"alpha": 1.0})
-  registry.register(
-    registry.Backbone(
-      arch=_arch,
-      family="mobilenet",
-      build=functools.partial(_build, _arch),
-      layer_names=functools.partial(keras_layer_names, _arch),
-      preprocess="tf" if _arch == "mobilenetv2" else "none",
-      min_size=MIN_SIZE,
-      feature_layer=keras_layer_names(_arch, include_top=False)[-1],
-      classifier="predictions" if _arch == "mobilenetv2" else "logits",
-      batch_stats=True,
-      stem_layers=("Conv1",) if _arch == "mobilenetv2" else ("conv",),
-      options={"alpha": 1.0, "classifier_activation": None},
-    )
+  keras_model.register(
+    _arch,
+    _forward,
+    family="mobilenet",
+    build=MobileNetV2 if _arch == "mobilenetv2" else MobileNetV3,
+    preprocess="tf" if _arch == "mobilenetv2" else "none",
+    min_size=MIN_SIZE,
+    classifier="predictions" if _arch == "mobilenetv2" else "logits",
+    stem_layers=("Conv1",) if _arch == "mobilenetv2" else ("conv",),
+    layer_options={"alpha": 1.0},
   )

@@ -12,7 +12,7 @@ accepts). BatchNormalization: momentum 0.9997, epsilon 1e-3. Input:
 
 from __future__ import annotations
 
-from flaxtl.models import keras_model, registry
+from flaxtl.models import keras_model
 from flaxtl.models.keras_model import correct_pad
 
 ARCH = "nasnet_mobile"
@@ -207,20 +207,11 @@ def NASNetMobile(**kwargs) -> keras_model.KerasApp:  # noqa: N802
   return keras_model.KerasApp(arch=ARCH, **kwargs)
 
 
-keras_model.define(ARCH, forward, MIN_SIZE, default_size=224)
-registry.register(
-  registry.Backbone(
-    arch=ARCH,
-    family="nasnet",
-    build=lambda **options: keras_model.KerasApp(arch=ARCH, **options),
-    layer_names=lambda include_top=True, pooling=None: keras_model.layer_names(
-      ARCH, include_top, pooling
-    ),
-    preprocess="tf",
-    min_size=MIN_SIZE,
-    feature_layer=keras_model.layer_names(ARCH, False)[-1],
-    classifier="predictions",
-    batch_stats=True,
-    stem_layers=("stem_conv1",),
-  )
+keras_model.register(
+  ARCH,
+  forward,
+  family="nasnet",
+  preprocess="tf",
+  min_size=MIN_SIZE,
+  stem_layers=("stem_conv1",),
 )

@@ -10,9 +10,7 @@ Keras' `model.layers`, so `freeze.first_layers=k` freezes what
 
 from __future__ import annotations
 
-import functools
-
-from flaxtl.models import keras_model, registry
+from flaxtl.models import keras_model
 
 # Blocks per stack (conv2..conv5); every stack's bottleneck widths.
 STACKS: dict[str, tuple[int, int, int, int]] = {
@@ -134,19 +132,13 @@ class ResNet(keras_model.KerasApp):
 
 
 for _arch in STACKS:
-  keras_model.define(_arch, forward, MIN_SIZE)
-  registry.register(
-    registry.Backbone(
-      arch=_arch,
-      family="resnet",
-      build=functools.partial(ResNet, arch=_arch),
-      layer_names=functools.partial(keras_layer_names, _arch),
-      preprocess="tf" if is_v2(_arch) else "caffe",
-      min_size=MIN_SIZE,
-      feature_layer="post_relu" if is_v2(_arch) else "conv5_block3_out",
-      classifier="predictions",
-      batch_stats=True,
-      stem_layers=("conv1_conv",),
-      options={"classifier_activation": None},
-    )
+  keras_model.register(
+    _arch,
+    forward,
+    family="resnet",
+    build=ResNet,
+    preprocess="tf" if is_v2(_arch) else "caffe",
+    min_size=MIN_SIZE,
+    feature_layer="post_relu" if is_v2(_arch) else "conv5_block3_out",
+    stem_layers=("conv1_conv",),
   )

@@ -92,8 +92,8 @@ class VGG(nn.Module):
     classifier_activation: None for logits (what losses want), or "softmax".
     output_layer: stop at this layer and return its activation, e.g.
       "block3_pool" or "fc2": any layer can serve as a feature extractor.
-    return_layers: also return {name: activation} for these layers, as
-      `(output, activations)`.
+    return_layers: return {name: activation} for these layers instead,
+      stopping after the deepest.
     dtype: compute dtype; param_dtype: storage dtype of the parameters.
     conv_impl: how the 3x3 convs are computed: "auto" (per layer, see
       `flaxtl.ops.conv.conv_impl_for`), "direct", "im2col" or "winograd".
@@ -111,38 +111,31 @@ class VGG(nn.Module):
   conv_impl: str = "auto"
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: Any = False) -> Any:
     del train  # No dropout or batch norm; kept for the uniform API.
     self._check_config(x.shape)
-    acts: dict[str, jax.Array] = {}  # The requested return_layers.
-    x = x.astype(self.dtype)
+    taps = common.Taps(self.output_layer, self.return_layers)
+    return taps.run(lambda: self._forward(taps, x.astype(self.dtype)))
+
+  def _forward(self, taps: common.Taps, x: jax.Array) -> jax.Array:
     for b, (n, width) in enumerate(zip(BLOCKS[self.arch], WIDTHS), start=1):
       for i in range(1, n + 1):
         name = f"block{b}_conv{i}"
         conv = Conv3x3(
           width, self.dtype, self.param_dtype, self.conv_impl, name=name
         )
-        x = nn.relu(conv(x))
-        if self._emit(acts, name, x):
-          return self._out(x, acts)
-      x = conv_ops.max_pool_2x2(x)
-      if self._emit(acts, f"block{b}_pool", x):
-        return self._out(x, acts)
-
-    if self.include_top:
-      x = x.reshape(x.shape[0], -1)  # NHWC flatten == Keras' (h, w, c) order.
-      if self._emit(acts, "flatten", x):
-        return self._out(x, acts)
-      for name in ("fc1", "fc2"):
-        x = nn.relu(self._dense(TOP_UNITS, name)(x))
-        if self._emit(acts, name, x):
-          return self._out(x, acts)
-      x = self._dense(self.num_classes, "predictions")(x).astype(jnp.float32)
-      if self.classifier_activation == "softmax":
-        x = jax.nn.softmax(x)
-      self._emit(acts, "predictions", x)
-      return self._out(x, acts)
-    return self._out(common.global_pool(x, self.pooling), acts)
+        x = taps(name, nn.relu(conv(x)))
+      x = taps(f"block{b}_pool", conv_ops.max_pool_2x2(x))
+    if not self.include_top:
+      return common.global_pool(x, self.pooling)
+    # NHWC flatten == Keras' (h, w, c) order.
+    x = taps("flatten", x.reshape(x.shape[0], -1))
+    for name in ("fc1", "fc2"):
+      x = taps(name, nn.relu(self._dense(TOP_UNITS, name)(x)))
+    x = self._dense(self.num_classes, "predictions")(x).astype(jnp.float32)
+    if self.classifier_activation == "softmax":
+      x = jax.nn.softmax(x)
+    return taps("predictions", x)
 
   def _dense(self, units: int, name: str) -> nn.Dense:
     return nn.Dense(
@@ -153,22 +146,6 @@ class VGG(nn.Module):
       bias_init=bias_init,
       name=name,
     )
-
-  def _emit(self, acts: dict, name: str, x: jax.Array) -> bool:
-    """Records `x` if requested; True when it is the requested output."""
-    if name in self.return_layers:
-      acts[name] = x
-    return name == self.output_layer
-
-  def _out(self, x: jax.Array, acts: dict):
-    if not self.return_layers:
-      return x
-    missing = [n for n in self.return_layers if n not in acts]
-    if missing:
-      raise UserError(
-        f"return_layers {missing} are not computed before the output layer"
-      )
-    return x, acts
 
   def _check_config(self, shape: Sequence[int]) -> None:
     if self.arch not in BLOCKS:
@@ -228,10 +205,6 @@ for _arch in BLOCKS:
       feature_layer="block5_pool",
       classifier="predictions",
       stem_layers=("block1_conv1", "block1_conv2"),
-      options={
-        "conv_impl": "auto",
-        "classifier_activation": None,
-        "return_layers": (),
-      },
+      options={"conv_impl": "auto", "classifier_activation": None},
     )
   )

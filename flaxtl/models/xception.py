@@ -10,7 +10,7 @@ momentum 0.99, epsilon 1e-3. Input: `preprocess_input` mode 'tf' ([-1, 1]).
 
 from __future__ import annotations
 
-from flaxtl.models import keras_model, registry
+from flaxtl.models import keras_model
 
 ARCH = "xception"
 MIN_SIZE = 71
@@ -86,20 +86,12 @@ def Xception(**kwargs) -> keras_model.KerasApp:  # noqa: N802 (Keras' spelling)
   return keras_model.KerasApp(arch=ARCH, **kwargs)
 
 
-keras_model.define(ARCH, forward, MIN_SIZE)
-registry.register(
-  registry.Backbone(
-    arch=ARCH,
-    family="xception",
-    build=lambda **options: keras_model.KerasApp(arch=ARCH, **options),
-    layer_names=lambda include_top=True, pooling=None: keras_model.layer_names(
-      ARCH, include_top, pooling
-    ),
-    preprocess="tf",
-    min_size=MIN_SIZE,
-    feature_layer="block14_sepconv2_act",
-    classifier="predictions",
-    batch_stats=True,
-    stem_layers=("block1_conv1", "block1_conv2"),
-  )
+keras_model.register(
+  ARCH,
+  forward,
+  family="xception",
+  preprocess="tf",
+  min_size=MIN_SIZE,
+  feature_layer="block14_sepconv2_act",
+  stem_layers=("block1_conv1", "block1_conv2"),
 )
