@@ -7,8 +7,10 @@ import jax
 import numpy as np
 import pytest
 
+from configs import base
 from flaxtl import models, weights
 from flaxtl.models import efficientnet
+from flaxtl.train import run_spec, setup
 from flaxtl.weights import keras_file, sources
 from flaxtl.weights.mappings import efficientnet as mapping
 from tests import keras_oracle as oracle
@@ -222,6 +224,24 @@ def test_keras_imagenet_model_with_its_extra_rescaling(
   rel = oracle.rel_diff(got, want)
   record_property("max_rel_diff", float(rel))
   assert rel <= oracle.TOL
+
+  # freeze.first_layers=k is Keras' model.layers[:k] of this model (the
+  # rescaling layer counts) when the run's options come from the weights.
+  config = base.get_base()
+  config.model.arch, config.model.head = "efficientnetb0", "linear"
+  spec = run_spec.resolve(config, prov)
+  net = setup.build_model(config, 10, spec=spec)
+  params = setup.abstract_variables(net, SIZE, jax.random.PRNGKey(0))["params"]
+  # One layer off (the rescaling layer not counted) would freeze se_reduce.
+  k = names.index("block1a_se_reduce")
+  plan = setup.freeze_plan(config, params, k, log_matches=False, spec=spec)
+  trained = {
+    layer.name for layer in model.layers[:k] if layer.trainable_weights
+  }
+  assert {"stem_conv", "block1a_dwconv"} <= trained
+  assert {f"backbone/{n}" for n in trained} == {
+    p for p in plan.frozen_layers() if p.startswith("backbone/")
+  }
 
   archive = tmp_path / "imagenet.keras"
   model.save(archive)
