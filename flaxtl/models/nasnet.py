@@ -12,7 +12,7 @@ accepts). BatchNormalization: momentum 0.9997, epsilon 1e-3. Input:
 
 from __future__ import annotations
 
-from flaxtl.models import keras_model
+from flaxtl.models import checkpoints, keras_model
 from flaxtl.models.keras_model import correct_pad
 
 ARCH = "nasnet_mobile"
@@ -215,3 +215,20 @@ keras_model.register(
   min_size=MIN_SIZE,
   stem_layers=("stem_conv1",),
 )
+
+
+# Pretrained checkpoints: the official Keras files.
+# Official ImageNet files: (arch, include_top) -> (path under
+# https://storage.googleapis.com/tensorflow/keras-applications/, md5), from
+# keras/src/applications/py (Keras 3.15; get_file checks the md5).
+IMAGENET_FILES = {
+  ("nasnet_mobile", True): (
+    "nasnet/NASNet-mobile.h5",
+    "020fb642bf7360b370c678b08e0adf61",
+  ),
+  ("nasnet_mobile", False): (
+    "nasnet/NASNet-mobile-no-top.h5",
+    "1ed92395b5b598bdda52abe5c0dbfd63",
+  ),
+}
+checkpoints.register(*checkpoints.keras_imagenet(IMAGENET_FILES))

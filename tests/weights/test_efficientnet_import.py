@@ -254,20 +254,20 @@ def test_imagenet_file_table_matches_keras_sources(keras):
   """Names, paths and digests as keras/src/applications builds them."""
   kv1 = keras.src.applications.efficientnet
   kv2 = keras.src.applications.efficientnet_v2
-  files = mapping.IMAGENET_FILES
+  files = efficientnet.IMAGENET_FILES
   for arch in efficientnet.V1_ARCHS:
     top_md5, notop_md5 = kv1.WEIGHTS_HASHES[arch[-2:]]
-    base = mapping.IMAGENET_BASE_URLS[arch]
+    base = efficientnet.IMAGENET_BASE_URLS[arch]
     assert base == kv1.BASE_WEIGHTS_PATH != sources.KERAS_BASE_URL
     for top, suffix, md5 in ((True, "", top_md5), (False, "_notop", notop_md5)):
       rel, digest = files[(arch, top)]
       assert (rel, digest) == (f"{arch}{suffix}.h5", md5)
-    assert mapping.IMAGENET_OPTIONS[arch] == {"imagenet_rescaling": True}
+    assert efficientnet.IMAGENET_OPTIONS[arch] == {"imagenet_rescaling": True}
   for arch in efficientnet.V2_ARCHS:
     variant = arch.removeprefix("efficientnetv2")
     key = variant if variant.startswith("b") else "-" + variant
     top_md5, notop_md5 = kv2.WEIGHTS_HASHES[key]
-    assert arch not in mapping.IMAGENET_BASE_URLS
+    assert arch not in efficientnet.IMAGENET_BASE_URLS
     for top, suffix, md5 in ((True, "", top_md5), (False, "_notop", notop_md5)):
       rel, digest = files[(arch, top)]
       name = f"efficientnetv2-{variant}{suffix}.h5"
