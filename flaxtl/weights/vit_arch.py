@@ -15,6 +15,10 @@ from typing import Any
 BICUBIC_TORCH = (
   "bicubic (PyTorch F.interpolate, align_corners=False, antialias=False)"
 )
+# Hugging Face's Dinov2WithRegisters (and DINOv2's own register models).
+BICUBIC_TORCH_AA = (
+  "bicubic (PyTorch F.interpolate, align_corners=False, antialias=True)"
+)
 LINEAR_ZOOM = "linear zoom (big_vision/AugReg: scipy.ndimage.zoom order=1)"
 
 # timm's named sizes: (embed_dim, depth, num_heads) -> size.

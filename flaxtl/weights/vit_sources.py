@@ -31,7 +31,12 @@ from typing import Any
 import numpy as np
 
 from flaxtl.errors import UserError
-from flaxtl.weights.vit_arch import BICUBIC_TORCH, LINEAR_ZOOM, VitArch
+from flaxtl.weights.vit_arch import (
+  BICUBIC_TORCH,
+  BICUBIC_TORCH_AA,
+  LINEAR_ZOOM,
+  VitArch,
+)
 
 State = dict[str, np.ndarray]
 
@@ -197,6 +202,7 @@ def from_hf(
     out["cls_token"] = out["cls_token"] + pos[:, :1]
     out["pos_embed"] = pos[:, 1:]
     arch.no_embed_class = True
+    arch.posemb_resize = BICUBIC_TORCH_AA
   if cfg is not None:
     _check_hf_config(cfg, arch, family, src)
     arch.act = HF_ACTS.get(cfg.get("hidden_act", "gelu"), arch.act)
@@ -839,6 +845,7 @@ def _from_named_tensors(
 
 __all__ = [
   "BICUBIC_TORCH",
+  "BICUBIC_TORCH_AA",
   "LINEAR_ZOOM",
   "VitArch",
   "from_big_vision",
