@@ -47,7 +47,7 @@ def perturb(torch, model, seed: int = 0) -> None:
         p.copy_(0.5 + 0.2 * r)
       elif p.ndim == 1:
         p.copy_(0.1 * r)
-      elif p.shape[0] == 1 or p.ndim == 2 and "position" in name:
+      elif p.shape[0] == 1 or (p.ndim == 2 and "position" in name):
         p.copy_(0.5 * r)  # Tokens and position tables.
       else:
         p.copy_(r / np.sqrt(np.prod(p.shape[1:])))
@@ -82,7 +82,7 @@ def resize_pos(torch, pos, arch, img_size):
   HF's interpolate_pos_encoding and the exported ONNX Resize do."""
   n = 0 if arch.no_embed_class else int(arch.class_token) + int(arch.dist_token)
   prefix, grid = pos[:, :n], pos[:, n:]
-  old = int(round(grid.shape[1] ** 0.5))
+  old = round(grid.shape[1] ** 0.5)
   new = img_size // arch.patch_size
   grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2)
   grid = torch.nn.functional.interpolate(
@@ -103,15 +103,15 @@ def images(torch, size, n=2, seed=0):
 
 # --- Hugging Face directories -------------------------------------------------
 
-HF_SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2)
+HF_SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
-def hf_cases(T):
+def hf_cases(tf):
   """name -> (model class, config): one per family, tiny."""
   return {
     "vit": (
-      T.ViTForImageClassification,
-      T.ViTConfig(
+      tf.ViTForImageClassification,
+      tf.ViTConfig(
         **HF_SMALL,
         intermediate_size=128,
         image_size=32,
@@ -120,8 +120,8 @@ def hf_cases(T):
       ),
     ),
     "deit": (
-      T.DeiTForImageClassificationWithTeacher,
-      T.DeiTConfig(
+      tf.DeiTForImageClassificationWithTeacher,
+      tf.DeiTConfig(
         **HF_SMALL,
         intermediate_size=128,
         image_size=32,
@@ -130,12 +130,12 @@ def hf_cases(T):
       ),
     ),
     "dinov2": (
-      T.Dinov2Model,
-      T.Dinov2Config(**HF_SMALL, mlp_ratio=2, image_size=56, patch_size=14),
+      tf.Dinov2Model,
+      tf.Dinov2Config(**HF_SMALL, mlp_ratio=2, image_size=56, patch_size=14),
     ),
     "dinov2_reg": (
-      T.Dinov2WithRegistersModel,
-      T.Dinov2WithRegistersConfig(
+      tf.Dinov2WithRegistersModel,
+      tf.Dinov2WithRegistersConfig(
         **HF_SMALL,
         mlp_ratio=2,
         image_size=56,
@@ -144,8 +144,8 @@ def hf_cases(T):
       ),
     ),
     "clip": (
-      T.CLIPVisionModelWithProjection,
-      T.CLIPVisionConfig(
+      tf.CLIPVisionModelWithProjection,
+      tf.CLIPVisionConfig(
         **HF_SMALL,
         intermediate_size=128,
         image_size=32,
@@ -154,8 +154,8 @@ def hf_cases(T):
       ),
     ),
     "siglip": (
-      T.SiglipVisionModel,
-      T.SiglipVisionConfig(
+      tf.SiglipVisionModel,
+      tf.SiglipVisionConfig(
         **HF_SMALL, intermediate_size=128, image_size=32, patch_size=8
       ),
     ),
@@ -351,7 +351,13 @@ def to_big_vision(sd, heads, layout):
   return out
 
 
-SMALL_TIMM = dict(patch_size=8, embed_dim=64, depth=2, num_heads=2, img_size=32)
+SMALL_TIMM = {
+  "patch_size": 8,
+  "embed_dim": 64,
+  "depth": 2,
+  "num_heads": 2,
+  "img_size": 32,
+}
 
 
 @pytest.mark.parametrize(
@@ -404,11 +410,13 @@ def add_output(onnx, path, name):
 def test_onnx_export_of_hf_dinov2_matches_onnxruntime(
   torch, transformers, timm, tmp_path
 ):
-  onnx = pytest.importorskip("onnx")
+  pytest.importorskip("onnx")
   ort = pytest.importorskip("onnxruntime")
-  T = transformers
-  config = T.Dinov2Config(**HF_SMALL, mlp_ratio=2, image_size=56, patch_size=14)
-  model = T.Dinov2Model(config).eval()
+  tf = transformers
+  config = tf.Dinov2Config(
+    **HF_SMALL, mlp_ratio=2, image_size=56, patch_size=14
+  )
+  model = tf.Dinov2Model(config).eval()
   # Distinct values everywhere: the exporter merges equal initialisers.
   perturb(torch, model, seed=11)
   x = images(torch, 42, n=1)  # 3x3 patches from a 4x4 table: folded resize.
