@@ -78,8 +78,9 @@ def _array(path: Path, init) -> np.ndarray:
 
 def read_vit_tensors(
   path: str | Path,
-) -> tuple[dict[str, np.ndarray], list[str]]:
-  """(PyTorch-named state dict of the ViT inside the graph, notes)."""
+) -> tuple[dict[str, np.ndarray], list[str], int | None]:
+  """(PyTorch-named state dict of the ViT inside the graph, notes, the head
+  count the graph's attention reshape gives or None)."""
   path = Path(path)
   model = _load(path)
   graph = model.graph
@@ -152,7 +153,60 @@ def read_vit_tensors(
       f"position embedding recovered from the graph's folded constants "
       f"(1 + {pos.shape[1] - 1} tokens)"
     )
-  return tensors, notes
+  heads = _num_heads(graph, tensors, consumers)
+  if heads:
+    notes.append(f"num_heads={heads} read from the attention's reshape")
+  return tensors, notes, heads
+
+
+# Query biases: HF (legacy and transformers 5 names), timm's fused qkv.
+QUERY_BIASES = ("query.bias", "q_proj.bias", "qkv.bias")
+
+
+def _num_heads(graph, tensors, consumers) -> int | None:
+  """Heads = width / head_dim, the last entry of the shape the first query
+  projection is reshaped to ([B, T, H or -1, head_dim])."""
+  from onnx import numpy_helper
+
+  producer = {o: n for n in graph.node for o in n.output}
+  inits = {i.name: i for i in graph.initializer}
+
+  def constant(name: str) -> np.ndarray | None:
+    if name in inits:
+      return numpy_helper.to_array(inits[name])
+    node = producer.get(name)
+    if (
+      node is not None
+      and node.op_type == "Constant"
+      and node.attribute
+      and node.attribute[0].name == "value"
+    ):
+      return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+  for node in graph.node:
+    if node.op_type != "Add":
+      continue
+    bias = next((i for i in node.input if i.endswith(QUERY_BIASES)), None)
+    if bias is None or bias not in tensors:
+      continue
+    width = tensors[bias].shape[0] // (3 if bias.endswith("qkv.bias") else 1)
+    for c in consumers.get(node.output[0], []):
+      if c.op_type != "Reshape" or len(c.input) < 2:
+        continue
+      shape = constant(c.input[1])
+      if shape is None:
+        src = producer.get(c.input[1])
+        if src is None or src.op_type != "Concat" or not src.input:
+          continue
+        shape = constant(src.input[-1])
+      if shape is None or shape.size < 1:
+        continue
+      head_dim = int(np.asarray(shape).reshape(-1)[-1])
+      if head_dim > 0 and width % head_dim == 0:
+        return width // head_dim
+    return None
+  return None
 
 
 def _folded_pos_embed(path, graph, inits, consumers, anonymous):

@@ -791,8 +791,10 @@ def read(
     sd, arch = from_big_vision(npz_file.read(path), str(path))
     fmt = "big_vision_npz"
   elif path.suffix == ".onnx":
-    tensors, notes = onnx_file.read_vit_tensors(path)
-    sd, arch, dropped, fmt = _from_named_tensors(tensors, str(path), num_heads)
+    tensors, notes, heads = onnx_file.read_vit_tensors(path)
+    sd, arch, dropped, fmt = _from_named_tensors(
+      tensors, str(path), num_heads or heads
+    )
     fmt = "onnx_" + fmt
   elif path.suffix in (".pth", ".pt", ".bin", ".safetensors", ".ckpt"):
     tensors = torch_file.read(path).tensors
@@ -839,6 +841,10 @@ def _from_named_tensors(
     ) from None
   sd, arch, dropped = from_hf(tensors, None, src)
   if num_heads is not None:
+    if arch.embed_dim % num_heads:
+      raise UserError(
+        f"{src}: {num_heads} heads do not divide width {arch.embed_dim}"
+      )
     arch.num_heads, arch.heads_inferred = num_heads, False
   return sd, arch, dropped, "huggingface"
 

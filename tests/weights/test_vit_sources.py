@@ -177,15 +177,14 @@ def hf_dirs(torch, transformers, module_tmp):
 def hf_reference(torch, name, model, x, native):
   """The HF model's own outputs: {'tokens': ..., 'out': ...}."""
   with torch.no_grad():
+    kw = {} if native else {"interpolate_pos_encoding": True}
     if name in ("vit", "deit"):
-      kw = {} if native else {"interpolate_pos_encoding": True}
       r = model(x, output_hidden_states=True, **kw)
       base = model.vit if name == "vit" else model.deit
       tokens = base.layernorm(r.hidden_states[-1])
       return {"tokens": tokens, "out": r.logits}
     if name.startswith("dinov2"):
       return {"tokens": model(x).last_hidden_state}
-    kw = {} if native else {"interpolate_pos_encoding": True}
     if name == "clip":
       r = model(x, output_hidden_states=True, **kw)
       post = model.vision_model.post_layernorm
@@ -205,8 +204,7 @@ def test_hf_dir_matches_transformers(name, hf_dirs, torch, timm):
   assert arch["heads_inferred"] is False and arch["num_heads"] == 2
   assert arch["depth"] == 2 and arch["embed_dim"] == 64
   sizes = [arch["img_size"]]
-  if name != "deit":
-    sizes.append(arch["img_size"] - arch["patch_size"])  # Non-native grid.
+  sizes.append(arch["img_size"] - arch["patch_size"])  # Non-native grid.
   for size in sizes:
     x = images(torch, size)
     ref = hf_reference(torch, name, model, x, size == arch["img_size"])
@@ -218,6 +216,40 @@ def test_hf_dir_matches_transformers(name, hf_dirs, torch, timm):
       err = rel(got[key].numpy(), want.numpy())
       print(f"{name} {size}px {key}: {err:.2e}")
       assert err <= PARITY, (name, size, key, err)
+
+
+def test_oracle_sees_a_wrong_translation(hf_dirs, torch, timm):
+  """q and k swapped in one block: the same comparison fails loudly."""
+  path, model = hf_dirs["vit"]
+  sd, info = vit_sources.read(path)
+  q, k, v = np.split(sd["blocks.1.attn.qkv.weight"], 3)
+  sd["blocks.1.attn.qkv.weight"] = np.concatenate([k, q, v])
+  x = images(torch, 32)
+  with torch.no_grad():
+    got = timm_model(timm, torch, sd, info)(x).numpy()
+    want = model(x).logits.numpy()
+  assert rel(got, want) > 1e-3
+
+
+def test_hf_dir_with_pytorch_model_bin_and_v5_names(
+  hf_dirs, torch, timm, module_tmp
+):
+  """pytorch_model.bin holding transformers 5's module names
+  (`layers.N.attention.q_proj`) instead of the names on disk."""
+  src, model = hf_dirs["dinov2"]
+  d = module_tmp("hf_bin") / "dinov2"
+  d.mkdir()
+  shutil.copy(src / "config.json", d / "config.json")
+  state = model.state_dict()
+  assert any(".q_proj." in k for k in state)
+  torch.save(state, d / "pytorch_model.bin")
+  sd, info = vit_sources.read(d)
+  assert "embeddings.mask_token" in info["dropped"]
+  x = images(torch, 56)
+  with torch.no_grad():
+    got = timm_model(timm, torch, sd, info).forward_features(x).numpy()
+    want = model(x).last_hidden_state.numpy()
+  assert rel(got, want) <= PARITY
 
 
 def test_hf_config_disagreeing_with_weights_is_one_line(hf_dirs, module_tmp):
@@ -258,6 +290,31 @@ def test_torchvision_vit_matches_torchvision(
   with torch.no_grad():
     err = rel(timm_model(timm, torch, sd, info)(x).numpy(), model(x).numpy())
   print(f"torchvision logits: {err:.2e}")
+  assert err <= PARITY
+
+
+# --- timm ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "template",
+  ["deit_small_distilled_patch16_224", "vit_small_patch14_reg4_dinov2"],
+)
+def test_timm_file_keeps_keys_and_infers_arch(template, torch, timm, tmp_path):
+  from safetensors.torch import save_file
+
+  kw = dict(SMALL_TIMM, num_classes=4)
+  if "dinov2" in template:
+    kw.update(patch_size=14, img_size=28, num_classes=0)
+  ref = timm.create_model(template, pretrained=False, **kw).eval()
+  perturb(torch, ref, seed=5)
+  save_file(ref.state_dict(), str(tmp_path / "vit.safetensors"))
+  sd, info = vit_sources.read(tmp_path / "vit.safetensors", num_heads=2)
+  assert info["format"] == "timm"
+  assert info["arch"]["template"] == template
+  x = images(torch, kw["img_size"])
+  with torch.no_grad():
+    err = rel(timm_model(timm, torch, sd, info)(x).numpy(), ref(x).numpy())
   assert err <= PARITY
 
 
@@ -431,9 +488,10 @@ def test_onnx_export_of_hf_dinov2_matches_onnxruntime(
   )
   sd, info = vit_sources.read(tmp_path / "dinov2.onnx")
   assert info["format"] == "onnx_huggingface"
-  assert info["arch"]["img_size"] == 56 and info["arch"]["layer_scale"]
-  # No config in the file: 2 heads of 32 must be given.
-  sd, info = vit_sources.read(tmp_path / "dinov2.onnx", num_heads=2)
+  arch = info["arch"]
+  assert arch["img_size"] == 56 and arch["layer_scale"]
+  # 2 heads of 32 (not the usual 64): read from the graph's reshape.
+  assert arch["num_heads"] == 2 and not arch["heads_inferred"]
   sess = ort.InferenceSession(str(tmp_path / "dinov2.onnx"))
   want = sess.run(["tokens"], {"pixel_values": x.numpy()})[0]
   with torch.no_grad():
