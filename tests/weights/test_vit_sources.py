@@ -501,6 +501,37 @@ def test_onnx_export_of_hf_dinov2_matches_onnxruntime(
   assert err <= PARITY
 
 
+def test_onnx_export_of_timm_vit_is_its_state_dict(torch, timm, tmp_path):
+  """timm's own names survive export; only the linear weights are anonymous
+  and come back transposed, from their biases."""
+  ort = pytest.importorskip("onnxruntime")
+  ref = timm.create_model(
+    "vit_small_patch16_224", pretrained=False, **SMALL_TIMM, num_classes=5
+  ).eval()
+  perturb(torch, ref, seed=13)
+  x = images(torch, 32, n=1)
+  torch.onnx.export(
+    ref,
+    (x,),
+    tmp_path / "vit.onnx",
+    dynamo=False,
+    opset_version=14,
+    input_names=["x"],
+  )
+  sd, info = vit_sources.read(tmp_path / "vit.onnx")
+  assert info["format"] == "onnx_timm" and info["arch"]["num_heads"] == 2
+  want = ref.state_dict()
+  assert set(sd) == set(want)
+  for k, v in want.items():
+    np.testing.assert_array_equal(sd[k], v.numpy(), err_msg=k)
+  logits = ort.InferenceSession(str(tmp_path / "vit.onnx")).run(
+    None, {"x": x.numpy()}
+  )[0]
+  with torch.no_grad():
+    got = timm_model(timm, torch, sd, info)(x).numpy()
+  assert rel(got, logits) <= PARITY
+
+
 def test_onnx_that_is_not_a_vit_is_one_line(torch, tmp_path):
   pytest.importorskip("onnx")
   net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
