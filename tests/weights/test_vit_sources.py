@@ -252,14 +252,42 @@ def test_hf_dir_with_pytorch_model_bin_and_v5_names(
   assert rel(got, want) <= PARITY
 
 
-def test_hf_config_disagreeing_with_weights_is_one_line(hf_dirs, module_tmp):
-  src, _ = hf_dirs["dinov2"]
-  bad = module_tmp("hf_bad") / "dinov2"
+@pytest.mark.parametrize(
+  "name, key, value",
+  [
+    ("dinov2", "num_hidden_layers", 3),
+    ("vit", "hidden_size", 96),
+    ("vit", "image_size", 64),
+    ("clip", "intermediate_size", 256),
+    ("dinov2_reg", "num_register_tokens", 0),
+    ("siglip", "num_attention_heads", 3),
+    ("dinov2", "model_type", "resnet"),
+  ],
+)
+def test_hf_config_disagreeing_with_weights_is_one_line(
+  name, key, value, hf_dirs, module_tmp
+):
+  src, _ = hf_dirs[name]
+  bad = module_tmp("hf_bad") / name
   shutil.copytree(src, bad)
   config = json.loads((bad / "config.json").read_text())
-  config["num_hidden_layers"] = 3
+  config[key] = value
   (bad / "config.json").write_text(json.dumps(config))
-  with pytest.raises(UserError, match="num_hidden_layers=3") as e:
+  with pytest.raises(UserError, match=key) as e:
+    vit_sources.read(bad)
+  assert "\n" not in str(e.value)
+
+
+def test_hf_dir_without_weights_or_config_is_one_line(hf_dirs, module_tmp):
+  src, _ = hf_dirs["vit"]
+  bad = module_tmp("hf_empty")
+  with pytest.raises(UserError, match=r"config\.json"):
+    vit_sources.read(bad)
+  shutil.copy(src / "config.json", bad / "config.json")
+  with pytest.raises(UserError, match=r"model\.safetensors"):
+    vit_sources.read(bad)
+  (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+  with pytest.raises(UserError) as e:
     vit_sources.read(bad)
   assert "\n" not in str(e.value)
 
@@ -442,16 +470,28 @@ def test_big_vision_npz_matches_timm(template, layout, torch, timm, tmp_path):
   assert err <= PARITY
 
 
-def test_truncated_npz_is_one_line(torch, timm, tmp_path):
+def test_truncated_or_hostile_npz_is_one_line(torch, timm, tmp_path):
   ref = timm.create_model(
     "vit_small_patch16_224", pretrained=False, **SMALL_TIMM
   )
-  np.savez(tmp_path / "vit.npz", **to_big_vision(ref.state_dict(), 2, "augreg"))
+  arrays = to_big_vision(ref.state_dict(), 2, "augreg")
+  np.savez(tmp_path / "vit.npz", **arrays)
   data = (tmp_path / "vit.npz").read_bytes()
   (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
   with pytest.raises(UserError, match="truncated or corrupt") as e:
     vit_sources.read(tmp_path / "cut.npz")
   assert "\n" not in str(e.value)
+  # Object arrays would unpickle: refused before any is read.
+  np.savez(
+    tmp_path / "obj.npz", **arrays, meta=np.array([{"a": 1}], dtype=object)
+  )
+  with pytest.raises(UserError, match="Python objects"):
+    vit_sources.read(tmp_path / "obj.npz")
+  # A ViT .npz missing a block's array names it.
+  del arrays["Transformer/encoderblock_1/LayerNorm_2/scale"]
+  np.savez(tmp_path / "partial.npz", **arrays)
+  with pytest.raises(UserError, match="encoderblock_1/LayerNorm_2/scale"):
+    vit_sources.read(tmp_path / "partial.npz")
 
 
 # --- ONNX ---------------------------------------------------------------------
