@@ -41,6 +41,8 @@ def perturb(torch, model, seed: int = 0) -> None:
   with torch.no_grad():
     for name, p in model.named_parameters():
       r = torch.randn(p.shape, generator=g)
+      if p.ndim == 0:  # CLIP's logit_scale: not part of the image tower.
+        continue
       if p.ndim == 1 and ("norm" in name and name.endswith("weight")):
         p.copy_(1 + 0.2 * r)
       elif p.ndim == 1 and ("lambda" in name or "gamma" in name):
@@ -250,6 +252,39 @@ def test_hf_dir_with_pytorch_model_bin_and_v5_names(
     got = timm_model(timm, torch, sd, info).forward_features(x).numpy()
     want = model(x).last_hidden_state.numpy()
   assert rel(got, want) <= PARITY
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_hf_image_text_model_dir_gives_its_image_tower(
+  kind, torch, transformers, timm, module_tmp
+):
+  """A whole CLIPModel / SiglipModel directory: the text tower is dropped,
+  CLIP's visual_projection becomes the head."""
+  tf = transformers
+  vision = dict(HF_SMALL, intermediate_size=128, image_size=32, patch_size=8)
+  text = dict(HF_SMALL, intermediate_size=128, vocab_size=50)
+  if kind == "clip":
+    config = tf.CLIPConfig(
+      vision_config=vision, text_config=text, projection_dim=16
+    )
+    model = tf.CLIPModel(config).eval()
+  else:
+    config = tf.SiglipConfig(vision_config=vision, text_config=text)
+    model = tf.SiglipModel(config).eval()
+  perturb(torch, model, seed=17)
+  path = module_tmp(f"hf_{kind}_full") / kind
+  model.save_pretrained(path)
+  sd, info = vit_sources.read(path)
+  assert info["arch"]["family"] == kind
+  assert any(k.startswith("text_model.") for k in info["dropped"])
+  x = images(torch, 32)
+  with torch.no_grad():
+    pooled = model.vision_model(x).pooler_output
+    want = model.visual_projection(pooled) if kind == "clip" else pooled
+    got = timm_model(timm, torch, sd, info)(x)
+  err = rel(got.numpy(), want.numpy())
+  print(f"{kind} image-text dir image features: {err:.2e}")
+  assert err <= PARITY
 
 
 @pytest.mark.parametrize(
