@@ -69,13 +69,14 @@ def timm_model(timm, torch, sd, info, img_size=None):
   if img_size is not None and img_size != arch.img_size:
     sd["pos_embed"] = resize_pos(torch, sd["pos_embed"], arch, img_size)
     kw["img_size"] = img_size
-  model = timm.create_model(
-    arch.template,
-    pretrained=False,
-    norm_layer=functools.partial(torch.nn.LayerNorm, eps=arch.norm_eps),
-    **kw,
-  )
-  model.load_state_dict(sd, strict=True)
+  with torch.device("meta"):  # No random init: every tensor comes from sd.
+    model = timm.create_model(
+      arch.template,
+      pretrained=False,
+      norm_layer=functools.partial(torch.nn.LayerNorm, eps=arch.norm_eps),
+      **kw,
+    )
+  model.load_state_dict(sd, strict=True, assign=True)
   return model.eval()
 
 
