@@ -336,6 +336,25 @@ def _check_hf_config(cfg: dict, arch: VitArch, family: str, src: str) -> None:
       )
     if cfg.get("use_swiglu_ffn"):
       raise UserError(f"{src}: Dinov2 with use_swiglu_ffn is not supported")
+  rows = arch.num_classes
+  labels = cfg.get("id2label")
+  if (
+    rows and family == "clip" and cfg.get("projection_dim") not in (None, rows)
+  ):
+    raise UserError(
+      f"{src}: config.json says projection_dim={cfg['projection_dim']} but "
+      f"visual_projection has {rows} rows"
+    )
+  if (
+    rows
+    and family != "clip"
+    and isinstance(labels, dict)
+    and len(labels) != rows
+  ):
+    raise UserError(
+      f"{src}: config.json's id2label has {len(labels)} labels but the "
+      f"classifier has {rows} rows"
+    )
   heads = cfg.get("num_attention_heads")
   if heads is not None:
     if arch.embed_dim % heads:
@@ -345,9 +364,9 @@ def _check_hf_config(cfg: dict, arch: VitArch, family: str, src: str) -> None:
       )
     arch.num_heads, arch.heads_inferred = int(heads), False
   size = cfg.get("image_size")
-  if family == "dinov2":
-    arch.img_size = arch.img_size  # The stored grid, whatever config says.
-  elif size is not None and size != arch.img_size:
+  # HF's Dinov2 always resamples its table, whatever config.json says: the
+  # stored grid is the native size there.
+  if family != "dinov2" and size is not None and size != arch.img_size:
     raise UserError(
       f"{src}: config.json says image_size={size} but the position "
       f"embedding holds a {arch.img_size // arch.patch_size}-patch grid "
@@ -570,13 +589,12 @@ def from_big_vision(
   arch.act = "gelu_tanh" if family == "siglip" else "gelu"
   arch.norm_eps = 1e-6
   unused = sorted(
-    k[len(prefix) :]
-    for k in arrays
-    if k.startswith(prefix) and k not in used and k != prefix + "head/kernel"
+    k[len(prefix) :] for k in arrays if k.startswith(prefix) and k not in used
   )
-  arch_notes = [a for a in unused if not a.startswith("head/")]
-  if arch_notes:
-    raise UserError(f"{src}: unexpected array(s) {arch_notes[:3]}")
+  # An empty head (head/kernel of size 0) is the only array left unread.
+  unused = [k for k in unused if k not in ("head/kernel", "head/bias")]
+  if unused:
+    raise UserError(f"{src}: unexpected array(s) {unused[:3]}")
   return out, arch
 
 
@@ -693,7 +711,7 @@ def _infer_arch(
   return arch
 
 
-def expected_shapes(arch: VitArch, sd_keys: set[str]) -> dict[str, tuple]:
+def expected_shapes(arch: VitArch) -> dict[str, tuple]:
   """timm's shape of every key a state dict of `arch` may hold."""
   d, m, p = arch.embed_dim, arch.mlp_dim, arch.patch_size
   grid = (arch.img_size // p) ** 2
@@ -752,7 +770,7 @@ def expected_shapes(arch: VitArch, sd_keys: set[str]) -> dict[str, tuple]:
 
 
 def _check_shapes(sd: State, arch: VitArch, src: str) -> None:
-  shapes = expected_shapes(arch, set(sd))
+  shapes = expected_shapes(arch)
   for key, value in sd.items():
     if key not in shapes:
       raise UserError(f"{src}: unexpected key {key} for a ViT")

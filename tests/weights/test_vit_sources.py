@@ -298,6 +298,8 @@ def test_hf_image_text_model_dir_gives_its_image_tower(
     ("dinov2_reg", "num_register_tokens", 0),
     ("siglip", "num_attention_heads", 3),
     ("dinov2", "model_type", "resnet"),
+    ("vit", "id2label", {"0": "cat"}),
+    ("clip", "projection_dim", 8),
   ],
 )
 def test_hf_config_disagreeing_with_weights_is_one_line(
@@ -388,9 +390,9 @@ def test_timm_file_keeps_keys_and_infers_arch(template, torch, timm, tmp_path):
 def to_big_vision(sd, heads, layout):
   """A timm state dict in big_vision's arrays (the inverse of timm's
   `_load_weights`): 'augreg' (MultiHeadDotProductAttention_1, LayerNorm_2,
-  MlpBlock_3, posembed_input) or 'scanned' (big_vision's stacked
-  encoderblock, MHDPA_0 / LayerNorm_1 / MlpBlock_0, top-level pos_embedding,
-  params/ prefix)."""
+  MlpBlock_3, posembed_input), 'big_vision' (encoderblock_N with MHDPA_0 /
+  LayerNorm_1 / MlpBlock_0, top-level pos_embedding) or 'scanned' (those
+  stacked in one encoderblock, under a params/ prefix)."""
   a = {k: v.numpy().astype(np.float32) for k, v in sd.items()}
   d = a["patch_embed.proj.weight"].shape[0]
   hd = d // heads
@@ -438,7 +440,7 @@ def to_big_vision(sd, heads, layout):
       blk[f"MlpBlock_{mlp}/Dense_{r}/kernel"] = b[f"mlp.fc{r + 1}.weight"].T
       blk[f"MlpBlock_{mlp}/Dense_{r}/bias"] = b[f"mlp.fc{r + 1}.bias"]
     blocks.append(blk)
-  if layout == "augreg":
+  if layout != "scanned":
     for i, blk in enumerate(blocks):
       out.update(
         {f"Transformer/encoderblock_{i}/{k}": v for k, v in blk.items()}
@@ -485,6 +487,7 @@ SMALL_TIMM = {
   "template, layout",
   [
     ("vit_small_patch16_224", "augreg"),
+    ("vit_small_patch16_224", "big_vision"),
     ("vit_base_patch16_siglip_224", "scanned"),
   ],
 )
