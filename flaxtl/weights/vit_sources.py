@@ -124,11 +124,13 @@ def _hf_prefix(tensors: State) -> str:
 
 def _vision_config(config: dict) -> dict:
   """The vision tower's config of a ViT or of a CLIP / SigLIP model."""
-  if config.get("model_type") in ("clip", "siglip"):
-    return dict(
-      config.get("vision_config") or {}, model_type=config["model_type"]
-    )
-  return config
+  if config.get("model_type") not in ("clip", "siglip"):
+    return config
+  vision = dict(config.get("vision_config") or {})
+  vision["model_type"] = config["model_type"]
+  # The projection belongs to the whole model (vision_config's is a default).
+  vision["projection_dim"] = config.get("projection_dim")
+  return vision
 
 
 def _hf_family(config: dict | None, keys: set[str], src: str) -> str:
