@@ -58,6 +58,7 @@ class VitArch:
   no_embed_class: bool = False  # Prefix tokens get no position embedding.
   layer_scale: bool = False
   pre_norm: bool = False  # CLIP: a LayerNorm before the blocks.
+  fc_norm: bool = False  # A LayerNorm after pooling (timm's fc_norm).
   global_pool: str = "token"  # token, avg or map.
   act: str = "gelu"  # gelu, quick_gelu or gelu_tanh (timm's act names).
   norm_eps: float = 1e-6
@@ -114,6 +115,7 @@ class VitArch:
       "no_embed_class": self.no_embed_class,
       "init_values": 1e-5 if self.layer_scale else None,
       "pre_norm": self.pre_norm,
+      "fc_norm": self.fc_norm,
       "global_pool": self.global_pool,
       "act_layer": self.act,
       "qkv_bias": self.qkv_bias,

@@ -584,10 +584,11 @@ def from_big_vision(
       out[f"attn_pool.mlp.fc{r + 1}.bias"] = get(
         f"{hp}MlpBlock_0/Dense_{r}/bias"
       )
-  family = "siglip" if "cls_token" not in out else "vit"
+  family = "siglip" if "attn_pool.latent" in out else "vit"
   arch = _infer_arch(out, family, depth, src, num_heads=heads)
   arch.posemb_resize = LINEAR_ZOOM
-  # timm's choice: AugReg ViTs run exact GELU, big_vision SigLIPs tanh GELU.
+  # timm's choice: AugReg ViTs run exact GELU, big_vision SigLIPs tanh GELU
+  # (big_vision's own code uses flax's tanh-approximate nn.gelu throughout).
   arch.act = "gelu_tanh" if family == "siglip" else "gelu"
   arch.norm_eps = 1e-6
   unused = sorted(
@@ -702,6 +703,7 @@ def _infer_arch(
     no_embed_class=no_embed_class,
     layer_scale="blocks.0.ls1.gamma" in sd,
     pre_norm="norm_pre.weight" in sd,
+    fc_norm="fc_norm.weight" in sd,
     global_pool="map"
     if "attn_pool.latent" in sd
     else ("token" if cls else "avg"),
@@ -812,13 +814,13 @@ def read(
     fmt = "big_vision_npz"
   elif path.suffix == ".onnx":
     tensors, notes, heads = onnx_file.read_vit_tensors(path)
-    sd, arch, dropped, fmt = _from_named_tensors(
+    sd, arch, dropped, fmt = from_state_dict(
       tensors, str(path), num_heads or heads
     )
     fmt = "onnx_" + fmt
   elif path.suffix in (".pth", ".pt", ".bin", ".safetensors", ".ckpt"):
     tensors = torch_file.read(path).tensors
-    sd, arch, dropped, fmt = _from_named_tensors(tensors, str(path), num_heads)
+    sd, arch, dropped, fmt = from_state_dict(tensors, str(path), num_heads)
   elif not path.exists():
     raise UserError(f"{path}: no such file or directory")
   else:
@@ -842,10 +844,22 @@ def read(
   return sd, info
 
 
-def _from_named_tensors(
-  tensors: State, src: str, num_heads: int | None
+def is_vit_state_dict(tensors: State) -> bool:
+  """Whether a PyTorch state dict is a ViT this module translates."""
+  if is_torchvision(tensors) or is_timm(tensors):
+    return True
+  try:
+    _hf_prefix(tensors)
+  except UserError:
+    return False
+  return True
+
+
+def from_state_dict(
+  tensors: State, src: str = "weights", num_heads: int | None = None
 ) -> tuple[State, VitArch, list[str], str]:
-  """A flat state dict of any PyTorch naming -> (sd, arch, dropped, format)."""
+  """A flat state dict of any PyTorch naming (torchvision, timm, Hugging
+  Face without its config) -> (timm sd, arch, dropped keys, format)."""
   if is_torchvision(tensors):
     sd, arch = from_torchvision(tensors, src, num_heads)
     return sd, arch, [], "torchvision"
@@ -876,7 +890,9 @@ __all__ = [
   "VitArch",
   "from_big_vision",
   "from_hf",
+  "from_state_dict",
   "from_timm",
   "from_torchvision",
+  "is_vit_state_dict",
   "read",
 ]

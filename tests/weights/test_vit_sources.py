@@ -620,6 +620,19 @@ def test_onnx_that_is_not_a_vit_is_one_line(torch, tmp_path):
   with pytest.raises(UserError, match="not a ViT") as e:
     vit_sources.read(tmp_path / "cnn.onnx")
   assert "\n" not in str(e.value)
+  # Weights in an external data file are never followed.
+  onnx = pytest.importorskip("onnx")
+  model = onnx.load(str(tmp_path / "cnn.onnx"))
+  onnx.save(
+    model,
+    str(tmp_path / "ext.onnx"),
+    save_as_external_data=True,
+    size_threshold=0,
+    location="ext.data",
+  )
+  with pytest.raises(UserError, match="external data") as e:
+    vit_sources.read(tmp_path / "ext.onnx")
+  assert "\n" not in str(e.value)
   (tmp_path / "junk.onnx").write_bytes(b"\x08\x07garbage" * 10)
   with pytest.raises(UserError) as e:
     vit_sources.read(tmp_path / "junk.onnx")
