@@ -162,6 +162,16 @@ def hf_cases(tf):
         **HF_SMALL, intermediate_size=128, image_size=32, patch_size=8
       ),
     ),
+    "siglip_nohead": (
+      tf.SiglipVisionModel,
+      tf.SiglipVisionConfig(
+        **HF_SMALL,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+        vision_use_head=False,
+      ),
+    ),
   }
 
 
@@ -193,11 +203,14 @@ def hf_reference(torch, name, model, x, native):
       post = model.vision_model.post_layernorm
       return {"tokens": post(r.last_hidden_state), "out": r.image_embeds}
     r = model(x, **kw)
+    if r.pooler_output is None:  # No MAP head: tokens only.
+      return {"tokens": r.last_hidden_state}
     return {"tokens": r.last_hidden_state, "out": r.pooler_output}
 
 
 @pytest.mark.parametrize(
-  "name", ["vit", "deit", "dinov2", "dinov2_reg", "clip", "siglip"]
+  "name",
+  ["vit", "deit", "dinov2", "dinov2_reg", "clip", "siglip", "siglip_nohead"],
 )
 def test_hf_dir_matches_transformers(name, hf_dirs, torch, timm):
   path, model = hf_dirs[name]
