@@ -207,9 +207,18 @@ def from_hf(
     arch.posemb_resize = BICUBIC_TORCH_AA
   if cfg is not None:
     _check_hf_config(cfg, arch, family, src)
-    arch.act = HF_ACTS.get(cfg.get("hidden_act", "gelu"), arch.act)
+    act = cfg.get("hidden_act", "gelu")
+    if act not in HF_ACTS:
+      raise UserError(
+        f"{src}: config.json hidden_act={act!r} is not one of {sorted(HF_ACTS)}"
+      )
+    arch.act = HF_ACTS[act]
     arch.norm_eps = float(cfg.get("layer_norm_eps", arch.norm_eps))
-    arch.qkv_bias = bool(cfg.get("qkv_bias", True))
+    if "qkv_bias" in cfg and bool(cfg["qkv_bias"]) != arch.qkv_bias:
+      raise UserError(
+        f"{src}: config.json says qkv_bias={cfg['qkv_bias']} but the weights "
+        f"{'have' if arch.qkv_bias else 'lack'} q/k/v biases"
+      )
   else:
     arch.act = {"clip": "quick_gelu", "siglip": "gelu_tanh"}.get(family, "gelu")
     arch.norm_eps = {"vit": 1e-12, "deit": 1e-12, "clip": 1e-5}.get(

@@ -313,6 +313,8 @@ def test_hf_image_text_model_dir_gives_its_image_tower(
     ("dinov2", "model_type", "resnet"),
     ("vit", "id2label", {"0": "cat"}),
     ("clip", "projection_dim", 8),
+    ("vit", "qkv_bias", False),
+    ("siglip", "hidden_act", "relu"),
   ],
 )
 def test_hf_config_disagreeing_with_weights_is_one_line(
