@@ -164,12 +164,12 @@ def from_hf(
   prefix = _hf_prefix(tensors)
   # Heads (classifier, visual_projection) sit outside the tower's prefix;
   # anything else there (a decoder, a text tower) is dropped and recorded.
-  t, dropped = {}, []
+  t, origin, dropped = {}, {}, []
   for k, v in tensors.items():
     if k.startswith(prefix):
-      t[k[len(prefix) :]] = v
+      t[k[len(prefix) :]], origin[k[len(prefix) :]] = v, k
     elif _hf_top_key(k, "") is not None and k.split(".")[0] != "embeddings":
-      t[k] = v
+      t[k], origin[k] = v, k
     else:
       dropped.append(k)
   cfg = _vision_config(config) if config is not None else None
@@ -181,19 +181,31 @@ def from_hf(
     if m:
       n, tail, param = int(m.group(1)), m.group(2), m.group(3)
       if tail not in HF_BLOCK:
-        raise UserError(f"{src}: unexpected block key {prefix}{key}")
+        raise UserError(f"{src}: unexpected block key {origin[key]}")
       name = HF_BLOCK[tail]
       if param == "lambda1":
         param = "gamma"
       blocks.setdefault(n, {})[f"{name}.{param}"] = value
       continue
     if HF_DROPPED.match(key):
-      dropped.append(prefix + key)
+      dropped.append(origin[key])
       continue
     out_key = _hf_top_key(key, family)
     if out_key is None:
-      raise UserError(f"{src}: unexpected key {prefix}{key} for HF {family}")
+      raise UserError(f"{src}: unexpected key {origin[key]} for HF {family}")
+    if out_key in out:
+      raise UserError(f"{src}: {origin[key]} repeats {out_key}")
     out[out_key] = value
+  if (
+    "dist_token" in out
+    and "head.weight" in out
+    and "head_dist.weight" not in out
+  ):
+    # DeiTForImageClassification reads the class token alone; timm's
+    # distilled model averages two heads: keep the backbone only.
+    for k in ("head.weight", "head.bias"):
+      out.pop(k, None)
+    dropped += ["classifier.weight", "classifier.bias"]
   _fix_hf_embeddings(out, family)
   depth = _fuse_blocks(blocks, out, src)
   arch = _infer_arch(out, family, depth, src)
