@@ -351,6 +351,15 @@ def test_hf_dir_without_weights_or_config_is_one_line(hf_dirs, module_tmp):
   with pytest.raises(UserError) as e:
     vit_sources.read(bad)
   assert "\n" not in str(e.value)
+  # A shard index may not point outside the directory.
+  index = {"weight_map": {"a": "../../etc/passwd"}}
+  (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+  with pytest.raises(UserError, match="not a file name"):
+    vit_sources.read(bad)
+  (bad / "config.json").write_text("{not json")
+  with pytest.raises(UserError, match="not valid JSON") as e:
+    vit_sources.read(bad)
+  assert "\n" not in str(e.value)
 
 
 # --- torchvision --------------------------------------------------------------
