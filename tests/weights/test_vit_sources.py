@@ -652,6 +652,9 @@ def test_onnx_that_is_not_a_vit_is_one_line(torch, tmp_path):
   with pytest.raises(UserError, match="not a ViT") as e:
     vit_sources.read(tmp_path / "cnn.onnx")
   assert "\n" not in str(e.value)
+  torch.save(net.state_dict(), tmp_path / "cnn.pth")
+  with pytest.raises(UserError, match="not a ViT"):
+    vit_sources.read(tmp_path / "cnn.pth")
   # Weights in an external data file are never followed.
   onnx = pytest.importorskip("onnx")
   model = onnx.load(str(tmp_path / "cnn.onnx"))
