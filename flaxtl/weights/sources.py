@@ -16,6 +16,7 @@ or downloader, never shipped with flaxtl.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
