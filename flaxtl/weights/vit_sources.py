@@ -161,7 +161,29 @@ def from_hf(
   config: the parsed config.json (checked against the weights), or None
   (arch inferred from names and shapes: num_heads then assumes head dim 64).
   """
-  prefix = _hf_prefix(tensors)
+  t, origin, dropped = _hf_tower(tensors, _hf_prefix(tensors))
+  cfg = _vision_config(config) if config is not None else None
+  family = _hf_family(cfg, set(t), src)
+  out, blocks = _hf_rename(t, origin, family, src, dropped)
+  _drop_deit_class_head(out, dropped)
+  _fix_hf_embeddings(out, family)
+  depth = _fuse_blocks(blocks, out, src)
+  arch = _infer_arch(out, family, depth, src)
+  if family == "dinov2" and arch.reg_tokens:
+    _fold_register_class_pos(out, arch)
+  if cfg is not None:
+    _check_hf_config(cfg, arch, family, src)
+    _apply_hf_config(cfg, arch, src)
+  else:
+    _hf_defaults(arch, family)
+  return out, arch, dropped
+
+
+def _hf_tower(
+  tensors: State, prefix: str
+) -> tuple[State, dict[str, str], list[str]]:
+  """(the vision tower's keys without `prefix`, their original keys, the
+  keys dropped)."""
   # Heads (classifier, visual_projection) sit outside the tower's prefix;
   # anything else there (a decoder, a text tower) is dropped and recorded.
   t, origin, dropped = {}, {}, []
@@ -172,20 +194,21 @@ def from_hf(
       t[k], origin[k] = v, k
     else:
       dropped.append(k)
-  cfg = _vision_config(config) if config is not None else None
-  family = _hf_family(cfg, set(t), src)
+  return t, origin, dropped
+
+
+def _hf_rename(
+  t: State, origin: dict[str, str], family: str, src: str, dropped: list[str]
+) -> tuple[State, dict[int, dict[str, np.ndarray]]]:
+  """HF names -> timm's top-level keys and per-block (unfused) params;
+  appends the keys with no timm counterpart to `dropped`."""
   out: State = {}
   blocks: dict[int, dict[str, np.ndarray]] = {}
   for key, value in t.items():
     m = HF_BLOCK_RE.match(key) or HF_V5_BLOCK_RE.match(key)
     if m:
-      n, tail, param = int(m.group(1)), m.group(2), m.group(3)
-      if tail not in HF_BLOCK:
-        raise UserError(f"{src}: unexpected block key {origin[key]}")
-      name = HF_BLOCK[tail]
-      if param == "lambda1":
-        param = "gamma"
-      blocks.setdefault(n, {})[f"{name}.{param}"] = value
+      n, name = _hf_block_param(m, origin[key], src)
+      blocks.setdefault(n, {})[name] = value
       continue
     if HF_DROPPED.match(key):
       dropped.append(origin[key])
@@ -196,47 +219,62 @@ def from_hf(
     if out_key in out:
       raise UserError(f"{src}: {origin[key]} repeats {out_key}")
     out[out_key] = value
+  return out, blocks
+
+
+def _hf_block_param(m: re.Match, key: str, src: str) -> tuple[int, str]:
+  """(block index, timm's `name.param`) of a matched HF block key."""
+  n, tail, param = int(m.group(1)), m.group(2), m.group(3)
+  if tail not in HF_BLOCK:
+    raise UserError(f"{src}: unexpected block key {key}")
+  if param == "lambda1":
+    param = "gamma"
+  return n, f"{HF_BLOCK[tail]}.{param}"
+
+
+def _drop_deit_class_head(out: State, dropped: list[str]) -> None:
+  """DeiTForImageClassification reads the class token alone; timm's
+  distilled model averages two heads: keep the backbone only."""
   if (
     "dist_token" in out
     and "head.weight" in out
     and "head_dist.weight" not in out
   ):
-    # DeiTForImageClassification reads the class token alone; timm's
-    # distilled model averages two heads: keep the backbone only.
     for k in ("head.weight", "head.bias"):
       out.pop(k, None)
     dropped += ["classifier.weight", "classifier.bias"]
-  _fix_hf_embeddings(out, family)
-  depth = _fuse_blocks(blocks, out, src)
-  arch = _infer_arch(out, family, depth, src)
-  if family == "dinov2" and arch.reg_tokens:
-    # timm's DINOv2-with-registers has no position for prefix tokens: the
-    # class token's position is folded into the token (exact at any size).
-    pos = out["pos_embed"]
-    out["cls_token"] = out["cls_token"] + pos[:, :1]
-    out["pos_embed"] = pos[:, 1:]
-    arch.no_embed_class = True
-    arch.posemb_resize = BICUBIC_TORCH_AA
-  if cfg is not None:
-    _check_hf_config(cfg, arch, family, src)
-    act = cfg.get("hidden_act", "gelu")
-    if act not in HF_ACTS:
-      raise UserError(
-        f"{src}: config.json hidden_act={act!r} is not one of {sorted(HF_ACTS)}"
-      )
-    arch.act = HF_ACTS[act]
-    arch.norm_eps = float(cfg.get("layer_norm_eps", arch.norm_eps))
-    if "qkv_bias" in cfg and bool(cfg["qkv_bias"]) != arch.qkv_bias:
-      raise UserError(
-        f"{src}: config.json says qkv_bias={cfg['qkv_bias']} but the weights "
-        f"{'have' if arch.qkv_bias else 'lack'} q/k/v biases"
-      )
-  else:
-    arch.act = {"clip": "quick_gelu", "siglip": "gelu_tanh"}.get(family, "gelu")
-    arch.norm_eps = {"vit": 1e-12, "deit": 1e-12, "clip": 1e-5}.get(
-      family, 1e-6
+
+
+def _fold_register_class_pos(out: State, arch: VitArch) -> None:
+  """timm's DINOv2-with-registers has no position for prefix tokens: the
+  class token's position is folded into the token (exact at any size)."""
+  pos = out["pos_embed"]
+  out["cls_token"] = out["cls_token"] + pos[:, :1]
+  out["pos_embed"] = pos[:, 1:]
+  arch.no_embed_class = True
+  arch.posemb_resize = BICUBIC_TORCH_AA
+
+
+def _apply_hf_config(cfg: dict, arch: VitArch, src: str) -> None:
+  """Activation, norm eps and qkv bias from config.json."""
+  act = cfg.get("hidden_act", "gelu")
+  if act not in HF_ACTS:
+    raise UserError(
+      f"{src}: config.json hidden_act={act!r} is not one of {sorted(HF_ACTS)}"
     )
-  return out, arch, dropped
+  arch.act = HF_ACTS[act]
+  arch.norm_eps = float(cfg.get("layer_norm_eps", arch.norm_eps))
+  if "qkv_bias" in cfg and bool(cfg["qkv_bias"]) != arch.qkv_bias:
+    raise UserError(
+      f"{src}: config.json says qkv_bias={cfg['qkv_bias']} but the weights "
+      f"{'have' if arch.qkv_bias else 'lack'} q/k/v biases"
+    )
+
+
+def _hf_defaults(arch: VitArch, family: str) -> None:
+  """Each family's activation and norm eps when there is no config.json."""
+  arch.act = {"clip": "quick_gelu", "siglip": "gelu_tanh"}.get(family, "gelu")
+  arch.norm_eps = {"vit": 1e-12, "deit": 1e-12, "clip": 1e-5}.get(family, 1e-6)
 
 
 def _hf_top_key(key: str, family: str) -> str | None:
