@@ -373,6 +373,16 @@ def _fuse_blocks(
 
 def _check_hf_config(cfg: dict, arch: VitArch, family: str, src: str) -> None:
   """config.json against the weights: any disagreement is the user's file."""
+  _check_hf_sizes(cfg, arch, family, src)
+  if family == "dinov2":
+    _check_dinov2_mlp(cfg, arch, src)
+  _check_hf_head_rows(cfg, arch, family, src)
+  _apply_hf_heads(cfg, arch, src)
+  _check_hf_image_size(cfg, arch, family, src)
+
+
+def _check_hf_sizes(cfg: dict, arch: VitArch, family: str, src: str) -> None:
+  """Widths, depth, patch and register counts config.json states."""
   want = {
     "hidden_size": arch.embed_dim,
     "num_hidden_layers": arch.depth,
@@ -383,47 +393,64 @@ def _check_hf_config(cfg: dict, arch: VitArch, family: str, src: str) -> None:
   if "intermediate_size" in cfg and family != "dinov2":
     want["intermediate_size"] = arch.mlp_dim
   for key, got in want.items():
-    if key == "num_register_tokens" and key not in cfg:
-      continue
     if key in cfg and cfg[key] != got:
       raise UserError(
         f"{src}: config.json says {key}={cfg[key]} but the weights have {got}"
       )
-  if family == "dinov2" and "mlp_ratio" in cfg:
-    if round(cfg["mlp_ratio"] * arch.embed_dim) != arch.mlp_dim:
-      raise UserError(
-        f"{src}: config.json says mlp_ratio={cfg['mlp_ratio']} but the "
-        f"weights' MLP is {arch.mlp_dim} wide for {arch.embed_dim}"
-      )
-    if cfg.get("use_swiglu_ffn"):
-      raise UserError(f"{src}: Dinov2 with use_swiglu_ffn is not supported")
-  rows = arch.num_classes
-  labels = cfg.get("id2label")
-  if (
-    rows and family == "clip" and cfg.get("projection_dim") not in (None, rows)
-  ):
+
+
+def _check_dinov2_mlp(cfg: dict, arch: VitArch, src: str) -> None:
+  """Dinov2 states its MLP as a ratio (and may ask for SwiGLU)."""
+  if "mlp_ratio" not in cfg:
+    return
+  if round(cfg["mlp_ratio"] * arch.embed_dim) != arch.mlp_dim:
     raise UserError(
-      f"{src}: config.json says projection_dim={cfg['projection_dim']} but "
-      f"visual_projection has {rows} rows"
+      f"{src}: config.json says mlp_ratio={cfg['mlp_ratio']} but the "
+      f"weights' MLP is {arch.mlp_dim} wide for {arch.embed_dim}"
     )
-  if (
-    rows
-    and family != "clip"
-    and isinstance(labels, dict)
-    and len(labels) != rows
-  ):
+  if cfg.get("use_swiglu_ffn"):
+    raise UserError(f"{src}: Dinov2 with use_swiglu_ffn is not supported")
+
+
+def _check_hf_head_rows(
+  cfg: dict, arch: VitArch, family: str, src: str
+) -> None:
+  """CLIP's projection_dim or the id2label count against the head's rows."""
+  rows = arch.num_classes
+  if not rows:
+    return
+  if family == "clip":
+    if cfg.get("projection_dim") not in (None, rows):
+      raise UserError(
+        f"{src}: config.json says projection_dim={cfg['projection_dim']} but "
+        f"visual_projection has {rows} rows"
+      )
+    return
+  labels = cfg.get("id2label")
+  if isinstance(labels, dict) and len(labels) != rows:
     raise UserError(
       f"{src}: config.json's id2label has {len(labels)} labels but the "
       f"classifier has {rows} rows"
     )
+
+
+def _apply_hf_heads(cfg: dict, arch: VitArch, src: str) -> None:
+  """num_attention_heads, when stated, replaces the inferred head count."""
   heads = cfg.get("num_attention_heads")
-  if heads is not None:
-    if arch.embed_dim % heads:
-      raise UserError(
-        f"{src}: config.json num_attention_heads={heads} does not divide "
-        f"hidden_size {arch.embed_dim}"
-      )
-    arch.num_heads, arch.heads_inferred = int(heads), False
+  if heads is None:
+    return
+  if arch.embed_dim % heads:
+    raise UserError(
+      f"{src}: config.json num_attention_heads={heads} does not divide "
+      f"hidden_size {arch.embed_dim}"
+    )
+  arch.num_heads, arch.heads_inferred = int(heads), False
+
+
+def _check_hf_image_size(
+  cfg: dict, arch: VitArch, family: str, src: str
+) -> None:
+  """image_size against the stored position grid."""
   size = cfg.get("image_size")
   # HF's Dinov2 always resamples its table, whatever config.json says: the
   # stored grid is the native size there.
