@@ -558,118 +558,16 @@ def from_big_vision(
   )
   if prefix is None:
     raise UserError(f"{src}: no embedding/kernel: not a big_vision ViT .npz")
-  used: set[str] = set()
-
-  def get(name: str, idx: int | None = None) -> np.ndarray:
-    key = prefix + name
-    if key not in arrays:
-      raise UserError(f"{src}: missing array {key}")
-    used.add(key)
-    a = np.asarray(arrays[key])
-    return a[idx] if idx is not None else a
-
-  big_vision = (
-    prefix.startswith("params/")
-    or f"{prefix}pos_embedding" in arrays
-    or f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in arrays
-  )
-  scanned = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in arrays
-  out: State = {}
-  k = get("embedding/kernel")
-  if k.ndim != 4:
-    raise UserError(f"{src}: embedding/kernel has shape {k.shape}, want HWIO")
-  out["patch_embed.proj.weight"] = k.transpose(3, 2, 0, 1)
-  out["patch_embed.proj.bias"] = get("embedding/bias")
-  if prefix + "cls" in arrays:
-    out["cls_token"] = get("cls")
-  pos = get(
-    "pos_embedding"
-    if big_vision
-    else "Transformer/posembed_input/pos_embedding"
-  )
-  out["pos_embed"] = pos if pos.ndim == 3 else pos[None]
-  out["norm.weight"] = get("Transformer/encoder_norm/scale")
-  out["norm.bias"] = get("Transformer/encoder_norm/bias")
-  if prefix + "head/kernel" in arrays and get("head/kernel").size:
-    out["head.weight"] = get("head/kernel").T
-    out["head.bias"] = get("head/bias")
-  if prefix + "pre_logits/kernel" in arrays:
-    raise UserError(
-      f"{src}: pre_logits (a representation layer) has no timm counterpart"
-    )
-  mha, mlp, ln2 = (0, 0, 1) if big_vision else (1, 3, 2)
-  if scanned:
-    depth = get("Transformer/encoderblock/LayerNorm_0/scale").shape[0]
-  else:
-    depth = 0
-    while (
-      f"{prefix}Transformer/encoderblock_{depth}/LayerNorm_0/scale" in arrays
-    ):
-      depth += 1
-  if not depth:
-    raise UserError(f"{src}: no Transformer/encoderblock_N arrays")
+  r = _NpzReader(arrays, prefix, src)
+  scanned = r.has("Transformer/encoderblock/LayerNorm_0/scale")
+  big_vision = prefix.startswith("params/") or r.has("pos_embedding") or scanned
+  out = _bv_embeddings(r, big_vision)
+  depth = _bv_depth(r, scanned)
   heads = None
   for i in range(depth):
-    bp, idx = (
-      ("Transformer/encoderblock/", i)
-      if scanned
-      else (f"Transformer/encoderblock_{i}/", None)
-    )
-    ap = f"{bp}MultiHeadDotProductAttention_{mha}/"
-    o = f"blocks.{i}."
-    out[o + "norm1.weight"] = get(bp + "LayerNorm_0/scale", idx)
-    out[o + "norm1.bias"] = get(bp + "LayerNorm_0/bias", idx)
-    qkv = [get(f"{ap}{n}/kernel", idx) for n in ("query", "key", "value")]
-    if qkv[0].ndim != 3:
-      raise UserError(
-        f"{src}: {ap}query/kernel has shape {qkv[0].shape}, expected "
-        "(D, heads, head_dim)"
-      )
-    heads = qkv[0].shape[1]
-    out[o + "attn.qkv.weight"] = np.concatenate(
-      [w.reshape(w.shape[0], -1).T for w in qkv]
-    )
-    out[o + "attn.qkv.bias"] = np.concatenate(
-      [get(f"{ap}{n}/bias", idx).reshape(-1) for n in ("query", "key", "value")]
-    )
-    w = get(f"{ap}out/kernel", idx)  # (heads, head_dim, D).
-    out[o + "attn.proj.weight"] = w.reshape(-1, w.shape[-1]).T
-    out[o + "attn.proj.bias"] = get(f"{ap}out/bias", idx)
-    out[o + "norm2.weight"] = get(f"{bp}LayerNorm_{ln2}/scale", idx)
-    out[o + "norm2.bias"] = get(f"{bp}LayerNorm_{ln2}/bias", idx)
-    for r in range(2):
-      out[o + f"mlp.fc{r + 1}.weight"] = get(
-        f"{bp}MlpBlock_{mlp}/Dense_{r}/kernel", idx
-      ).T
-      out[o + f"mlp.fc{r + 1}.bias"] = get(
-        f"{bp}MlpBlock_{mlp}/Dense_{r}/bias", idx
-      )
-  if prefix + "MAPHead_0/probe" in arrays:
-    hp = "MAPHead_0/"
-    ap = hp + "MultiHeadDotProductAttention_0/"
-    out["attn_pool.latent"] = get(hp + "probe")
-    q = get(ap + "query/kernel")
-    out["attn_pool.q.weight"] = q.reshape(q.shape[0], -1).T
-    out["attn_pool.q.bias"] = get(ap + "query/bias").reshape(-1)
-    kv = [get(f"{ap}{n}/kernel") for n in ("key", "value")]
-    out["attn_pool.kv.weight"] = np.concatenate(
-      [w.reshape(w.shape[0], -1).T for w in kv]
-    )
-    out["attn_pool.kv.bias"] = np.concatenate(
-      [get(f"{ap}{n}/bias").reshape(-1) for n in ("key", "value")]
-    )
-    w = get(ap + "out/kernel")
-    out["attn_pool.proj.weight"] = w.reshape(-1, w.shape[-1]).T
-    out["attn_pool.proj.bias"] = get(ap + "out/bias")
-    out["attn_pool.norm.weight"] = get(hp + "LayerNorm_0/scale")
-    out["attn_pool.norm.bias"] = get(hp + "LayerNorm_0/bias")
-    for r in range(2):
-      out[f"attn_pool.mlp.fc{r + 1}.weight"] = get(
-        f"{hp}MlpBlock_0/Dense_{r}/kernel"
-      ).T
-      out[f"attn_pool.mlp.fc{r + 1}.bias"] = get(
-        f"{hp}MlpBlock_0/Dense_{r}/bias"
-      )
+    heads = _bv_block(r, out, i, scanned, big_vision)
+  if r.has("MAPHead_0/probe"):
+    _bv_map_head(r, out)
   family = "siglip" if "attn_pool.latent" in out else "vit"
   arch = _infer_arch(out, family, depth, src, num_heads=heads)
   arch.posemb_resize = LINEAR_ZOOM
@@ -677,14 +575,151 @@ def from_big_vision(
   # (big_vision's own code uses flax's tanh-approximate nn.gelu throughout).
   arch.act = "gelu_tanh" if family == "siglip" else "gelu"
   arch.norm_eps = 1e-6
-  unused = sorted(
-    k[len(prefix) :] for k in arrays if k.startswith(prefix) and k not in used
-  )
   # An empty head (head/kernel of size 0) is the only array left unread.
-  unused = [k for k in unused if k not in ("head/kernel", "head/bias")]
+  unused = [k for k in r.unused() if k not in ("head/kernel", "head/bias")]
   if unused:
     raise UserError(f"{src}: unexpected array(s) {unused[:3]}")
   return out, arch
+
+
+class _NpzReader:
+  """The arrays under one prefix of a .npz, recording which were read."""
+
+  def __init__(self, arrays: dict[str, Any], prefix: str, src: str):
+    self.arrays, self.prefix, self.src = arrays, prefix, src
+    self.used: set[str] = set()
+
+  def has(self, name: str) -> bool:
+    return self.prefix + name in self.arrays
+
+  def get(self, name: str, idx: int | None = None) -> np.ndarray:
+    key = self.prefix + name
+    if key not in self.arrays:
+      raise UserError(f"{self.src}: missing array {key}")
+    self.used.add(key)
+    a = np.asarray(self.arrays[key])
+    return a[idx] if idx is not None else a
+
+  def unused(self) -> list[str]:
+    """The names under the prefix never read, sorted."""
+    p = self.prefix
+    return sorted(
+      k[len(p) :] for k in self.arrays if k.startswith(p) and k not in self.used
+    )
+
+
+def _bv_embeddings(r: _NpzReader, big_vision: bool) -> State:
+  """Patch embedding, class token, positions, final norm and head."""
+  out: State = {}
+  k = r.get("embedding/kernel")
+  if k.ndim != 4:
+    raise UserError(f"{r.src}: embedding/kernel has shape {k.shape}, want HWIO")
+  out["patch_embed.proj.weight"] = k.transpose(3, 2, 0, 1)
+  out["patch_embed.proj.bias"] = r.get("embedding/bias")
+  if r.has("cls"):
+    out["cls_token"] = r.get("cls")
+  pos = r.get(
+    "pos_embedding"
+    if big_vision
+    else "Transformer/posembed_input/pos_embedding"
+  )
+  out["pos_embed"] = pos if pos.ndim == 3 else pos[None]
+  _bv_norm(r, out, "norm", "Transformer/encoder_norm/")
+  if r.has("head/kernel") and r.get("head/kernel").size:
+    out["head.weight"] = r.get("head/kernel").T
+    out["head.bias"] = r.get("head/bias")
+  if r.has("pre_logits/kernel"):
+    raise UserError(
+      f"{r.src}: pre_logits (a representation layer) has no timm counterpart"
+    )
+  return out
+
+
+def _bv_depth(r: _NpzReader, scanned: bool) -> int:
+  """Stacked blocks' leading axis, else the count of encoderblock_N."""
+  if scanned:
+    depth = r.get("Transformer/encoderblock/LayerNorm_0/scale").shape[0]
+  else:
+    depth = 0
+    while r.has(f"Transformer/encoderblock_{depth}/LayerNorm_0/scale"):
+      depth += 1
+  if not depth:
+    raise UserError(f"{r.src}: no Transformer/encoderblock_N arrays")
+  return depth
+
+
+def _bv_block(
+  r: _NpzReader, out: State, i: int, scanned: bool, big_vision: bool
+) -> int:
+  """Block i -> timm's blocks.i.*; returns its head count."""
+  mha, mlp, ln2 = (0, 0, 1) if big_vision else (1, 3, 2)
+  bp, idx = (
+    ("Transformer/encoderblock/", i)
+    if scanned
+    else (f"Transformer/encoderblock_{i}/", None)
+  )
+  ap = f"{bp}MultiHeadDotProductAttention_{mha}/"
+  o = f"blocks.{i}."
+  _bv_norm(r, out, o + "norm1", bp + "LayerNorm_0/", idx)
+  qkv = [r.get(f"{ap}{n}/kernel", idx) for n in ("query", "key", "value")]
+  if qkv[0].ndim != 3:
+    raise UserError(
+      f"{r.src}: {ap}query/kernel has shape {qkv[0].shape}, expected "
+      "(D, heads, head_dim)"
+    )
+  out[o + "attn.qkv.weight"] = np.concatenate([_heads_in(w) for w in qkv])
+  out[o + "attn.qkv.bias"] = np.concatenate(
+    [r.get(f"{ap}{n}/bias", idx).reshape(-1) for n in ("query", "key", "value")]
+  )
+  _bv_out_proj(r, out, o + "attn.proj", ap, idx)
+  _bv_norm(r, out, o + "norm2", f"{bp}LayerNorm_{ln2}/", idx)
+  _bv_mlp(r, out, o + "mlp", f"{bp}MlpBlock_{mlp}/", idx)
+  return qkv[0].shape[1]
+
+
+def _bv_map_head(r: _NpzReader, out: State) -> None:
+  """SigLIP's MAP head (MAPHead_0) -> timm's attn_pool.*."""
+  hp = "MAPHead_0/"
+  ap = hp + "MultiHeadDotProductAttention_0/"
+  out["attn_pool.latent"] = r.get(hp + "probe")
+  out["attn_pool.q.weight"] = _heads_in(r.get(ap + "query/kernel"))
+  out["attn_pool.q.bias"] = r.get(ap + "query/bias").reshape(-1)
+  kv = [r.get(f"{ap}{n}/kernel") for n in ("key", "value")]
+  out["attn_pool.kv.weight"] = np.concatenate([_heads_in(w) for w in kv])
+  out["attn_pool.kv.bias"] = np.concatenate(
+    [r.get(f"{ap}{n}/bias").reshape(-1) for n in ("key", "value")]
+  )
+  _bv_out_proj(r, out, "attn_pool.proj", ap)
+  _bv_norm(r, out, "attn_pool.norm", hp + "LayerNorm_0/")
+  _bv_mlp(r, out, "attn_pool.mlp", hp + "MlpBlock_0/")
+
+
+def _heads_in(w: np.ndarray) -> np.ndarray:
+  """An attention input kernel (D, heads, head_dim) -> (out, in)."""
+  return w.reshape(w.shape[0], -1).T
+
+
+def _bv_norm(
+  r: _NpzReader, out: State, to: str, ln: str, idx: int | None = None
+) -> None:
+  out[to + ".weight"] = r.get(ln + "scale", idx)
+  out[to + ".bias"] = r.get(ln + "bias", idx)
+
+
+def _bv_out_proj(
+  r: _NpzReader, out: State, to: str, ap: str, idx: int | None = None
+) -> None:
+  w = r.get(f"{ap}out/kernel", idx)  # (heads, head_dim, D).
+  out[to + ".weight"] = w.reshape(-1, w.shape[-1]).T
+  out[to + ".bias"] = r.get(f"{ap}out/bias", idx)
+
+
+def _bv_mlp(
+  r: _NpzReader, out: State, to: str, mp: str, idx: int | None = None
+) -> None:
+  for n in range(2):
+    out[f"{to}.fc{n + 1}.weight"] = r.get(f"{mp}Dense_{n}/kernel", idx).T
+    out[f"{to}.fc{n + 1}.bias"] = r.get(f"{mp}Dense_{n}/bias", idx)
 
 
 # --- timm ---------------------------------------------------------------------
