@@ -89,38 +89,72 @@ def read_vit_tensors(
   for node in graph.node:
     for name in node.input:
       consumers.setdefault(name, []).append(node)
-
-  def anonymous(name: str) -> bool:
-    return name.startswith(("onnx::", "_v_")) or "/" in name
-
-  tensors: dict[str, np.ndarray] = {}
+  tensors: dict[str, np.ndarray] = {
+    name: _array(path, init)
+    for name, init in inits.items()
+    if not _anonymous(name)
+  }
   notes: list[str] = []
-  for name, init in inits.items():
-    if not anonymous(name):
-      tensors[name] = _array(path, init)
-  shared = sorted(
+  named = _name_matmul_weights(path, graph, inits, tensors, consumers)
+  if named:
+    notes.append(f"{named} anonymous MatMul weights named from their biases")
+  pos = _folded_pos_embed(path, graph, inits, consumers, _anonymous)
+  if pos is not None and not any(
+    k.endswith("position_embeddings") for k in tensors
+  ):
+    key = _embeddings_prefix(tensors) + "embeddings.position_embeddings"
+    tensors[key] = pos
+    notes.append(
+      f"position embedding recovered from the graph's folded constants "
+      f"(1 + {pos.shape[1] - 1} tokens)"
+    )
+  heads = _num_heads(graph, tensors, consumers)
+  if heads:
+    notes.append(f"num_heads={heads} read from the attention's reshape")
+  return tensors, notes, heads
+
+
+def _anonymous(name: str) -> bool:
+  """An initialiser the exporter named itself (no parameter name)."""
+  return name.startswith(("onnx::", "_v_")) or "/" in name
+
+
+def _embeddings_prefix(tensors: dict[str, np.ndarray]) -> str:
+  """What precedes `embeddings.cls_token` (HF's module path), or ''."""
+  return next(
+    (
+      k[: -len("embeddings.cls_token")]
+      for k in tensors
+      if k.endswith("embeddings.cls_token")
+    ),
+    "",
+  )
+
+
+def _shared_biases(tensors, consumers) -> list[str]:
+  """Biases several Adds read (the exporter merged equal initialisers)."""
+  return sorted(
     n
     for n in tensors
     if n.endswith(".bias")
     and len({c.op_type for c in consumers.get(n, [])}) == 1
     and sum(c.op_type == "Add" for c in consumers.get(n, [])) > 1
   )
-  # Linear weights: MatMul(x, W) -> Add(., named bias).
+
+
+def _name_matmul_weights(path, graph, inits, tensors, consumers) -> int:
+  """Linear weights: MatMul(x, W) -> Add(., named bias). Adds each W to
+  `tensors` under its bias's name (transposed to (out, in)); returns how
+  many."""
+  shared = _shared_biases(tensors, consumers)
   named = 0
   for node in graph.node:
     if node.op_type != "MatMul":
       continue
-    w = next((i for i in node.input if i in inits and anonymous(i)), None)
+    w = next((i for i in node.input if i in inits and _anonymous(i)), None)
     if w is None:
       continue
-    bias = None
-    for add in consumers.get(node.output[0], []):
-      if add.op_type == "Add":
-        bias = next(
-          (i for i in add.input if i in tensors and i.endswith(".bias")), None
-        )
-        if bias:
-          break
+    bias = _added_bias(node, tensors, consumers)
     if bias is None:
       continue
     if bias in shared:
@@ -134,29 +168,19 @@ def read_vit_tensors(
       raise UserError(f"{path}: {w} (for {key}) has shape {a.shape}")
     tensors[key] = a.T
     named += 1
-  if named:
-    notes.append(f"{named} anonymous MatMul weights named from their biases")
-  pos = _folded_pos_embed(path, graph, inits, consumers, anonymous)
-  if pos is not None and not any(
-    k.endswith("position_embeddings") for k in tensors
-  ):
-    prefix = next(
-      (
-        k[: -len("embeddings.cls_token")]
-        for k in tensors
-        if k.endswith("embeddings.cls_token")
-      ),
-      "",
-    )
-    tensors[prefix + "embeddings.position_embeddings"] = pos
-    notes.append(
-      f"position embedding recovered from the graph's folded constants "
-      f"(1 + {pos.shape[1] - 1} tokens)"
-    )
-  heads = _num_heads(graph, tensors, consumers)
-  if heads:
-    notes.append(f"num_heads={heads} read from the attention's reshape")
-  return tensors, notes, heads
+  return named
+
+
+def _added_bias(matmul, tensors, consumers) -> str | None:
+  """The named bias the first Add after `matmul` reads, or None."""
+  for add in consumers.get(matmul.output[0], []):
+    if add.op_type == "Add":
+      bias = next(
+        (i for i in add.input if i in tensors and i.endswith(".bias")), None
+      )
+      if bias:
+        return bias
+  return None
 
 
 # Query biases: HF (legacy and transformers 5 names), timm's fused qkv.
@@ -166,15 +190,35 @@ QUERY_BIASES = ("query.bias", "q_proj.bias", "qkv.bias")
 def _num_heads(graph, tensors, consumers) -> int | None:
   """Heads = width / head_dim, the last entry of the shape the first query
   projection is reshaped to ([B, T, H or -1, head_dim])."""
-  from onnx import numpy_helper
+  constants = _Constants(graph)
+  for node in graph.node:
+    if node.op_type != "Add":
+      continue
+    bias = next((i for i in node.input if i.endswith(QUERY_BIASES)), None)
+    if bias is None or bias not in tensors:
+      continue
+    width = tensors[bias].shape[0] // (3 if bias.endswith("qkv.bias") else 1)
+    for c in consumers.get(node.output[0], []):
+      head_dim = _reshape_head_dim(c, constants)
+      if head_dim is not None and head_dim > 0 and width % head_dim == 0:
+        return width // head_dim
+    return None
+  return None
 
-  producer = {o: n for n in graph.node for o in n.output}
-  inits = {i.name: i for i in graph.initializer}
 
-  def constant(name: str) -> np.ndarray | None:
-    if name in inits:
-      return numpy_helper.to_array(inits[name])
-    node = producer.get(name)
+class _Constants:
+  """A graph's constant values: initialisers and Constant nodes' outputs."""
+
+  def __init__(self, graph):
+    self.producer = {o: n for n in graph.node for o in n.output}
+    self.inits = {i.name: i for i in graph.initializer}
+
+  def __call__(self, name: str) -> np.ndarray | None:
+    from onnx import numpy_helper
+
+    if name in self.inits:
+      return numpy_helper.to_array(self.inits[name])
+    node = self.producer.get(name)
     if (
       node is not None
       and node.op_type == "Constant"
@@ -184,29 +228,21 @@ def _num_heads(graph, tensors, consumers) -> int | None:
       return numpy_helper.to_array(node.attribute[0].t)
     return None
 
-  for node in graph.node:
-    if node.op_type != "Add":
-      continue
-    bias = next((i for i in node.input if i.endswith(QUERY_BIASES)), None)
-    if bias is None or bias not in tensors:
-      continue
-    width = tensors[bias].shape[0] // (3 if bias.endswith("qkv.bias") else 1)
-    for c in consumers.get(node.output[0], []):
-      if c.op_type != "Reshape" or len(c.input) < 2:
-        continue
-      shape = constant(c.input[1])
-      if shape is None:
-        src = producer.get(c.input[1])
-        if src is None or src.op_type != "Concat" or not src.input:
-          continue
-        shape = constant(src.input[-1])
-      if shape is None or shape.size < 1:
-        continue
-      head_dim = int(np.asarray(shape).reshape(-1)[-1])
-      if head_dim > 0 and width % head_dim == 0:
-        return width // head_dim
+
+def _reshape_head_dim(node, constants: _Constants) -> int | None:
+  """The last entry of the constant shape a Reshape node is given (directly
+  or as a Concat's last part), or None."""
+  if node.op_type != "Reshape" or len(node.input) < 2:
     return None
-  return None
+  shape = constants(node.input[1])
+  if shape is None:
+    src = constants.producer.get(node.input[1])
+    if src is None or src.op_type != "Concat" or not src.input:
+      return None
+    shape = constants(src.input[-1])
+  if shape is None or shape.size < 1:
+    return None
+  return int(np.asarray(shape).reshape(-1)[-1])
 
 
 def _folded_pos_embed(path, graph, inits, consumers, anonymous):

@@ -161,7 +161,29 @@ def from_hf(
   config: the parsed config.json (checked against the weights), or None
   (arch inferred from names and shapes: num_heads then assumes head dim 64).
   """
-  prefix = _hf_prefix(tensors)
+  t, origin, dropped = _hf_tower(tensors, _hf_prefix(tensors))
+  cfg = _vision_config(config) if config is not None else None
+  family = _hf_family(cfg, set(t), src)
+  out, blocks = _hf_rename(t, origin, family, src, dropped)
+  _drop_deit_class_head(out, dropped)
+  _fix_hf_embeddings(out, family)
+  depth = _fuse_blocks(blocks, out, src)
+  arch = _infer_arch(out, family, depth, src)
+  if family == "dinov2" and arch.reg_tokens:
+    _fold_register_class_pos(out, arch)
+  if cfg is not None:
+    _check_hf_config(cfg, arch, family, src)
+    _apply_hf_config(cfg, arch, src)
+  else:
+    _hf_defaults(arch, family)
+  return out, arch, dropped
+
+
+def _hf_tower(
+  tensors: State, prefix: str
+) -> tuple[State, dict[str, str], list[str]]:
+  """(the vision tower's keys without `prefix`, their original keys, the
+  keys dropped)."""
   # Heads (classifier, visual_projection) sit outside the tower's prefix;
   # anything else there (a decoder, a text tower) is dropped and recorded.
   t, origin, dropped = {}, {}, []
@@ -172,20 +194,21 @@ def from_hf(
       t[k], origin[k] = v, k
     else:
       dropped.append(k)
-  cfg = _vision_config(config) if config is not None else None
-  family = _hf_family(cfg, set(t), src)
+  return t, origin, dropped
+
+
+def _hf_rename(
+  t: State, origin: dict[str, str], family: str, src: str, dropped: list[str]
+) -> tuple[State, dict[int, dict[str, np.ndarray]]]:
+  """HF names -> timm's top-level keys and per-block (unfused) params;
+  appends the keys with no timm counterpart to `dropped`."""
   out: State = {}
   blocks: dict[int, dict[str, np.ndarray]] = {}
   for key, value in t.items():
     m = HF_BLOCK_RE.match(key) or HF_V5_BLOCK_RE.match(key)
     if m:
-      n, tail, param = int(m.group(1)), m.group(2), m.group(3)
-      if tail not in HF_BLOCK:
-        raise UserError(f"{src}: unexpected block key {origin[key]}")
-      name = HF_BLOCK[tail]
-      if param == "lambda1":
-        param = "gamma"
-      blocks.setdefault(n, {})[f"{name}.{param}"] = value
+      n, name = _hf_block_param(m, origin[key], src)
+      blocks.setdefault(n, {})[name] = value
       continue
     if HF_DROPPED.match(key):
       dropped.append(origin[key])
@@ -196,47 +219,62 @@ def from_hf(
     if out_key in out:
       raise UserError(f"{src}: {origin[key]} repeats {out_key}")
     out[out_key] = value
+  return out, blocks
+
+
+def _hf_block_param(m: re.Match, key: str, src: str) -> tuple[int, str]:
+  """(block index, timm's `name.param`) of a matched HF block key."""
+  n, tail, param = int(m.group(1)), m.group(2), m.group(3)
+  if tail not in HF_BLOCK:
+    raise UserError(f"{src}: unexpected block key {key}")
+  if param == "lambda1":
+    param = "gamma"
+  return n, f"{HF_BLOCK[tail]}.{param}"
+
+
+def _drop_deit_class_head(out: State, dropped: list[str]) -> None:
+  """DeiTForImageClassification reads the class token alone; timm's
+  distilled model averages two heads: keep the backbone only."""
   if (
     "dist_token" in out
     and "head.weight" in out
     and "head_dist.weight" not in out
   ):
-    # DeiTForImageClassification reads the class token alone; timm's
-    # distilled model averages two heads: keep the backbone only.
     for k in ("head.weight", "head.bias"):
       out.pop(k, None)
     dropped += ["classifier.weight", "classifier.bias"]
-  _fix_hf_embeddings(out, family)
-  depth = _fuse_blocks(blocks, out, src)
-  arch = _infer_arch(out, family, depth, src)
-  if family == "dinov2" and arch.reg_tokens:
-    # timm's DINOv2-with-registers has no position for prefix tokens: the
-    # class token's position is folded into the token (exact at any size).
-    pos = out["pos_embed"]
-    out["cls_token"] = out["cls_token"] + pos[:, :1]
-    out["pos_embed"] = pos[:, 1:]
-    arch.no_embed_class = True
-    arch.posemb_resize = BICUBIC_TORCH_AA
-  if cfg is not None:
-    _check_hf_config(cfg, arch, family, src)
-    act = cfg.get("hidden_act", "gelu")
-    if act not in HF_ACTS:
-      raise UserError(
-        f"{src}: config.json hidden_act={act!r} is not one of {sorted(HF_ACTS)}"
-      )
-    arch.act = HF_ACTS[act]
-    arch.norm_eps = float(cfg.get("layer_norm_eps", arch.norm_eps))
-    if "qkv_bias" in cfg and bool(cfg["qkv_bias"]) != arch.qkv_bias:
-      raise UserError(
-        f"{src}: config.json says qkv_bias={cfg['qkv_bias']} but the weights "
-        f"{'have' if arch.qkv_bias else 'lack'} q/k/v biases"
-      )
-  else:
-    arch.act = {"clip": "quick_gelu", "siglip": "gelu_tanh"}.get(family, "gelu")
-    arch.norm_eps = {"vit": 1e-12, "deit": 1e-12, "clip": 1e-5}.get(
-      family, 1e-6
+
+
+def _fold_register_class_pos(out: State, arch: VitArch) -> None:
+  """timm's DINOv2-with-registers has no position for prefix tokens: the
+  class token's position is folded into the token (exact at any size)."""
+  pos = out["pos_embed"]
+  out["cls_token"] = out["cls_token"] + pos[:, :1]
+  out["pos_embed"] = pos[:, 1:]
+  arch.no_embed_class = True
+  arch.posemb_resize = BICUBIC_TORCH_AA
+
+
+def _apply_hf_config(cfg: dict, arch: VitArch, src: str) -> None:
+  """Activation, norm eps and qkv bias from config.json."""
+  act = cfg.get("hidden_act", "gelu")
+  if act not in HF_ACTS:
+    raise UserError(
+      f"{src}: config.json hidden_act={act!r} is not one of {sorted(HF_ACTS)}"
     )
-  return out, arch, dropped
+  arch.act = HF_ACTS[act]
+  arch.norm_eps = float(cfg.get("layer_norm_eps", arch.norm_eps))
+  if "qkv_bias" in cfg and bool(cfg["qkv_bias"]) != arch.qkv_bias:
+    raise UserError(
+      f"{src}: config.json says qkv_bias={cfg['qkv_bias']} but the weights "
+      f"{'have' if arch.qkv_bias else 'lack'} q/k/v biases"
+    )
+
+
+def _hf_defaults(arch: VitArch, family: str) -> None:
+  """Each family's activation and norm eps when there is no config.json."""
+  arch.act = {"clip": "quick_gelu", "siglip": "gelu_tanh"}.get(family, "gelu")
+  arch.norm_eps = {"vit": 1e-12, "deit": 1e-12, "clip": 1e-5}.get(family, 1e-6)
 
 
 def _hf_top_key(key: str, family: str) -> str | None:
@@ -335,6 +373,16 @@ def _fuse_blocks(
 
 def _check_hf_config(cfg: dict, arch: VitArch, family: str, src: str) -> None:
   """config.json against the weights: any disagreement is the user's file."""
+  _check_hf_sizes(cfg, arch, family, src)
+  if family == "dinov2":
+    _check_dinov2_mlp(cfg, arch, src)
+  _check_hf_head_rows(cfg, arch, family, src)
+  _apply_hf_heads(cfg, arch, src)
+  _check_hf_image_size(cfg, arch, family, src)
+
+
+def _check_hf_sizes(cfg: dict, arch: VitArch, family: str, src: str) -> None:
+  """Widths, depth, patch and register counts config.json states."""
   want = {
     "hidden_size": arch.embed_dim,
     "num_hidden_layers": arch.depth,
@@ -345,47 +393,64 @@ def _check_hf_config(cfg: dict, arch: VitArch, family: str, src: str) -> None:
   if "intermediate_size" in cfg and family != "dinov2":
     want["intermediate_size"] = arch.mlp_dim
   for key, got in want.items():
-    if key == "num_register_tokens" and key not in cfg:
-      continue
     if key in cfg and cfg[key] != got:
       raise UserError(
         f"{src}: config.json says {key}={cfg[key]} but the weights have {got}"
       )
-  if family == "dinov2" and "mlp_ratio" in cfg:
-    if round(cfg["mlp_ratio"] * arch.embed_dim) != arch.mlp_dim:
-      raise UserError(
-        f"{src}: config.json says mlp_ratio={cfg['mlp_ratio']} but the "
-        f"weights' MLP is {arch.mlp_dim} wide for {arch.embed_dim}"
-      )
-    if cfg.get("use_swiglu_ffn"):
-      raise UserError(f"{src}: Dinov2 with use_swiglu_ffn is not supported")
-  rows = arch.num_classes
-  labels = cfg.get("id2label")
-  if (
-    rows and family == "clip" and cfg.get("projection_dim") not in (None, rows)
-  ):
+
+
+def _check_dinov2_mlp(cfg: dict, arch: VitArch, src: str) -> None:
+  """Dinov2 states its MLP as a ratio (and may ask for SwiGLU)."""
+  if "mlp_ratio" not in cfg:
+    return
+  if round(cfg["mlp_ratio"] * arch.embed_dim) != arch.mlp_dim:
     raise UserError(
-      f"{src}: config.json says projection_dim={cfg['projection_dim']} but "
-      f"visual_projection has {rows} rows"
+      f"{src}: config.json says mlp_ratio={cfg['mlp_ratio']} but the "
+      f"weights' MLP is {arch.mlp_dim} wide for {arch.embed_dim}"
     )
-  if (
-    rows
-    and family != "clip"
-    and isinstance(labels, dict)
-    and len(labels) != rows
-  ):
+  if cfg.get("use_swiglu_ffn"):
+    raise UserError(f"{src}: Dinov2 with use_swiglu_ffn is not supported")
+
+
+def _check_hf_head_rows(
+  cfg: dict, arch: VitArch, family: str, src: str
+) -> None:
+  """CLIP's projection_dim or the id2label count against the head's rows."""
+  rows = arch.num_classes
+  if not rows:
+    return
+  if family == "clip":
+    if cfg.get("projection_dim") not in (None, rows):
+      raise UserError(
+        f"{src}: config.json says projection_dim={cfg['projection_dim']} but "
+        f"visual_projection has {rows} rows"
+      )
+    return
+  labels = cfg.get("id2label")
+  if isinstance(labels, dict) and len(labels) != rows:
     raise UserError(
       f"{src}: config.json's id2label has {len(labels)} labels but the "
       f"classifier has {rows} rows"
     )
+
+
+def _apply_hf_heads(cfg: dict, arch: VitArch, src: str) -> None:
+  """num_attention_heads, when stated, replaces the inferred head count."""
   heads = cfg.get("num_attention_heads")
-  if heads is not None:
-    if arch.embed_dim % heads:
-      raise UserError(
-        f"{src}: config.json num_attention_heads={heads} does not divide "
-        f"hidden_size {arch.embed_dim}"
-      )
-    arch.num_heads, arch.heads_inferred = int(heads), False
+  if heads is None:
+    return
+  if arch.embed_dim % heads:
+    raise UserError(
+      f"{src}: config.json num_attention_heads={heads} does not divide "
+      f"hidden_size {arch.embed_dim}"
+    )
+  arch.num_heads, arch.heads_inferred = int(heads), False
+
+
+def _check_hf_image_size(
+  cfg: dict, arch: VitArch, family: str, src: str
+) -> None:
+  """image_size against the stored position grid."""
   size = cfg.get("image_size")
   # HF's Dinov2 always resamples its table, whatever config.json says: the
   # stored grid is the native size there.
@@ -493,118 +558,16 @@ def from_big_vision(
   )
   if prefix is None:
     raise UserError(f"{src}: no embedding/kernel: not a big_vision ViT .npz")
-  used: set[str] = set()
-
-  def get(name: str, idx: int | None = None) -> np.ndarray:
-    key = prefix + name
-    if key not in arrays:
-      raise UserError(f"{src}: missing array {key}")
-    used.add(key)
-    a = np.asarray(arrays[key])
-    return a[idx] if idx is not None else a
-
-  big_vision = (
-    prefix.startswith("params/")
-    or f"{prefix}pos_embedding" in arrays
-    or f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in arrays
-  )
-  scanned = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in arrays
-  out: State = {}
-  k = get("embedding/kernel")
-  if k.ndim != 4:
-    raise UserError(f"{src}: embedding/kernel has shape {k.shape}, want HWIO")
-  out["patch_embed.proj.weight"] = k.transpose(3, 2, 0, 1)
-  out["patch_embed.proj.bias"] = get("embedding/bias")
-  if prefix + "cls" in arrays:
-    out["cls_token"] = get("cls")
-  pos = get(
-    "pos_embedding"
-    if big_vision
-    else "Transformer/posembed_input/pos_embedding"
-  )
-  out["pos_embed"] = pos if pos.ndim == 3 else pos[None]
-  out["norm.weight"] = get("Transformer/encoder_norm/scale")
-  out["norm.bias"] = get("Transformer/encoder_norm/bias")
-  if prefix + "head/kernel" in arrays and get("head/kernel").size:
-    out["head.weight"] = get("head/kernel").T
-    out["head.bias"] = get("head/bias")
-  if prefix + "pre_logits/kernel" in arrays:
-    raise UserError(
-      f"{src}: pre_logits (a representation layer) has no timm counterpart"
-    )
-  mha, mlp, ln2 = (0, 0, 1) if big_vision else (1, 3, 2)
-  if scanned:
-    depth = get("Transformer/encoderblock/LayerNorm_0/scale").shape[0]
-  else:
-    depth = 0
-    while (
-      f"{prefix}Transformer/encoderblock_{depth}/LayerNorm_0/scale" in arrays
-    ):
-      depth += 1
-  if not depth:
-    raise UserError(f"{src}: no Transformer/encoderblock_N arrays")
+  r = _NpzReader(arrays, prefix, src)
+  scanned = r.has("Transformer/encoderblock/LayerNorm_0/scale")
+  big_vision = prefix.startswith("params/") or r.has("pos_embedding") or scanned
+  out = _bv_embeddings(r, big_vision)
+  depth = _bv_depth(r, scanned)
   heads = None
   for i in range(depth):
-    bp, idx = (
-      ("Transformer/encoderblock/", i)
-      if scanned
-      else (f"Transformer/encoderblock_{i}/", None)
-    )
-    ap = f"{bp}MultiHeadDotProductAttention_{mha}/"
-    o = f"blocks.{i}."
-    out[o + "norm1.weight"] = get(bp + "LayerNorm_0/scale", idx)
-    out[o + "norm1.bias"] = get(bp + "LayerNorm_0/bias", idx)
-    qkv = [get(f"{ap}{n}/kernel", idx) for n in ("query", "key", "value")]
-    if qkv[0].ndim != 3:
-      raise UserError(
-        f"{src}: {ap}query/kernel has shape {qkv[0].shape}, expected "
-        "(D, heads, head_dim)"
-      )
-    heads = qkv[0].shape[1]
-    out[o + "attn.qkv.weight"] = np.concatenate(
-      [w.reshape(w.shape[0], -1).T for w in qkv]
-    )
-    out[o + "attn.qkv.bias"] = np.concatenate(
-      [get(f"{ap}{n}/bias", idx).reshape(-1) for n in ("query", "key", "value")]
-    )
-    w = get(f"{ap}out/kernel", idx)  # (heads, head_dim, D).
-    out[o + "attn.proj.weight"] = w.reshape(-1, w.shape[-1]).T
-    out[o + "attn.proj.bias"] = get(f"{ap}out/bias", idx)
-    out[o + "norm2.weight"] = get(f"{bp}LayerNorm_{ln2}/scale", idx)
-    out[o + "norm2.bias"] = get(f"{bp}LayerNorm_{ln2}/bias", idx)
-    for r in range(2):
-      out[o + f"mlp.fc{r + 1}.weight"] = get(
-        f"{bp}MlpBlock_{mlp}/Dense_{r}/kernel", idx
-      ).T
-      out[o + f"mlp.fc{r + 1}.bias"] = get(
-        f"{bp}MlpBlock_{mlp}/Dense_{r}/bias", idx
-      )
-  if prefix + "MAPHead_0/probe" in arrays:
-    hp = "MAPHead_0/"
-    ap = hp + "MultiHeadDotProductAttention_0/"
-    out["attn_pool.latent"] = get(hp + "probe")
-    q = get(ap + "query/kernel")
-    out["attn_pool.q.weight"] = q.reshape(q.shape[0], -1).T
-    out["attn_pool.q.bias"] = get(ap + "query/bias").reshape(-1)
-    kv = [get(f"{ap}{n}/kernel") for n in ("key", "value")]
-    out["attn_pool.kv.weight"] = np.concatenate(
-      [w.reshape(w.shape[0], -1).T for w in kv]
-    )
-    out["attn_pool.kv.bias"] = np.concatenate(
-      [get(f"{ap}{n}/bias").reshape(-1) for n in ("key", "value")]
-    )
-    w = get(ap + "out/kernel")
-    out["attn_pool.proj.weight"] = w.reshape(-1, w.shape[-1]).T
-    out["attn_pool.proj.bias"] = get(ap + "out/bias")
-    out["attn_pool.norm.weight"] = get(hp + "LayerNorm_0/scale")
-    out["attn_pool.norm.bias"] = get(hp + "LayerNorm_0/bias")
-    for r in range(2):
-      out[f"attn_pool.mlp.fc{r + 1}.weight"] = get(
-        f"{hp}MlpBlock_0/Dense_{r}/kernel"
-      ).T
-      out[f"attn_pool.mlp.fc{r + 1}.bias"] = get(
-        f"{hp}MlpBlock_0/Dense_{r}/bias"
-      )
+    heads = _bv_block(r, out, i, scanned, big_vision)
+  if r.has("MAPHead_0/probe"):
+    _bv_map_head(r, out)
   family = "siglip" if "attn_pool.latent" in out else "vit"
   arch = _infer_arch(out, family, depth, src, num_heads=heads)
   arch.posemb_resize = LINEAR_ZOOM
@@ -612,14 +575,151 @@ def from_big_vision(
   # (big_vision's own code uses flax's tanh-approximate nn.gelu throughout).
   arch.act = "gelu_tanh" if family == "siglip" else "gelu"
   arch.norm_eps = 1e-6
-  unused = sorted(
-    k[len(prefix) :] for k in arrays if k.startswith(prefix) and k not in used
-  )
   # An empty head (head/kernel of size 0) is the only array left unread.
-  unused = [k for k in unused if k not in ("head/kernel", "head/bias")]
+  unused = [k for k in r.unused() if k not in ("head/kernel", "head/bias")]
   if unused:
     raise UserError(f"{src}: unexpected array(s) {unused[:3]}")
   return out, arch
+
+
+class _NpzReader:
+  """The arrays under one prefix of a .npz, recording which were read."""
+
+  def __init__(self, arrays: dict[str, Any], prefix: str, src: str):
+    self.arrays, self.prefix, self.src = arrays, prefix, src
+    self.used: set[str] = set()
+
+  def has(self, name: str) -> bool:
+    return self.prefix + name in self.arrays
+
+  def get(self, name: str, idx: int | None = None) -> np.ndarray:
+    key = self.prefix + name
+    if key not in self.arrays:
+      raise UserError(f"{self.src}: missing array {key}")
+    self.used.add(key)
+    a = np.asarray(self.arrays[key])
+    return a[idx] if idx is not None else a
+
+  def unused(self) -> list[str]:
+    """The names under the prefix never read, sorted."""
+    p = self.prefix
+    return sorted(
+      k[len(p) :] for k in self.arrays if k.startswith(p) and k not in self.used
+    )
+
+
+def _bv_embeddings(r: _NpzReader, big_vision: bool) -> State:
+  """Patch embedding, class token, positions, final norm and head."""
+  out: State = {}
+  k = r.get("embedding/kernel")
+  if k.ndim != 4:
+    raise UserError(f"{r.src}: embedding/kernel has shape {k.shape}, want HWIO")
+  out["patch_embed.proj.weight"] = k.transpose(3, 2, 0, 1)
+  out["patch_embed.proj.bias"] = r.get("embedding/bias")
+  if r.has("cls"):
+    out["cls_token"] = r.get("cls")
+  pos = r.get(
+    "pos_embedding"
+    if big_vision
+    else "Transformer/posembed_input/pos_embedding"
+  )
+  out["pos_embed"] = pos if pos.ndim == 3 else pos[None]
+  _bv_norm(r, out, "norm", "Transformer/encoder_norm/")
+  if r.has("head/kernel") and r.get("head/kernel").size:
+    out["head.weight"] = r.get("head/kernel").T
+    out["head.bias"] = r.get("head/bias")
+  if r.has("pre_logits/kernel"):
+    raise UserError(
+      f"{r.src}: pre_logits (a representation layer) has no timm counterpart"
+    )
+  return out
+
+
+def _bv_depth(r: _NpzReader, scanned: bool) -> int:
+  """Stacked blocks' leading axis, else the count of encoderblock_N."""
+  if scanned:
+    depth = r.get("Transformer/encoderblock/LayerNorm_0/scale").shape[0]
+  else:
+    depth = 0
+    while r.has(f"Transformer/encoderblock_{depth}/LayerNorm_0/scale"):
+      depth += 1
+  if not depth:
+    raise UserError(f"{r.src}: no Transformer/encoderblock_N arrays")
+  return depth
+
+
+def _bv_block(
+  r: _NpzReader, out: State, i: int, scanned: bool, big_vision: bool
+) -> int:
+  """Block i -> timm's blocks.i.*; returns its head count."""
+  mha, mlp, ln2 = (0, 0, 1) if big_vision else (1, 3, 2)
+  bp, idx = (
+    ("Transformer/encoderblock/", i)
+    if scanned
+    else (f"Transformer/encoderblock_{i}/", None)
+  )
+  ap = f"{bp}MultiHeadDotProductAttention_{mha}/"
+  o = f"blocks.{i}."
+  _bv_norm(r, out, o + "norm1", bp + "LayerNorm_0/", idx)
+  qkv = [r.get(f"{ap}{n}/kernel", idx) for n in ("query", "key", "value")]
+  if qkv[0].ndim != 3:
+    raise UserError(
+      f"{r.src}: {ap}query/kernel has shape {qkv[0].shape}, expected "
+      "(D, heads, head_dim)"
+    )
+  out[o + "attn.qkv.weight"] = np.concatenate([_heads_in(w) for w in qkv])
+  out[o + "attn.qkv.bias"] = np.concatenate(
+    [r.get(f"{ap}{n}/bias", idx).reshape(-1) for n in ("query", "key", "value")]
+  )
+  _bv_out_proj(r, out, o + "attn.proj", ap, idx)
+  _bv_norm(r, out, o + "norm2", f"{bp}LayerNorm_{ln2}/", idx)
+  _bv_mlp(r, out, o + "mlp", f"{bp}MlpBlock_{mlp}/", idx)
+  return qkv[0].shape[1]
+
+
+def _bv_map_head(r: _NpzReader, out: State) -> None:
+  """SigLIP's MAP head (MAPHead_0) -> timm's attn_pool.*."""
+  hp = "MAPHead_0/"
+  ap = hp + "MultiHeadDotProductAttention_0/"
+  out["attn_pool.latent"] = r.get(hp + "probe")
+  out["attn_pool.q.weight"] = _heads_in(r.get(ap + "query/kernel"))
+  out["attn_pool.q.bias"] = r.get(ap + "query/bias").reshape(-1)
+  kv = [r.get(f"{ap}{n}/kernel") for n in ("key", "value")]
+  out["attn_pool.kv.weight"] = np.concatenate([_heads_in(w) for w in kv])
+  out["attn_pool.kv.bias"] = np.concatenate(
+    [r.get(f"{ap}{n}/bias").reshape(-1) for n in ("key", "value")]
+  )
+  _bv_out_proj(r, out, "attn_pool.proj", ap)
+  _bv_norm(r, out, "attn_pool.norm", hp + "LayerNorm_0/")
+  _bv_mlp(r, out, "attn_pool.mlp", hp + "MlpBlock_0/")
+
+
+def _heads_in(w: np.ndarray) -> np.ndarray:
+  """An attention input kernel (D, heads, head_dim) -> (out, in)."""
+  return w.reshape(w.shape[0], -1).T
+
+
+def _bv_norm(
+  r: _NpzReader, out: State, to: str, ln: str, idx: int | None = None
+) -> None:
+  out[to + ".weight"] = r.get(ln + "scale", idx)
+  out[to + ".bias"] = r.get(ln + "bias", idx)
+
+
+def _bv_out_proj(
+  r: _NpzReader, out: State, to: str, ap: str, idx: int | None = None
+) -> None:
+  w = r.get(f"{ap}out/kernel", idx)  # (heads, head_dim, D).
+  out[to + ".weight"] = w.reshape(-1, w.shape[-1]).T
+  out[to + ".bias"] = r.get(f"{ap}out/bias", idx)
+
+
+def _bv_mlp(
+  r: _NpzReader, out: State, to: str, mp: str, idx: int | None = None
+) -> None:
+  for n in range(2):
+    out[f"{to}.fc{n + 1}.weight"] = r.get(f"{mp}Dense_{n}/kernel", idx).T
+    out[f"{to}.fc{n + 1}.bias"] = r.get(f"{mp}Dense_{n}/bias", idx)
 
 
 # --- timm ---------------------------------------------------------------------

@@ -426,8 +426,6 @@ def to_big_vision(sd, heads, layout):
   LayerNorm_1 / MlpBlock_0, top-level pos_embedding) or 'scanned' (those
   stacked in one encoderblock, under a params/ prefix)."""
   a = {k: v.numpy().astype(np.float32) for k, v in sd.items()}
-  d = a["patch_embed.proj.weight"].shape[0]
-  hd = d // heads
   out = {
     "embedding/kernel": a["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
     "embedding/bias": a["patch_embed.proj.bias"],
@@ -439,7 +437,6 @@ def to_big_vision(sd, heads, layout):
   if "head.weight" in a:
     out["head/kernel"] = a["head.weight"].T
     out["head/bias"] = a["head.bias"]
-  mha, ln2, mlp = (1, 2, 3) if layout == "augreg" else (0, 1, 0)
   pos_key = (
     "Transformer/posembed_input/pos_embedding"
     if layout == "augreg"
@@ -447,31 +444,7 @@ def to_big_vision(sd, heads, layout):
   )
   out[pos_key] = a["pos_embed"]
   depth = 1 + max(int(k.split(".")[1]) for k in a if k.startswith("blocks."))
-  blocks = []
-  for i in range(depth):
-    b = {
-      k[len(f"blocks.{i}.") :]: v
-      for k, v in a.items()
-      if k.startswith(f"blocks.{i}.")
-    }
-    q, k, v = np.split(b["attn.qkv.weight"], 3)
-    qb, kb, vb = np.split(b["attn.qkv.bias"], 3)
-    ap = f"MultiHeadDotProductAttention_{mha}/"
-    blk = {
-      "LayerNorm_0/scale": b["norm1.weight"],
-      "LayerNorm_0/bias": b["norm1.bias"],
-      f"LayerNorm_{ln2}/scale": b["norm2.weight"],
-      f"LayerNorm_{ln2}/bias": b["norm2.bias"],
-      ap + "out/kernel": b["attn.proj.weight"].T.reshape(heads, hd, d),
-      ap + "out/bias": b["attn.proj.bias"],
-    }
-    for n, w, bias in (("query", q, qb), ("key", k, kb), ("value", v, vb)):
-      blk[f"{ap}{n}/kernel"] = w.T.reshape(d, heads, hd)
-      blk[f"{ap}{n}/bias"] = bias.reshape(heads, hd)
-    for r in range(2):
-      blk[f"MlpBlock_{mlp}/Dense_{r}/kernel"] = b[f"mlp.fc{r + 1}.weight"].T
-      blk[f"MlpBlock_{mlp}/Dense_{r}/bias"] = b[f"mlp.fc{r + 1}.bias"]
-    blocks.append(blk)
+  blocks = [_bv_block_arrays(a, i, heads, layout) for i in range(depth)]
   if layout != "scanned":
     for i, blk in enumerate(blocks):
       out.update(
@@ -481,28 +454,94 @@ def to_big_vision(sd, heads, layout):
     for k in blocks[0]:
       out[f"Transformer/encoderblock/{k}"] = np.stack([b[k] for b in blocks])
   if "attn_pool.latent" in a:
-    hp, ap = "MAPHead_0/", "MAPHead_0/MultiHeadDotProductAttention_0/"
-    kw, vw = np.split(a["attn_pool.kv.weight"], 2)
-    kb, vb = np.split(a["attn_pool.kv.bias"], 2)
-    out[hp + "probe"] = a["attn_pool.latent"]
-    for n, w, bias in (
-      ("query", a["attn_pool.q.weight"], a["attn_pool.q.bias"]),
-      ("key", kw, kb),
-      ("value", vw, vb),
-    ):
-      out[f"{ap}{n}/kernel"] = w.T.reshape(d, heads, hd)
-      out[f"{ap}{n}/bias"] = bias.reshape(heads, hd)
-    out[ap + "out/kernel"] = a["attn_pool.proj.weight"].T.reshape(heads, hd, d)
-    out[ap + "out/bias"] = a["attn_pool.proj.bias"]
-    out[hp + "LayerNorm_0/scale"] = a["attn_pool.norm.weight"]
-    out[hp + "LayerNorm_0/bias"] = a["attn_pool.norm.bias"]
-    for r in range(2):
-      out[f"{hp}MlpBlock_0/Dense_{r}/kernel"] = a[
-        f"attn_pool.mlp.fc{r + 1}.weight"
-      ].T
-      out[f"{hp}MlpBlock_0/Dense_{r}/bias"] = a[f"attn_pool.mlp.fc{r + 1}.bias"]
+    out.update(_bv_map_head_arrays(a, heads))
   if layout == "scanned":
     out = {"params/" + k: v for k, v in out.items()}
+  return out
+
+
+def _bv_qkv_arrays(ap, heads, qkv):
+  """big_vision's (D, heads, head_dim) query / key / value arrays under `ap`
+  from (name, weight, bias) triples."""
+  arrays = {}
+  for n, w, bias in qkv:
+    d = w.shape[1]
+    arrays[f"{ap}{n}/kernel"] = w.T.reshape(d, heads, d // heads)
+    arrays[f"{ap}{n}/bias"] = bias.reshape(heads, d // heads)
+  return arrays
+
+
+def _bv_out_arrays(ap, heads, w, bias):
+  """big_vision's (heads, head_dim, D) output projection under `ap`."""
+  d = w.shape[0]
+  return {
+    ap + "out/kernel": w.T.reshape(heads, d // heads, d),
+    ap + "out/bias": bias,
+  }
+
+
+def _bv_mlp_arrays(mp, a, prefix):
+  """big_vision's MlpBlock arrays under `mp` from timm's `prefix`fc1/fc2."""
+  arrays = {}
+  for r in range(2):
+    arrays[f"{mp}Dense_{r}/kernel"] = a[f"{prefix}fc{r + 1}.weight"].T
+    arrays[f"{mp}Dense_{r}/bias"] = a[f"{prefix}fc{r + 1}.bias"]
+  return arrays
+
+
+def _bv_block_arrays(a, i, heads, layout):
+  """Block i of a timm state dict as one encoderblock's arrays."""
+  mha, ln2, mlp = (1, 2, 3) if layout == "augreg" else (0, 1, 0)
+  p = f"blocks.{i}."
+  q, k, v = np.split(a[p + "attn.qkv.weight"], 3)
+  qb, kb, vb = np.split(a[p + "attn.qkv.bias"], 3)
+  blk = {
+    "LayerNorm_0/scale": a[p + "norm1.weight"],
+    "LayerNorm_0/bias": a[p + "norm1.bias"],
+    f"LayerNorm_{ln2}/scale": a[p + "norm2.weight"],
+    f"LayerNorm_{ln2}/bias": a[p + "norm2.bias"],
+  }
+  ap = f"MultiHeadDotProductAttention_{mha}/"
+  blk.update(
+    _bv_out_arrays(
+      ap, heads, a[p + "attn.proj.weight"], a[p + "attn.proj.bias"]
+    )
+  )
+  blk.update(
+    _bv_qkv_arrays(
+      ap, heads, (("query", q, qb), ("key", k, kb), ("value", v, vb))
+    )
+  )
+  blk.update(_bv_mlp_arrays(f"MlpBlock_{mlp}/", a, p + "mlp."))
+  return blk
+
+
+def _bv_map_head_arrays(a, heads):
+  """timm's attn_pool.* as big_vision's MAPHead_0 arrays."""
+  hp = "MAPHead_0/"
+  kw, vw = np.split(a["attn_pool.kv.weight"], 2)
+  kb, vb = np.split(a["attn_pool.kv.bias"], 2)
+  out = {hp + "probe": a["attn_pool.latent"]}
+  ap = hp + "MultiHeadDotProductAttention_0/"
+  out.update(
+    _bv_qkv_arrays(
+      ap,
+      heads,
+      (
+        ("query", a["attn_pool.q.weight"], a["attn_pool.q.bias"]),
+        ("key", kw, kb),
+        ("value", vw, vb),
+      ),
+    )
+  )
+  out.update(
+    _bv_out_arrays(
+      ap, heads, a["attn_pool.proj.weight"], a["attn_pool.proj.bias"]
+    )
+  )
+  out[hp + "LayerNorm_0/scale"] = a["attn_pool.norm.weight"]
+  out[hp + "LayerNorm_0/bias"] = a["attn_pool.norm.bias"]
+  out.update(_bv_mlp_arrays(hp + "MlpBlock_0/", a, "attn_pool.mlp."))
   return out
 
 
