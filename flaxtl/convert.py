@@ -107,7 +107,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     default = Path(args.weights_dir or "weights") / src.name.split(".")[0]
     out = Path(args.out) if args.out else default
     out = weights.convert_file(
-      src, out, args.arch, args.include_top, force=args.force
+      src,
+      out,
+      args.arch,
+      args.include_top,
+      force=args.force,
+      allow_nonfinite=args.allow_nonfinite,
     )
   prov = weights.read_provenance(out)
   print(
