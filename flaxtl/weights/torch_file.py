@@ -60,7 +60,7 @@ MAX_PICKLE_BYTES = 64 << 20  # A state dict's data.pkl is kilobytes.
 # The bytes all tensors of one file may take, as a multiple of its size plus
 # an allowance (views of one storage are each copied out).
 TENSOR_BUDGET_RATIO = 4
-TENSOR_BUDGET_ALLOWANCE = 64 << 20
+TENSOR_BUDGET_ALLOWANCE = 16 << 20
 
 # Legacy storage classes (`torch.FloatStorage`) and their element types.
 STORAGE_DTYPES = {
