@@ -14,7 +14,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from flaxtl import config_files
-from flaxtl.errors import EXIT_USER_ERROR, UserError, cli_logging, did_you_mean
+from flaxtl.errors import EXIT_USER_ERROR, UserError, cli_logging
 from flaxtl.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -73,7 +73,6 @@ def _check_config_file(argv) -> None:
 
 def _unknown_key(argv) -> str:
   """Which --config.KEY override names no key, with the closest real one."""
-  overrides = [a for a in argv if a.startswith("--config.")]
   spec = next(
     (
       a.split("=", 1)[1] if a.startswith("--config=") else argv[i + 1]
@@ -82,15 +81,8 @@ def _unknown_key(argv) -> str:
     ),
     None,
   )
-  try:
-    keys = config_files.leaf_keys(config_files.load(spec))
-  except (UserError, TypeError):
-    keys = []
-  for arg in overrides:
-    key = arg[len("--config.") :].partition("=")[0]
-    if keys and key not in keys:
-      return f"unknown config key {key!r}{did_you_mean(key, keys)}"
-  return f"unknown config key in {' '.join(overrides)}"
+  overrides = [a for a in argv if a.startswith("--config.")]
+  return config_files.unknown_key_message(spec, overrides)
 
 
 def _parse_flags(argv):

@@ -45,6 +45,20 @@ def leaf_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   return keys
 
 
+def unknown_key_message(spec: str | None, overrides: list[str]) -> str:
+  """'unknown config key 'optim.lrr'; did you mean 'optim.lr'?' for the
+  first `--config.KEY=VALUE` of `overrides` that `spec`'s config lacks."""
+  try:
+    keys = leaf_keys(load(spec)) if spec else []
+  except (UserError, TypeError, AttributeError, SyntaxError):
+    keys = []
+  for arg in overrides:
+    key = arg.removeprefix("--config.").partition("=")[0]
+    if keys and key not in keys:
+      return f"unknown config key {key!r}{did_you_mean(key, keys)}"
+  return f"unknown config key in {' '.join(overrides)}"
+
+
 def run_name(spec: str) -> str:
   """'configs/mnist_freeze8.py:hed_quick' -> 'mnist_freeze8-hed_quick'."""
   path, _, variant = spec.partition(":")
