@@ -509,3 +509,28 @@ def test_malformed_tuple_values_are_one_line_naming_the_key():
   with pytest.raises(UserError) as e:
     models.registry.get("vgg61")
   assert str(e.value) == "unknown architecture 'vgg61'; did you mean 'vgg19'?"
+
+
+def test_weights_of_another_arch_name_both_archs(converted):
+  with pytest.raises(UserError) as e:
+    weights.resolve(str(converted), "tv_mobilenet_v2", False)
+  assert str(e.value) == (
+    f"model.weights={str(converted)!r} holds vgg16 weights, but model.arch="
+    "'tv_mobilenet_v2'; use --config.model.arch=vgg16 or weights of "
+    "tv_mobilenet_v2"
+  )
+
+
+@pytest.mark.parametrize("cli", ["predict", "study"])
+def test_every_flag_of_predict_and_study_has_help(cli, capsys):
+  import importlib
+
+  module = importlib.import_module(f"flaxtl.{cli}")
+  with pytest.raises(SystemExit) as e:
+    module.main(["--help"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  flag = {"predict": "--batch-size BATCH_SIZE", "study": "--workdir WORKDIR"}
+  row = out[out.index("\n  " + flag[cli]) + 1 :].splitlines()
+  # The help text follows the flag on its row or the next one.
+  assert len(row[0].split()) > 2 or row[1].startswith(" " * 10), out
