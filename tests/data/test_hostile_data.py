@@ -79,9 +79,11 @@ def test_unreadable_images_name_the_file_and_say_why(tmp_path, caplog):
 def test_pack_cli_refuses_a_truncated_jpeg_and_writes_nothing(tmp_path):
   names = _digits(tmp_path / "images")
   buf = io.BytesIO()
-  Image.fromarray(np.full((64, 64, 3), 99, np.uint8)).save(buf, "JPEG")
+  noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+  Image.fromarray(noise).save(buf, "JPEG")
   cut = tmp_path / "images" / "cut.jpg"
-  cut.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+  cut.write_bytes(buf.getvalue()[: len(buf.getvalue()) * 3 // 5])
+  Image.open(cut).close()  # Its header is whole: only decoding finds it.
   rows = [f"{n},{i % 2}" for i, n in enumerate(names)] + ["cut.jpg,1"]
   (tmp_path / "t.csv").write_text("filename,label\n" + "\n".join(rows) + "\n")
   out = tmp_path / "packed"
