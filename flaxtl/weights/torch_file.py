@@ -489,11 +489,8 @@ def _read_zip(path: Path) -> tuple[Any, dict]:
         storages[key] = _storage(raw, kind.dtype, numel, order, member)
       return storages[key]
 
-    pkl = prefix + "data.pkl"
-    _check_member(z.getinfo(pkl), MAX_PICKLE_BYTES)
-    with z.open(pkl) as f:
-      obj = _Unpickler(_Capped(f, MAX_PICKLE_BYTES, pkl), path, load_storage)
-      obj = obj.load()
+    pkl = _read_member(z, prefix + "data.pkl", MAX_PICKLE_BYTES)
+    obj = _Unpickler(io.BytesIO(pkl), path, load_storage).load()
     version = None
     if prefix + "version" in names:
       version = _read_member(z, prefix + "version", 64).decode(
@@ -516,7 +513,7 @@ def _check_member(info: zipfile.ZipInfo, most: int) -> None:
   if info.file_size > most:
     raise _Corrupt(
       f"member {info.filename} holds {info.file_size:,} bytes, more than "
-      f"the {most:,} its record declares"
+      f"the {most:,} expected"
     )
 
 
@@ -533,38 +530,6 @@ def _read_member(z: zipfile.ZipFile, name: str, most: int) -> bytes:
     if f.read(1):
       raise _Corrupt(f"member {name} holds more than the {most:,} bytes read")
   return raw
-
-
-class _Capped(io.RawIOBase):
-  """A read-only stream that fails past `most` bytes (for data.pkl)."""
-
-  def __init__(self, f, most: int, name: str):
-    self.f, self.left, self.name = f, most, name
-
-  def readable(self) -> bool:
-    return True
-
-  def read(self, n: int = -1) -> bytes:
-    n = self.left + 1 if n is None or n < 0 else min(n, self.left + 1)
-    data = self.f.read(n)
-    self.left -= len(data)
-    if self.left < 0:
-      raise _Corrupt(f"member {self.name} is larger than {MAX_PICKLE_BYTES:,}")
-    return data
-
-  def readline(self, size: int = -1) -> bytes:
-    out = bytearray()
-    while size < 0 or len(out) < size:
-      c = self.read(1)
-      out += c
-      if not c or c == b"\n":
-        break
-    return bytes(out)
-
-  def readinto(self, b) -> int:
-    data = self.read(len(b))
-    b[: len(data)] = data
-    return len(data)
 
 
 def _storage(

@@ -309,7 +309,7 @@ HOSTILE_MESSAGES = {
   "stride0": "declares 2,147,483,648 bytes over a storage of 4 bytes",
   "views": "far more bytes than the file holds",
   "bomb": "inflates 1,04",
-  "understated": "holds 16,777,216 bytes, more than the 16 its record",
+  "understated": "holds 16,777,216 bytes, more than the 16 expected",
 }
 
 
