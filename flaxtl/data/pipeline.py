@@ -186,7 +186,8 @@ class _Reader:
       # mix grayscale and colour files.
       return transforms.fit(img, self.size, rng, self.augment)
     except images.DECODE_ERRORS as e:
-      raise UserError(f"{where}: cannot read image: {e}") from None
+      reason = images.describe_error(e)
+      raise UserError(f"{where}: cannot read image: {reason}") from None
 
   def blank(self) -> np.ndarray:
     if self.size is None:

@@ -382,7 +382,15 @@ def resolve(
     return store.restore_variables(path), store.read_provenance(path)
   path = Path(spec)
   if path.is_dir():  # A converted checkpoint (read_provenance says if not).
-    return store.restore_variables(path), store.read_provenance(path)
+    provenance = store.read_provenance(path)
+    held = provenance.get("arch")
+    if held and held != arch:
+      # Both archs named, before the merge would list missing layers.
+      raise UserError(
+        f"model.weights={spec!r} holds {held} weights, but model.arch="
+        f"{arch!r}; use --config.model.arch={held} or weights of {arch}"
+      )
+    return store.restore_variables(path), provenance
   if not path.exists():
     raise UserError(
       f"model.weights={spec!r}: neither {NAMED}, a converted checkpoint nor "

@@ -380,6 +380,19 @@ BAD = {
     lambda p: _bad_csv(p, "filename,label\n0.png,a\n1.png,\n"),
     r"t\.csv row 2 \(line 3\): empty label",
   ),
+  "conflicting labels": (
+    lambda p: _bad_csv(p, "filename,label\n0.png,a\n1.png,b\n0.png,b\n"),
+    r"t\.csv row 3 \(line 4\): .*0\.png is listed again with label 'b', "
+    r"but .*t\.csv row 1 \(line 2\) gives it 'a'",
+  ),
+  "row outside the data root": (
+    lambda p: _bad_csv(p, "filename,label\n0.png,a\n../../etc/hostname,b\n"),
+    r"t\.csv row 2 \(line 3\): '\.\./\.\./etc/hostname' points outside",
+  ),
+  "absolute row": (
+    lambda p: _bad_csv(p, "filename,label\n/etc/passwd,a\n1.png,b\n"),
+    r"t\.csv row 1 \(line 2\): '/etc/passwd' points outside the data",
+  ),
   "unknown scheme": (
     lambda p: "s3:bucket/train.csv",
     r"data\.source='s3:bucket/train\.csv': unknown source scheme 's3'",
