@@ -134,11 +134,24 @@ def find(arch: str, tag: str, options: Mapping[str, Any] | None = None):
   it does not set are the build defaults)."""
   found = _RECORDS.get((arch, tag), [])
   options = dict(options or {})
-  for r in found:
-    if all(options.get(k, v) == v for k, v in r.options.items()) and all(
+  defaults = registry.get(arch).options if found else {}
+  fits = [
+    r
+    for r in found
+    if all(options.get(k, v) == v for k, v in r.options.items())
+    and all(
       k in r.options or _is_default(arch, k, v) for k, v in options.items()
-    ):
-      return r
+    )
+  ]
+  # An option left out means its default where a record has it (MobileNet's
+  # alpha picks the file); else what the record needs (imagenet_rescaling).
+  exact = [
+    r
+    for r in fits
+    if all({**defaults, **options}.get(k) == v for k, v in r.options.items())
+  ]
+  if exact or fits:
+    return (exact or fits)[0]
   if found:
     have = [dict(r.options) for r in found]
     raise UserError(

@@ -196,8 +196,8 @@ for _arch in BLOCKS:
       arch=_arch,
       family="vgg",
       build=lambda arch=_arch, **options: VGG(arch=arch, **options),
-      layer_names=lambda include_top=True, pooling=None, arch=_arch: (
-        keras_layer_names(arch, include_top, pooling)
+      layer_names=lambda include_top=True, pooling=None, arch=_arch, **_: (
+        keras_layer_names(arch, include_top, pooling)  # No option adds layers.
       ),
       preprocess="caffe",
       min_size=MIN_SIZE,
