@@ -117,7 +117,7 @@ def restore(
 
 
 def save_final(workdir: Path, variables: dict) -> None:
-  """Each collection as host arrays in `workdir/<collection>` (any topology).
+  """Each collection in `workdir/<collection>`, read back on any topology.
 
   Written beside its final path and swapped in when complete.
   """
@@ -136,10 +136,10 @@ def save_final(workdir: Path, variables: dict) -> None:
       files.replace_dir(tmp, path)
 
 
-def _host(a) -> np.ndarray:
-  # Replicated: any local shard is the whole array.
-  return (
-    np.asarray(a.addressable_data(0))
-    if isinstance(a, jax.Array)
-    else np.asarray(a)
-  )
+def _host(a) -> np.ndarray | jax.Array:
+  if not isinstance(a, jax.Array):
+    return np.asarray(a)
+  if a.sharding.is_fully_replicated:  # Any local shard is the whole array.
+    return np.asarray(a.addressable_data(0))
+  # Sharded: each process writes its own shards, none gathers the whole.
+  return a
