@@ -116,6 +116,23 @@ def restore(
   return restored["state"], restored["data"], record
 
 
+def restore_state_onto(
+  mngr: ocp.CheckpointManager, step: int, sharding: jax.sharding.Sharding
+) -> dict:
+  """Checkpoint `step`'s state as arrays placed by `sharding` (e.g. one
+  device), whatever mesh wrote it, without building the model."""
+  path = mngr.directory / str(step) / "state"
+  meta = ocp.Checkpointer(ocp.StandardCheckpointHandler()).metadata(path)
+  meta = meta.item_metadata
+  target = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+    dict(meta),
+    is_leaf=lambda m: hasattr(m, "shape"),
+  )
+  args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+  return mngr.restore(step, args=args)["state"]
+
+
 def save_final(workdir: Path, variables: dict) -> None:
   """Each collection in `workdir/<collection>`, read back on any topology.
 
