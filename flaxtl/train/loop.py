@@ -185,7 +185,7 @@ def _cached_features_run(config, run: Run, compiler_options) -> Run:
   head = MLPHead(**run.model.head_kwargs(), parent=None)
   return Run(
     model=HeadOnly(head, pooling=config.model.pooling),
-    variables=jax.device_put(head_vars),
+    variables=head_vars,  # Host arrays: the trainer places them.
     prepare=lambda feats: feats.astype(jnp.float32),
     splits=splits,
     provenance=run.provenance,
