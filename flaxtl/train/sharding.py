@@ -177,8 +177,3 @@ def describe(params: Any, mesh) -> str:
     f"{whole / 2**20:.3f} MiB ({per_device / max(whole, 1):.3f}; "
     f"{sharded} of {len(leaves)} arrays sharded; mesh {axes})"
   )
-
-
-def gather(arrays: Any, mesh) -> Any:
-  """Every array whole on every device (a collective: all processes call it)."""
-  return jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(arrays)
