@@ -12,7 +12,7 @@ defaults). Input: `preprocess_input` mode 'tf' ([-1, 1]).
 
 from __future__ import annotations
 
-from flaxtl.models import keras_model, registry, xception
+from flaxtl.models import checkpoints, keras_model
 
 MIN_SIZE = 75
 
@@ -108,7 +108,7 @@ def inception_v3(net: keras_model.Net, x, config):
     bd = net.concat([bd_1, bd_2])
     bp = _avg_branch(net, x, 192)
     x = net.concat([b1, b3, bd, bp], name=f"mixed{9 + i}")
-  return xception.top(net, x, config)
+  return keras_model.classifier_top(net, x, config)
 
 
 def irv2_conv2d_bn(
@@ -226,7 +226,7 @@ def inception_resnet_v2(net: keras_model.Net, x, config):
     x = _irv2_block(net, x, 0.2, "block8", i)
   x = _irv2_block(net, x, 1.0, "block8", 10, activation=None)
   x = c(net, x, 1536, 1, name="conv_7b")
-  return xception.top(net, x, config)
+  return keras_model.classifier_top(net, x, config)
 
 
 def InceptionV3(**kwargs) -> keras_model.KerasApp:  # noqa: N802
@@ -241,22 +241,39 @@ for _arch, _forward, _feature in (
   ("inception_v3", inception_v3, "mixed10"),
   ("inception_resnet_v2", inception_resnet_v2, "conv_7b_ac"),
 ):
-  keras_model.define(_arch, _forward, MIN_SIZE)
-  registry.register(
-    registry.Backbone(
-      arch=_arch,
-      family="inception",
-      build=lambda arch=_arch, **options: keras_model.KerasApp(
-        arch=arch, **options
-      ),
-      layer_names=lambda include_top=True, pooling=None, arch=_arch: (
-        keras_model.layer_names(arch, include_top, pooling)
-      ),
-      preprocess="tf",
-      min_size=MIN_SIZE,
-      feature_layer=_feature,
-      classifier="predictions",
-      batch_stats=True,
-      stem_layers=("conv2d", "conv2d_1", "conv2d_2"),
-    )
+  keras_model.register(
+    _arch,
+    _forward,
+    family="inception",
+    preprocess="tf",
+    min_size=MIN_SIZE,
+    feature_layer=_feature,
+    stem_layers=("conv2d", "conv2d_1", "conv2d_2"),
   )
+
+
+# Pretrained checkpoints: the official Keras files.
+_BASE = "inception_resnet_v2/inception_resnet_v2_weights_tf_dim_ordering_tf"
+# Official ImageNet files: (arch, include_top) -> (path under
+# https://storage.googleapis.com/tensorflow/keras-applications/, md5), from
+# keras/src/applications/inception_v3.py and inception_resnet_v2.py (Keras
+# 3.15; get_file checks the md5).
+IMAGENET_FILES = {
+  ("inception_v3", True): (
+    "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
+    "9a0d58056eeedaa3f26cb7ebd46da564",
+  ),
+  ("inception_v3", False): (
+    "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "bcbd6486424b2319ff4ef7d526e38f63",
+  ),
+  ("inception_resnet_v2", True): (
+    f"{_BASE}_kernels.h5",
+    "e693bd0210a403b3192acc6073ad2e96",
+  ),
+  ("inception_resnet_v2", False): (
+    f"{_BASE}_kernels_notop.h5",
+    "d19885ff4a710c122648d3b5c3b684e4",
+  ),
+}
+checkpoints.register(*checkpoints.keras_imagenet(IMAGENET_FILES))

@@ -8,23 +8,14 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from configs import base
 from flaxtl import data
 from flaxtl.data import sources, tfds_source
 from flaxtl.errors import UserError
 
 
 def make_cfg(**overrides) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict(
-    {
-      "source": "mnist_sample",
-      "test_source": None,
-      "val_fraction": 0.2,
-      "split_seed": 42,
-      "stratify": True,
-      "tfds_data_dir": None,
-      "max_examples": None,
-    }
-  )
+  c = base.get_base().data
   c.update(overrides)
   return c
 
