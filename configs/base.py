@@ -168,6 +168,17 @@ def get_base() -> ml_collections.ConfigDict:
   c.distributed.process_id = 0
   # CPU cross-process collectives implementation.
   c.distributed.cpu_collectives = "gloo"
+
+  c.mesh = ml_collections.ConfigDict()
+  # Devices per mesh axis ('data', 'model'); -1 takes the rest of the job's.
+  c.mesh.shape = (-1, 1)
+
+  c.sharding = ml_collections.ConfigDict()
+  # ((regex, spec), ...) on variable paths, first fullmatch wins; spec 'fsdp',
+  # 'replicate' or a PartitionSpec tuple such as (None, 'model').
+  c.sharding.rules = ((".*", "fsdp"),)
+  # 'fsdp' replicates arrays smaller than this (gathers cost more than saved).
+  c.sharding.min_kib = 64.0
   return c
 
 

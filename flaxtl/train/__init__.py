@@ -10,6 +10,7 @@ Its modules, in the order a run uses them:
     metrics     log loss, metric files, NaN checks
     features    cached backbone features (the tutorial's scenario 1)
     distributed one device or many hosts: mesh, shardings, global batches
+    sharding    FSDP-style rules: params and optimiser state over the mesh
     loop        the run itself
 """
 

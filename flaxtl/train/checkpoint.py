@@ -116,8 +116,25 @@ def restore(
   return restored["state"], restored["data"], record
 
 
+def restore_state_onto(
+  mngr: ocp.CheckpointManager, step: int, sharding: jax.sharding.Sharding
+) -> dict:
+  """Checkpoint `step`'s state as arrays placed by `sharding` (e.g. one
+  device), whatever mesh wrote it, without building the model."""
+  path = mngr.directory / str(step) / "state"
+  meta = ocp.Checkpointer(ocp.StandardCheckpointHandler()).metadata(path)
+  meta = meta.item_metadata
+  target = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+    dict(meta),
+    is_leaf=lambda m: hasattr(m, "shape"),
+  )
+  args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+  return mngr.restore(step, args=args)["state"]
+
+
 def save_final(workdir: Path, variables: dict) -> None:
-  """Each collection as host arrays in `workdir/<collection>` (any topology).
+  """Each collection in `workdir/<collection>`, read back on any topology.
 
   Written beside its final path and swapped in when complete.
   """
@@ -136,10 +153,10 @@ def save_final(workdir: Path, variables: dict) -> None:
       files.replace_dir(tmp, path)
 
 
-def _host(a) -> np.ndarray:
-  # Replicated: any local shard is the whole array.
-  return (
-    np.asarray(a.addressable_data(0))
-    if isinstance(a, jax.Array)
-    else np.asarray(a)
-  )
+def _host(a) -> np.ndarray | jax.Array:
+  if not isinstance(a, jax.Array):
+    return np.asarray(a)
+  if a.sharding.is_fully_replicated:  # Any local shard is the whole array.
+    return np.asarray(a.addressable_data(0))
+  # Sharded: each process writes its own shards, none gathers the whole.
+  return a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from typing import Any
 
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from flaxtl.models import registry
 from flaxtl.models.heads import ACTIVATIONS, HEADS, INITS
 from flaxtl.ops import conv as conv_ops
 from flaxtl.ops import cpu
+from flaxtl.train import sharding as sharding_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODEL_NAMES = ("transfer", "mlp", "cnn")
@@ -256,6 +258,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice("nan_policy", config.nan_policy, ("stop", "skip"))
   _choice("model.conv_impl", m.conv_impl, conv_ops.CONV_IMPLS)
   check_ranges(config)
+  check_sharding(config)
   spec = backbone(config)
   backbone_options(config)
   if spec is None:
@@ -304,3 +307,42 @@ def _validate_transfer(config, spec: registry.Backbone) -> None:
       f"model.activations needs one of {sorted(ACTIVATIONS)} per hidden "
       f"layer, got {m.activations}"
     )
+
+
+def check_sharding(config: ml_collections.ConfigDict) -> None:
+  """mesh.shape and sharding.* well formed (device counts are checked later)."""
+  shape = tuple(config.mesh.shape)
+  if (
+    len(shape) != len(sharding_lib.AXES)
+    or not all(isinstance(s, int) and (s >= 1 or s == -1) for s in shape)
+    or shape.count(-1) > 1
+  ):
+    raise UserError(
+      f"mesh.shape={shape} must be (data, model) device counts, each >= 1 "
+      "or one of them -1 (the rest)"
+    )
+  _in_range("sharding.min_kib", config.sharding.min_kib, 0, None, False, False)
+  specs = (sharding_lib.FSDP, sharding_lib.REPLICATE)
+  for i, rule in enumerate(config.sharding.rules):
+    where = f"sharding.rules[{i}]={rule!r}"
+    if not isinstance(rule, (tuple, list)) or len(rule) != 2:
+      raise UserError(f"{where} must be a (regex, spec) pair")
+    regex, spec = rule
+    try:
+      re.compile(regex)
+    except (re.error, TypeError) as e:
+      raise UserError(f"{where}: bad regex ({e})") from None
+    if isinstance(spec, str) and spec in specs:
+      continue
+    names = [
+      n
+      for entry in (spec if isinstance(spec, (tuple, list)) else [0])
+      for n in (entry if isinstance(entry, (tuple, list)) else [entry])
+    ]
+    known = [n for n in names if n is None or n in sharding_lib.AXES]
+    axes = [n for n in names if n is not None]
+    if len(known) != len(names) or len(axes) != len(set(axes)):
+      raise UserError(
+        f"{where}: spec must be {list(specs)} or a PartitionSpec tuple of "
+        f"None / {list(sharding_lib.AXES)} (each axis at most once)"
+      )

@@ -1,6 +1,7 @@
 """One device or many, one host or many: jit + NamedSharding, no pmap.
 
-Params are replicated; batches are split along the mesh's 'data' axis. With
+Batches are split along the mesh's 'data' axis (params and optimiser state
+are placed by `flaxtl.train.sharding`). With
 several processes each feeds its own slice of the global batch and
 `jax.make_array_from_process_local_data` assembles the global array.
 """

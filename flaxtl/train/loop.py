@@ -21,6 +21,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
@@ -39,6 +41,7 @@ from flaxtl.train import (
   steps,
 )
 from flaxtl.train import config as config_lib
+from flaxtl.train import sharding as sharding_lib
 from flaxtl.train import workdir as workdir_lib
 from flaxtl.train.metrics import MetricWriter, PendingMetrics, summarise_eval
 from flaxtl.train.summary import counts, param_table
@@ -190,7 +193,7 @@ def _cached_features_run(config, run: Run, compiler_options) -> Run:
   head = MLPHead(**run.model.head_kwargs(), parent=None)
   return Run(
     model=HeadOnly(head, pooling=config.model.pooling),
-    variables=jax.device_put(head_vars),
+    variables=head_vars,  # Host arrays: the trainer places them.
     prepare=lambda feats: feats.astype(jnp.float32),
     splits=splits,
     provenance=run.provenance,
@@ -199,8 +202,12 @@ def _cached_features_run(config, run: Run, compiler_options) -> Run:
   )
 
 
-def _setup(config, splits, init_rng: jax.Array, replicated) -> Run:
-  """Model, initial variables (pretrained merged in), cached features."""
+def _setup(config, splits, init_rng: jax.Array, mesh) -> Run:
+  """Model, initial variables (pretrained merged in), cached features.
+
+  The variables are created in place, sharded as `sharding.rules` say (the
+  cached-features path keeps them whole: its backbone runs on the host's).
+  """
   pretrained = setup.resolve_pretrained(config)
   spec = run_spec.resolve(config, pretrained[1] if pretrained else None)
   model = setup.build_model(config, len(splits.class_names), spec=spec)
@@ -219,13 +226,18 @@ def _setup(config, splits, init_rng: jax.Array, replicated) -> Run:
       spec=spec,
     )
 
+  placed = (
+    NamedSharding(mesh, P())
+    if cached
+    else sharding_lib.from_config(abstract, mesh, config.sharding)
+  )
   variables = jax.jit(
-    setup.init_fn(model, config.image_size), out_shardings=replicated
+    setup.init_fn(model, config.image_size), out_shardings=placed
   )(init_rng)
   variables, provenance = setup.merge_pretrained(config, variables, pretrained)
   run = Run(
     model=model,
-    variables=jax.device_put(variables, replicated),
+    variables=jax.device_put(variables, placed),
     prepare=lambda images: prepare_images(
       images, config.image_size, spec.preprocess
     ),
@@ -305,11 +317,19 @@ class _Trainer:
     self.config, self.workdir, self.t_start = config, workdir, t_start
     self.total_steps = total_steps
     self.num_classes = len(splits.class_names)
-    mesh = distributed.make_mesh()
+    self.mesh = mesh = sharding_lib.make_mesh(config.mesh.shape)
     self.replicated, self.batch_sharding = distributed.shardings(mesh)
     init_rng, self.train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    self.run_ = _setup(config, splits, init_rng, self.replicated)
+    self.run_ = _setup(config, splits, init_rng, mesh)
     self.model, self.splits = self.run_.model, self.run_.splits
+    # Where each variable lives for the whole run (the head's, when cached).
+    self.var_shardings = sharding_lib.from_config(
+      self.run_.variables, mesh, config.sharding
+    )
+    # Shapes only: the arrays themselves are donated to the first step.
+    self.abstract_params = jax.eval_shape(
+      lambda v: v["params"], self.run_.variables
+    )
     self.data_opts = data_lib.Options.from_config(config)
     if self.run_.frozen_backbone is not None:
       self.data_opts = self.data_opts.for_arrays()  # Features pass as is.
@@ -351,16 +371,32 @@ class _Trainer:
     )
     if options:
       log.info("train step compiled with %s", options)
+    params = self.var_shardings["params"]
+    self.opt_shardings = sharding_lib.like_params(
+      jax.eval_shape(tx.init, self.abstract_params),
+      self.abstract_params,
+      params,
+      self.mesh,
+    )
+    r = self.replicated
+    state = steps.TrainState(
+      step=r,
+      params=params,
+      batch_stats=self.var_shardings.get("batch_stats", {}),
+      opt_state=self.opt_shardings,
+      rng=r,
+    )
     jitted = jax.jit(
       fn,
+      in_shardings=(state, self.batch_sharding),
+      out_shardings=(state, r),
       donate_argnums=0,
-      out_shardings=(self.replicated, self.replicated),
       compiler_options=options,
     )
     return tx, jitted
 
   def init_opt_state(self, tx, params):
-    return jax.jit(tx.init, out_shardings=self.replicated)(params)
+    return jax.jit(tx.init, out_shardings=self.opt_shardings)(params)
 
   def evaluate(self, eval_fn, state, split: str, step: int) -> dict:
     ds = getattr(self.splits, split)
@@ -391,7 +427,8 @@ class _Trainer:
   def run(self, start_step: int) -> dict[str, Any]:
     config, workdir = self.config, self.workdir
     phase_i = phase_index(self.phases, start_step)
-    params = self.run_.variables["params"]
+    variables = jax.device_put(self.run_.variables, self.var_shardings)
+    params = variables["params"]
     plan = setup.freeze_plan(
       config, params, self.phases[phase_i].first_layers, spec=self.run_.spec
     )
@@ -400,7 +437,7 @@ class _Trainer:
       # Placed like the step's output: else the second call recompiles.
       step=jax.device_put(jnp.zeros((), jnp.int32), self.replicated),
       params=params,
-      batch_stats=self.run_.variables.get("batch_stats", {}),
+      batch_stats=variables.get("batch_stats", {}),
       opt_state=self.init_opt_state(tx, params),
       rng=jax.device_put(self.train_rng, self.replicated),
     )
@@ -418,6 +455,7 @@ class _Trainer:
       workdir, config, self.run_.provenance, self.splits.class_names
     )
     writer.print(param_table(state.params, plan))
+    writer.print(sharding_lib.describe(state.params, self.mesh))
     param_counts = counts(state.params, plan)
     if self.run_.frozen_backbone is not None:
       frozen = self.run_.frozen_backbone.get("params", {})
@@ -433,6 +471,7 @@ class _Trainer:
       steps.make_eval_step(
         self.model, self.num_classes, prepare=self.run_.prepare
       ),
+      out_shardings=self.replicated,  # Sums every process can read.
       compiler_options=setup.compiler_options(config, dtype=config.model.dtype),
     )
     metrics = PendingMetrics(

@@ -197,9 +197,15 @@ def restore_to_host(path: str | Path) -> dict:
   """Any StandardCheckpoint as numpy arrays, whatever topology wrote it."""
   path = Path(path).absolute()
   abstract = _metadata(path)
-  ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+  # numpy targets: a file written sharded over any mesh reads on one host.
+  host = jax.tree.map(
+    lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract
+  )
+  ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
   try:
-    return ckptr.restore(path, args=ocp.args.StandardRestore(abstract))
+    return ckptr.restore(
+      path, args=ocp.args.PyTreeRestore(item=abstract, restore_args=host)
+    )
   # A damaged user file: orbax and tensorstore raise many types for it.
   except Exception as e:
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
