@@ -23,6 +23,7 @@ from flaxtl.models import (  # noqa: F401 (they register their architectures)
   tv_resnet,
   tv_vgg,
   vgg,
+  vit,
   xception,
 )
 from flaxtl.models.common import TrainMode, init_variables, variable_shapes

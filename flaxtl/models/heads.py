@@ -68,6 +68,8 @@ def pool_features(feats: jax.Array, pooling: str | None) -> jax.Array:
   """Backbone features -> a vector per image (global pool, or flatten)."""
   if feats.ndim == 2:
     return feats
+  if feats.ndim == 3 and pooling in ("avg", "max"):  # (B, T, D) tokens.
+    return (feats.mean if pooling == "avg" else feats.max)(axis=1)
   if pooling in ("avg", "max"):
     return (feats.mean if pooling == "avg" else feats.max)(axis=(1, 2))
   return feats.reshape(feats.shape[0], -1)

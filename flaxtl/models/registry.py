@@ -27,7 +27,7 @@ COMMON_OPTIONS = (
   "param_dtype",  # Parameter storage dtype.
 )
 POOLINGS = (None, "avg", "max")
-PREPROCESS_MODES = ("caffe", "tf", "torch", "none")
+PREPROCESS_MODES = ("caffe", "tf", "torch", "clip", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +59,7 @@ class Backbone:
       name `output_layer` (and so a head's feature layer) accepts, in forward
       order. None: `layer_names` without the input layer. PyTorch families
       accept every module path, containers and weightless modules included.
+    poolings: the `pooling` values it takes (ViTs add 'token' and 'map').
   """
 
   arch: str
@@ -77,6 +78,7 @@ class Backbone:
   )
   naming: str = "keras"
   output_layers: Callable[..., list[str]] | None = None
+  poolings: tuple[str | None, ...] = POOLINGS
 
   def __post_init__(self):
     if self.preprocess not in PREPROCESS_MODES:
@@ -91,9 +93,9 @@ class Backbone:
       raise UserError(
         f"{self.arch}: unknown option(s) {unknown}; it takes {sorted(allowed)}"
       )
-    if options.get("pooling") not in POOLINGS:
+    if options.get("pooling") not in self.poolings:
       raise UserError(
-        f"{self.arch}: pooling must be None, 'avg' or 'max', "
+        f"{self.arch}: pooling must be one of {list(self.poolings)}, "
         f"got {options['pooling']!r}"
       )
 
