@@ -198,7 +198,12 @@ _MAP_OUTPUTS = [
   "attn_pool/mlp",
   "attn_pool",
 ]
-_PARAM_FREE = {"patch_embed", "attn", "mlp", "mlp/act", "pool", "blocks"}
+# The last names of the module paths (and root parameters) with parameters.
+_PARAM_LEAVES = {
+  *("proj", "qkv", "q", "kv", "fc1", "fc2", "ls1", "ls2", "head", "head_dist"),
+  *("norm1", "norm2", "norm", "norm_pre", "fc_norm", "prompt", "pos_embed"),
+  *("cls_token", "reg_token", "dist_token"),
+}
 
 
 def _embed_outputs(cfg: ViTConfig, prompt_tokens: int) -> list[str]:
@@ -263,11 +268,7 @@ def layer_names(
   names = [
     m
     for m in _outputs(cfg, include_top, pooling, prompt_tokens)
-    if m.rsplit("/", 1)[-1] not in _PARAM_FREE
-    and m.split("/", 2)[-1] not in _PARAM_FREE
-    and not (m.startswith("blocks/") and m.count("/") == 1)
-    and m != "attn_pool"
-    and m not in ("attn_pool/mlp",)
+    if m.rsplit("/", 1)[-1] in _PARAM_LEAVES
   ]
   if "attn_pool/q" in names:  # Its latent query is used first.
     names.insert(names.index("attn_pool/q"), "attn_pool")
@@ -551,7 +552,10 @@ class AttentionPool(nn.Module):
 
 
 class Blocks(nn.Module):
-  """`blocks`: '0' ... 'N-1'; VPT-deep prompts replace the previous ones."""
+  """`blocks`: '0' ... 'N-1', called once per block (the root taps each).
+
+  VPT-deep prompts replace the previous block's prompts before block i > 0.
+  """
 
   cfg: ViTConfig
   drop_path_rate: float = 0.0
@@ -562,28 +566,25 @@ class Blocks(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x: jax.Array, prompts: jax.Array | None, train: Any = False
+    self, x: jax.Array, prompts: jax.Array | None, i: int, train: Any = False
   ) -> jax.Array:
-    cfg, taps = self.cfg, common.Taps(self.stop)
-    depth = cfg.depth
-    rates = np.linspace(0.0, self.drop_path_rate, depth) if depth else []
+    cfg = self.cfg
+    rates = np.linspace(0.0, self.drop_path_rate, cfg.depth)
     start, p = cfg.num_prefix, self.prompt_tokens
-    for i in range(depth):
-      if i and prompts is not None and prompts.shape[0] > 1:
-        new = jnp.broadcast_to(prompts[i][None], (x.shape[0], p, x.shape[-1]))
-        x = jnp.concatenate(
-          [x[:, :start], new.astype(x.dtype), x[:, start + p :]], axis=1
-        )
-      block = Block(
-        cfg,
-        float(rates[i]),
-        _sub_stop(self.stop, str(i)),
-        self.dtype,
-        self.param_dtype,
-        name=str(i),
+    if i and prompts is not None and prompts.shape[0] > 1:
+      new = jnp.broadcast_to(prompts[i][None], (x.shape[0], p, x.shape[-1]))
+      x = jnp.concatenate(
+        [x[:, :start], new.astype(x.dtype), x[:, start + p :]], axis=1
       )
-      x = taps(str(i), block(x, train))
-    return x
+    block = Block(
+      cfg,
+      float(rates[i]),
+      _sub_stop(self.stop, str(i)),
+      self.dtype,
+      self.param_dtype,
+      name=str(i),
+    )
+    return block(x, train)
 
 
 class ViT(nn.Module):
@@ -684,34 +685,27 @@ class ViT(nn.Module):
       b, gh, gw, _ = y.shape
       y = taps("patch_embed", y.reshape(b, gh * gw, d))
       n_pos = cfg.grid**2 + (0 if cfg.no_embed_class else cfg.num_prefix)
-      tokens = []
-      if cfg.class_token:
-        tokens.append(
-          ("cls_token", param("cls_token", (1, 1, d), _normal(1e-6)))
-        )
+      tokens = [("cls_token", 1, _normal(1e-6))] if cfg.class_token else []
       if cfg.reg_tokens:
-        tokens.append(
-          (
-            "reg_token",
-            param("reg_token", (1, cfg.reg_tokens, d), _normal(1e-6)),
-          )
-        )
+        tokens.append(("reg_token", cfg.reg_tokens, _normal(1e-6)))
       if cfg.distilled:
-        tokens.append(("dist_token", param("dist_token", (1, 1, d), _trunc)))
-      pos = self.param("pos_embed", _trunc, (1, n_pos, d), self.param_dtype)
-      pos = self._pos_embed(pos, cfg, (gh, gw)).astype(self.dtype)
+        tokens.append(("dist_token", 1, _trunc))
 
       def prefix(y: jax.Array) -> jax.Array:
-        cat = [jnp.broadcast_to(t, (b, t.shape[1], d)) for _, t in tokens]
-        y = jnp.concatenate([*cat, y], axis=1)
-        for name, _ in tokens:
-          y = taps(name, y)
+        """cls, reg, dist tokens before the patches, each made when used."""
+        at = 0
+        for name, n, init in tokens:
+          t = jnp.broadcast_to(param(name, (1, n, d), init), (b, n, d))
+          y = taps(name, jnp.concatenate([y[:, :at], t, y[:, at:]], axis=1))
+          at += n
         return y
 
-      if cfg.no_embed_class:
-        y = prefix(taps("pos_embed", y + pos))
-      else:
-        y = taps("pos_embed", prefix(y) + pos)
+      def pos_embed(y: jax.Array) -> jax.Array:
+        pos = self.param("pos_embed", _trunc, (1, n_pos, d), self.param_dtype)
+        pos = self._pos_embed(pos, cfg, (gh, gw)).astype(self.dtype)
+        return taps("pos_embed", y + pos)
+
+      y = prefix(pos_embed(y)) if cfg.no_embed_class else pos_embed(prefix(y))
       if cfg.pre_norm:
         y = taps("norm_pre", layers.norm(y, "norm_pre"))
       prompts = None
@@ -724,7 +718,7 @@ class ViT(nn.Module):
         n = cfg.num_prefix
         first = jnp.broadcast_to(prompts[0][None], (b, self.prompt_tokens, d))
         y = taps("prompt", jnp.concatenate([y[:, :n], first, y[:, n:]], 1))
-      y = Blocks(
+      blocks = Blocks(
         cfg,
         self.drop_path_rate,
         self.prompt_tokens,
@@ -732,7 +726,9 @@ class ViT(nn.Module):
         self.dtype,
         self.param_dtype,
         name="blocks",
-      )(y, prompts, train)
+      )
+      for i in range(cfg.depth):
+        y = taps(f"blocks/{i}", blocks(y, prompts, i, train))
       if self.prompt_tokens:  # Drop the prompts before the final norm.
         n = cfg.num_prefix
         y = jnp.concatenate([y[:, :n], y[:, n + self.prompt_tokens :]], 1)
