@@ -17,7 +17,7 @@ import pytest
 
 from flaxtl import convert, models, tree, weights
 from flaxtl.errors import UserError
-from flaxtl.models import common, vit
+from flaxtl.models import common, heads, vit
 from flaxtl.preprocess import preprocess_input
 from flaxtl.train import freeze
 from flaxtl.weights import convert as weights_convert
@@ -272,14 +272,19 @@ def test_pooling_modes_reduce_the_final_tokens():
   t = tokens.apply(variables, x)
   assert t.shape == (2, 1 + 9, 192)
 
-  def pooled(pooling):
-    return models.create(
-      arch, include_top=False, depth=1, pooling=pooling
-    ).apply(variables, x)
+  @jax.jit
+  def pooled(variables, x):
+    return {
+      p: models.create(arch, include_top=False, depth=1, pooling=p).apply(
+        variables, x
+      )
+      for p in ("token", "avg", "max")
+    }
 
-  np.testing.assert_allclose(pooled("token"), t[:, 0], atol=1e-6)
-  np.testing.assert_allclose(pooled("avg"), t[:, 1:].mean(1), atol=1e-6)
-  np.testing.assert_allclose(pooled("max"), t[:, 1:].max(1), atol=1e-6)
+  got = pooled(variables, x)
+  np.testing.assert_allclose(got["token"], t[:, 0], atol=1e-6)
+  np.testing.assert_allclose(got["avg"], t[:, 1:].mean(1), atol=1e-6)
+  np.testing.assert_allclose(got["max"], t[:, 1:].max(1), atol=1e-6)
   # A MAP head on an arch without one: new attn_pool parameters.
   mapped = models.create(arch, include_top=False, depth=1, pooling="map")
   v = mapped.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))
@@ -428,3 +433,20 @@ def test_clip_preprocessing():
   assert models.get("vit_base_patch16_clip_224").preprocess == "clip"
   assert models.get("vit_small_patch16_224").preprocess == "tf"
   assert models.get("vit_small_patch14_dinov2").preprocess == "torch"
+
+
+@pytest.mark.parametrize("pooling", ["avg", None])
+def test_transfer_model_reads_the_tokens(pooling):
+  """The training model: tokens of feature_layer 'norm' into a new head."""
+  model = heads.TransferModel(
+    arch="vit_tiny_patch16_224",
+    head="linear",
+    num_classes=3,
+    pooling=pooling,
+    backbone_options=(("depth", 1),),
+  )
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+  assert jax.eval_shape(model.apply, variables, x).shape == (2, 3)
+  kernel = variables["params"]["head"]["logits"]["kernel"]
+  assert kernel.shape == ((192 if pooling else 5 * 192), 3)
