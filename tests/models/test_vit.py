@@ -413,8 +413,11 @@ def test_detection_and_bad_files(torch, timm, tmp_path, case):
     assert e.value.code == 2 and not (tmp_path / "o").exists()
   elif arch == "deit_small_distilled_patch16_224":
     assert weights_convert.detect(w) == arch
-    notop = mapping.from_torch(w, arch, include_top=False)
+    notop = mapping.from_torch(
+      w, arch, include_top=False, options={"posemb_interp": "bicubic"}
+    )
     assert notop.num_classes is None and "head.weight" in notop.skipped
+    assert notop.options == {"posemb_interp": "bicubic", "depth": 2}
   elif arch == "vit_small_patch14_reg4_dinov2":
     assert weights_convert.detect(w) == arch
     assert mapping.from_torch(w, arch).include_top is False  # timm: no head.

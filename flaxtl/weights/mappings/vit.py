@@ -188,9 +188,17 @@ def convert(
 
 
 def from_torch(
-  weights: TorchWeights, arch: str, include_top: bool | None = None
+  weights: TorchWeights,
+  arch: str,
+  include_top: bool | None = None,
+  options: dict | None = None,
 ) -> Converted:
-  """A timm-named state dict onto `arch`; the top kept if the file has it."""
+  """A timm-named state dict onto `arch`; the top kept if the file has it.
+
+  options: family options of the source over the file's own (a Hugging
+  Face or ONNX reader passes {'posemb_interp': 'bicubic'}, SigLIP's
+  {'act': 'gelu_tanh'}); recorded with the rest.
+  """
   if arch not in vit.ARCHS:
     raise UserError(f"{weights.path}: {arch} is not a ViT")
   s = structure(weights)
@@ -211,5 +219,5 @@ def from_torch(
       f"{weights.path}: has no classifier ({CLASSIFIER}); convert it without "
       "the top (--notop)"
     )
-  options = file_options(weights, arch)
+  options = {**file_options(weights, arch), **(options or {})}
   return convert(weights, arch, include_top, n, options)
