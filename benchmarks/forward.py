@@ -255,6 +255,35 @@ def worker(
 # --- driver -------------------------------------------------------------------
 
 
+def _ratio_tables(fws, cases, ips, derived: dict) -> list[str]:
+  """bf16 speed-up per framework, and the 32x32 vs 64x64 ratio."""
+  out, rows2 = [], []
+  for f in fws:
+    for case in cases:
+      r = common.ratio(ips(f, case, "bf16"), ips(f, case, "fp32"))
+      if r is not None:
+        derived[f"bf16_speedup/{f}@{case}"] = r
+        rows2.append([f, case, common.fmt_ratio(r)])
+  if rows2:
+    table = common.markdown_table(["framework", "case", "bf16 / fp32"], rows2)
+    out.append("bf16 / fp32 images/s:\n\n" + table)
+  rows3 = []
+  for f in fws:
+    for dt in DTYPES:
+      r = common.ratio(ips(f, "32x64", dt), ips(f, "64x32", dt))
+      if r is not None:
+        derived[f"32_over_64/{f}/{dt}"] = r
+        rows3.append([f, dt, common.fmt_ratio(r)])
+  if rows3:
+    table = common.markdown_table(
+      ["framework", "dtype", "32x32 / 64x64"], rows3
+    )
+    out.append(
+      "images/s at 32x32 (batch 64) / images/s at 64x64 (batch 32):\n\n" + table
+    )
+  return out
+
+
 def summarise(results: dict) -> tuple[str, dict]:
   """Markdown tables and the derived ratios."""
 
@@ -291,31 +320,7 @@ def summarise(results: dict) -> tuple[str, dict]:
       rows.append(row)
   out = [common.markdown_table(header, rows)]
 
-  # bf16 speed-up per framework, and the 32x32 vs 64x64 ratio.
-  rows2 = []
-  for f in fws:
-    for case in cases:
-      r = common.ratio(ips(f, case, "bf16"), ips(f, case, "fp32"))
-      if r is not None:
-        derived[f"bf16_speedup/{f}@{case}"] = r
-        rows2.append([f, case, common.fmt_ratio(r)])
-  if rows2:
-    table = common.markdown_table(["framework", "case", "bf16 / fp32"], rows2)
-    out.append("bf16 / fp32 images/s:\n\n" + table)
-  rows3 = []
-  for f in fws:
-    for dt in DTYPES:
-      r = common.ratio(ips(f, "32x64", dt), ips(f, "64x32", dt))
-      if r is not None:
-        derived[f"32_over_64/{f}/{dt}"] = r
-        rows3.append([f, dt, common.fmt_ratio(r)])
-  if rows3:
-    table = common.markdown_table(
-      ["framework", "dtype", "32x32 / 64x64"], rows3
-    )
-    out.append(
-      "images/s at 32x32 (batch 64) / images/s at 64x64 (batch 32):\n\n" + table
-    )
+  out += _ratio_tables(fws, cases, ips, derived)
   out.append(common.STAR_NOTE)
   return "\n\n".join(out), derived
 

@@ -47,6 +47,9 @@ def get_base() -> ml_collections.ConfigDict:
   c.model.conv_impl = "auto"
   # MobileNet width multiplier (Keras' alpha); must match the weights.
   c.model.alpha = 1.0
+  # Any other backbone option, 'key=value,...' (Python literals), e.g.
+  # 'drop_path_rate=0.1'; flaxtl.models.get(arch).options lists them.
+  c.model.options = ""
   # BatchNorm: 'keras' (frozen layers in inference mode), 'frozen', 'train'.
   c.model.bn_mode = "keras"
   # mlp/linear head on a frozen backbone: features extracted once.
@@ -90,7 +93,7 @@ def get_base() -> ml_collections.ConfigDict:
   c.freeze = ml_collections.ConfigDict()
   # Freeze Keras model.layers[:k] (input and pooling layers count).
   c.freeze.first_layers = 0
-  # Freeze every layer through this one or this stage ('block3', 'layer2').
+  # Freeze through this layer, stage ('block3', 'layer2') or 'strideN'.
   c.freeze.until = _optional(str)
   # Extra ((regex, 'frozen'|'trainable'), ...) on param paths; first wins.
   c.freeze.rules = ()

@@ -27,21 +27,24 @@ from PIL import Image
 from flaxtl import imagenet, preprocess
 from flaxtl.data.images import read_image
 from flaxtl.errors import UserError, cli_logging, exit_on_user_error
-from flaxtl.models import efficientnet_lite, registry
+from flaxtl.models import checkpoints, registry
 from flaxtl.weights import convert, sources, store
 
-CROP_FRACTION = 0.875  # 224 of 256, torchvision's and Keras' eval crop.
 DEFAULT_SIZE = 224
 
 
-def eval_size(arch: str) -> int:
-  """The resolution `arch` was trained at (EfficientNet-Lite1+ use more)."""
-  if arch in efficientnet_lite.ARCHS:
-    return efficientnet_lite.ARCHS[arch][2]
-  return DEFAULT_SIZE
+def eval_record(arch: str, weights: str) -> checkpoints.Pretrained | None:
+  """The record of named weights (its input size and crop), if any."""
+  return (
+    checkpoints.find(arch, weights)
+    if weights in checkpoints.tags(arch)
+    else None
+  )
 
 
-def eval_transform(image: np.ndarray, size: int = DEFAULT_SIZE) -> np.ndarray:
+def eval_transform(
+  image: np.ndarray, size: int = DEFAULT_SIZE, crop: float = 0.875
+) -> np.ndarray:
   """uint8 (H, W, 1|3) -> uint8 (size, size, 3): resize shorter, centre crop.
 
   torchvision's `Resize(round(size / 0.875))` then `CenterCrop(size)`.
@@ -50,7 +53,7 @@ def eval_transform(image: np.ndarray, size: int = DEFAULT_SIZE) -> np.ndarray:
     image = np.repeat(image, 3, axis=-1)
   img = Image.fromarray(image)
   w, h = img.size
-  short = round(size / CROP_FRACTION)
+  short = round(size / crop)
   if w <= h:
     new = (short, int(short * h / w))
   else:
@@ -71,9 +74,10 @@ def load_model(
   """(arch, model, variables) of an ImageNet classifier from --weights."""
   if weights in sources.NAMED:
     if arch is None:
+      offline = set(checkpoints.archs(weights)) & set(sources.TORCH_WHEELS)
       raise UserError(
-        f"--weights {weights} needs --arch (ImageNet weights exist for "
-        f"{sorted(sources.TORCH_WHEELS)} offline)"
+        f"--weights {weights} needs --arch ({weights} weights offline: "
+        f"{sorted(offline)})"
       )
     path = sources.fetch(
       weights, arch, True, weights_dir=weights_dir, cache_dir=cache_dir
@@ -111,8 +115,10 @@ def classify(
   """Top-k (wnid, name, probability) per image."""
   photos = [read_image(Path(p)) for p in images]  # Bad paths fail first.
   arch, model, variables = load_model(weights, arch, **dirs)
-  size = size or eval_size(arch)
-  batch = np.stack([eval_transform(photo, size) for photo in photos])
+  record = eval_record(arch, weights)
+  size = size or (record.input_size if record else DEFAULT_SIZE)
+  crop = record.crop if record else 0.875  # torchvision's and Keras' 224/256.
+  batch = np.stack([eval_transform(photo, size, crop) for photo in photos])
   x = preprocess.preprocess_input(batch, registry.get(arch).preprocess)
   logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
   probs = np.asarray(jax.nn.softmax(logits, axis=-1))

@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
   if args.source in weights.NAMED:
     out = weights.fetch(
       args.source,
-      arch=args.arch or "vgg16",
+      arch=args.arch,
       include_top=args.include_top,
       weights_dir=args.weights_dir,
       cache_dir=args.cache_dir,

@@ -343,17 +343,6 @@ def _mp_options(ds: Dataset, opts: Options):
   )
 
 
-def _mp_options(ds: Dataset, opts: Options):
-  if ds.in_memory or not opts.workers:
-    return None  # Arrays would be pickled into every worker.
-  # grain's workers read absl flags; CLIs without absl have not parsed any.
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  return grain.MultiprocessingOptions(
-    num_workers=opts.workers, per_worker_buffer_size=max(1, opts.prefetch)
-  )
-
-
 def _iterate(
   graph: grain.MapDataset, ds: Dataset, opts: Options
 ) -> grain.DatasetIterator:

@@ -9,14 +9,19 @@ every `BatchNorm` below asks `uses_batch_stats(train, its path)`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from flaxtl.errors import UserError
+
+# How a head may pool a feature layer: over space for NHWC maps; over tokens
+# for (B, T, D) sequences, where 'token' takes the class token.
+FEATURE_POOLINGS = ("avg", "max", "token")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,39 +64,61 @@ class BatchNorm(nn.BatchNorm):
 
 
 class _Stop(Exception):
-  def __init__(self, value: jax.Array):
+  def __init__(self, value: Any):
     super().__init__()
     self.value = value
 
 
 class Taps:
-  """Names layer outputs in a forward pass; stops it at `output_layer`.
+  """Names layer outputs in a forward pass; stops it once it has what was asked.
 
-      taps = Taps(self.output_layer)
+      taps = Taps(self.output_layer, self.return_layers)
       def forward():
         x = taps("conv1_relu", nn.relu(x))
         ...
       return taps.run(forward)
 
-  A model built to stop early has no parameters after `output_layer`, like a
-  Keras `Model(inputs, base.get_layer(name).output)`.
+  output_layer: stop there and return that output. return_layers: return
+  `{name: output}` for these layers instead, stopping after the deepest one.
+  A model built to stop early has no parameters after it, like a Keras
+  `Model(inputs, base.get_layer(name).output)`.
   """
 
-  def __init__(self, output_layer: str | None = None):
+  def __init__(
+    self, output_layer: str | None = None, return_layers: Sequence[str] = ()
+  ):
+    if output_layer is not None and return_layers:
+      raise UserError(
+        f"output_layer={output_layer!r} and return_layers="
+        f"{tuple(return_layers)}: give one of them"
+      )
     self.output_layer = output_layer
+    self.wanted = tuple(dict.fromkeys(return_layers))
+    self.found: dict[str, jax.Array] = {}
     self.seen: list[str] = []
 
   def __call__(self, name: str, x: jax.Array) -> jax.Array:
     self.seen.append(name)
     if name == self.output_layer:
       raise _Stop(x)
+    if name in self.wanted:
+      self.found[name] = x
+      if len(self.found) == len(self.wanted):
+        raise _Stop(self.collected())
     return x
 
-  def run(self, forward: Callable[[], jax.Array]) -> jax.Array:
+  def collected(self) -> dict[str, jax.Array]:
+    return {n: self.found[n] for n in self.wanted}
+
+  def run(self, forward: Callable[[], Any]) -> Any:
     try:
-      return forward()
+      out = forward()
     except _Stop as stop:
       return stop.value
+    if self.wanted:  # The forward ended before every asked layer was seen.
+      missing = [n for n in self.wanted if n not in self.found]
+      raise UserError(f"return_layers {missing} are not layers of this model")
+    return out
 
 
 def check_output_layer(
@@ -117,10 +144,26 @@ def check_input(arch: str, shape: tuple[int, ...], min_size: int) -> None:
 
 
 def global_pool(x: jax.Array, pooling: str | None) -> jax.Array:
+  """Keras' global pooling of (B, H, W, C) maps; (B, T, D) tokens pool over
+  the tokens only ('token' takes the first, a class token)."""
+  if x.ndim == 3:
+    return pool_tokens(x, pooling)
   if pooling == "avg":
     return jnp.mean(x, axis=(1, 2))
   if pooling == "max":
     return jnp.max(x, axis=(1, 2))
+  return x
+
+
+def pool_tokens(x: jax.Array, pooling: str | None) -> jax.Array:
+  """(B, T, D) token sequences -> (B, D): 'token' (the first token), 'avg'
+  or 'max' over tokens; None keeps the sequence."""
+  if pooling == "token":
+    return x[:, 0]
+  if pooling == "avg":
+    return jnp.mean(x, axis=1)
+  if pooling == "max":
+    return jnp.max(x, axis=1)
   return x
 
 

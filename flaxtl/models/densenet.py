@@ -10,9 +10,7 @@ named as in a fresh Keras session).
 
 from __future__ import annotations
 
-import functools
-
-from flaxtl.models import keras_model, registry
+from flaxtl.models import checkpoints, keras_model
 
 # Conv blocks per dense block (conv2..conv5).
 BLOCKS: dict[str, tuple[int, int, int, int]] = {
@@ -90,19 +88,43 @@ class DenseNet(keras_model.KerasApp):
 
 
 for _arch in BLOCKS:
-  keras_model.define(_arch, forward, MIN_SIZE)
-  registry.register(
-    registry.Backbone(
-      arch=_arch,
-      family="densenet",
-      build=functools.partial(DenseNet, arch=_arch),
-      layer_names=functools.partial(keras_layer_names, _arch),
-      preprocess="torch",
-      min_size=MIN_SIZE,
-      feature_layer="relu",
-      classifier="predictions",
-      batch_stats=True,
-      stem_layers=("conv1_conv",),
-      options={"classifier_activation": None},
-    )
+  keras_model.register(
+    _arch,
+    forward,
+    family="densenet",
+    build=DenseNet,
+    preprocess="torch",
+    min_size=MIN_SIZE,
+    feature_layer="relu",
+    stem_layers=("conv1_conv",),
   )
+
+
+# Pretrained checkpoints: the official Keras files.
+# Official ImageNet files: (arch, include_top) -> (path under
+# https://storage.googleapis.com/tensorflow/keras-applications/, md5), from
+# keras/src/applications/py.
+_MD5 = {
+  "densenet121": (
+    "9d60b8095a5708f2dcce2bca79d332c7",
+    "30ee3e1110167f948a6b9946edeeb738",
+  ),
+  "densenet169": (
+    "d699b8f76981ab1b30698df4c175e90b",
+    "b8c4d4c20dd625c148057b9ff1c1176b",
+  ),
+  "densenet201": (
+    "1ceb130c1ea1b78c3bf6114dbdfd8807",
+    "c13680b51ded0fb44dff2d8f86ac8bb1",
+  ),
+}
+IMAGENET_FILES = {
+  (arch, top): (
+    f"densenet/{arch}_weights_tf_dim_ordering_tf_kernels"
+    f"{'' if top else '_notop'}.h5",
+    md5s[0 if top else 1],
+  )
+  for arch, md5s in _MD5.items()
+  for top in (True, False)
+}
+checkpoints.register(*checkpoints.keras_imagenet(IMAGENET_FILES))

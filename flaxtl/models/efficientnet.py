@@ -23,14 +23,12 @@ Dropout layers (the per-sample `blockNx_drop` stochastic depth and
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any
 
 import flax.linen as nn
 
 from flaxtl.errors import UserError
-from flaxtl.models import keras_model, registry
+from flaxtl.models import checkpoints, keras_model
 from flaxtl.models.keras_model import correct_pad, make_divisible
 
 MIN_SIZE = 32
@@ -395,22 +393,118 @@ def keras_layer_names(
 
 
 for _arch, _forward in FORWARDS.items():
-  _options: dict[str, Any] = {}
-  if _arch in V1_ARCHS:
-    _options["imagenet_rescaling"] = False
-  keras_model.define(_arch, _forward, MIN_SIZE, options=_options)
-  registry.register(
-    registry.Backbone(
-      arch=_arch,
-      family="efficientnet",
-      build=functools.partial(EfficientNet, arch=_arch),
-      layer_names=functools.partial(keras_layer_names, _arch),
-      preprocess="none",
-      min_size=MIN_SIZE,
-      feature_layer="top_activation",
-      classifier="predictions",
-      batch_stats=True,
-      stem_layers=("stem_conv",),
-      options={"classifier_activation": None, **_options},
-    )
+  keras_model.register(
+    _arch,
+    _forward,
+    family="efficientnet",
+    build=EfficientNet,
+    min_size=MIN_SIZE,
+    feature_layer="top_activation",
+    stem_layers=("stem_conv",),
+    layer_options={"imagenet_rescaling": False} if _arch in V1_ARCHS else {},
   )
+
+
+# Pretrained checkpoints: the official Keras files.
+# Official ImageNet files, MD5 as Keras checks them (keras/src/applications/
+# py, efficientnet_v2.py: WEIGHTS_HASHES, (top, no top)).
+_V1_MD5 = {
+  "b0": (
+    "902e53a9f72be733fc0bcb005b3ebbac",
+    "50bc09e76180e00e4465e1a485ddc09d",
+  ),
+  "b1": (
+    "1d254153d4ab51201f1646940f018540",
+    "74c4e6b3e1f6a1eea24c589628592432",
+  ),
+  "b2": (
+    "b15cce36ff4dcbd00b6dd88e7857a6ad",
+    "111f8e2ac8aa800a7a99e3239f7bfb39",
+  ),
+  "b3": (
+    "ffd1fdc53d0ce67064dc6a9c7960ede0",
+    "af6d107764bb5b1abb91932881670226",
+  ),
+  "b4": (
+    "18c95ad55216b8f92d7e70b3a046e2fc",
+    "ebc24e6d6c33eaebbd558eafbeedf1ba",
+  ),
+  "b5": (
+    "ace28f2a6363774853a83a0b21b9421a",
+    "38879255a25d3c92d5e44e04ae6cec6f",
+  ),
+  "b6": (
+    "165f6e37dce68623721b423839de8be5",
+    "9ecce42647a20130c1f39a5d4cb75743",
+  ),
+  "b7": (
+    "8c03f828fec3ef71311cd463b6759d99",
+    "cbcfe4450ddf6f3ad90b1b398090fe4a",
+  ),
+}
+_V2_MD5 = {
+  "b0": (
+    "21ecbf6da12460d5c40bb2f29ceb2188",
+    "893217f2bb855e2983157299931e43ff",
+  ),
+  "b1": (
+    "069f0534ff22adf035c89e2d9547a9dc",
+    "0e80663031ca32d657f9caa404b6ec37",
+  ),
+  "b2": (
+    "424e49f28180edbde1e94797771950a7",
+    "1dfe2e7a5d45b6632553a8961ea609eb",
+  ),
+  "b3": (
+    "1f1fc43bd98a6e4fd8fdfd551e02c7a0",
+    "f6abf7b5849ac99a89b50dd3fd532856",
+  ),
+  "s": (
+    "e1d88a8495beba45748fedd0cecbe016",
+    "af0682fb74e8c54910f2d4393339c070",
+  ),
+  "m": (
+    "a3bf6aa3276309f4fc6a34aa114c95cd",
+    "1b8dc055df72dde80d614482840fe342",
+  ),
+  "l": (
+    "27e6d408b53c7ebc868fefa357689935",
+    "b0b66b5c863aef5b46e8608fe1711615",
+  ),
+}
+HASH_ALGORITHM = "md5"
+# EfficientNet (V1) files are NOT under the common base URL
+# https://storage.googleapis.com/tensorflow/keras-applications/ but here:
+V1_BASE_URL = "https://storage.googleapis.com/keras-applications/"
+IMAGENET_BASE_URLS = dict.fromkeys(V1_ARCHS, V1_BASE_URL)
+# (arch, include_top) -> (path under the arch's base URL, md5).
+IMAGENET_FILES = {
+  **{
+    (f"efficientnet{v}", top): (
+      f"efficientnet{v}{'' if top else '_notop'}.h5",
+      _V1_MD5[v][0 if top else 1],
+    )
+    for v in _V1_MD5
+    for top in (True, False)
+  },
+  **{
+    (f"efficientnetv2{v}", top): (
+      f"efficientnet_v2/efficientnetv2-{v}{'' if top else '_notop'}.h5",
+      _V2_MD5[v][0 if top else 1],
+    )
+    for v in _V2_MD5
+    for top in (True, False)
+  },
+}
+# Build options the official files need (Keras' weights='imagenet' model).
+IMAGENET_OPTIONS = {arch: {"imagenet_rescaling": True} for arch in V1_ARCHS}
+checkpoints.register(
+  *checkpoints.keras_imagenet(
+    {k: v for k, v in IMAGENET_FILES.items() if k[0] in V1_ARCHS},
+    V1_BASE_URL,
+    IMAGENET_OPTIONS,
+  ),
+  *checkpoints.keras_imagenet(
+    {k: v for k, v in IMAGENET_FILES.items() if k[0] not in V1_ARCHS}
+  ),
+)

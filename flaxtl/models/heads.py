@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxtl.models import registry
+from flaxtl.models import common, registry
 
 HEADS = ("keras_top", "mlp", "linear")
 ACTIVATIONS = {
@@ -65,13 +65,12 @@ class MLPHead(nn.Module):
 
 
 def pool_features(feats: jax.Array, pooling: str | None) -> jax.Array:
-  """Backbone features -> a vector per image (global pool, or flatten)."""
+  """Backbone features -> a vector per image: NHWC maps pooled over space (or
+  flattened), (B, T, D) tokens over tokens (`common.pool_tokens`)."""
   if feats.ndim == 2:
     return feats
-  if feats.ndim == 3 and pooling in ("avg", "max"):  # (B, T, D) tokens.
-    return (feats.mean if pooling == "avg" else feats.max)(axis=1)
-  if pooling in ("avg", "max"):
-    return (feats.mean if pooling == "avg" else feats.max)(axis=(1, 2))
+  if pooling in common.FEATURE_POOLINGS:
+    return common.global_pool(feats, pooling)
   return feats.reshape(feats.shape[0], -1)
 
 

@@ -12,7 +12,7 @@ defaults). Input: `preprocess_input` mode 'tf' ([-1, 1]).
 
 from __future__ import annotations
 
-from flaxtl.models import keras_model, registry, xception
+from flaxtl.models import checkpoints, keras_model, xception
 
 MIN_SIZE = 75
 
@@ -241,22 +241,39 @@ for _arch, _forward, _feature in (
   ("inception_v3", inception_v3, "mixed10"),
   ("inception_resnet_v2", inception_resnet_v2, "conv_7b_ac"),
 ):
-  keras_model.define(_arch, _forward, MIN_SIZE)
-  registry.register(
-    registry.Backbone(
-      arch=_arch,
-      family="inception",
-      build=lambda arch=_arch, **options: keras_model.KerasApp(
-        arch=arch, **options
-      ),
-      layer_names=lambda include_top=True, pooling=None, arch=_arch: (
-        keras_model.layer_names(arch, include_top, pooling)
-      ),
-      preprocess="tf",
-      min_size=MIN_SIZE,
-      feature_layer=_feature,
-      classifier="predictions",
-      batch_stats=True,
-      stem_layers=("conv2d", "conv2d_1", "conv2d_2"),
-    )
+  keras_model.register(
+    _arch,
+    _forward,
+    family="inception",
+    preprocess="tf",
+    min_size=MIN_SIZE,
+    feature_layer=_feature,
+    stem_layers=("conv2d", "conv2d_1", "conv2d_2"),
   )
+
+
+# Pretrained checkpoints: the official Keras files.
+_BASE = "inception_resnet_v2/inception_resnet_v2_weights_tf_dim_ordering_tf"
+# Official ImageNet files: (arch, include_top) -> (path under
+# https://storage.googleapis.com/tensorflow/keras-applications/, md5), from
+# keras/src/applications/inception_v3.py and inception_resnet_v2.py (Keras
+# 3.15; get_file checks the md5).
+IMAGENET_FILES = {
+  ("inception_v3", True): (
+    "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
+    "9a0d58056eeedaa3f26cb7ebd46da564",
+  ),
+  ("inception_v3", False): (
+    "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "bcbd6486424b2319ff4ef7d526e38f63",
+  ),
+  ("inception_resnet_v2", True): (
+    f"{_BASE}_kernels.h5",
+    "e693bd0210a403b3192acc6073ad2e96",
+  ),
+  ("inception_resnet_v2", False): (
+    f"{_BASE}_kernels_notop.h5",
+    "d19885ff4a710c122648d3b5c3b684e4",
+  ),
+}
+checkpoints.register(*checkpoints.keras_imagenet(IMAGENET_FILES))

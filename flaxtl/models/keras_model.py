@@ -42,7 +42,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from flaxtl.errors import UserError
-from flaxtl.models import common
+from flaxtl.models import common, registry
 from flaxtl.ops import conv as conv_ops
 
 INPUT = "input_layer"  # Keras 3's name for a model's first input.
@@ -100,6 +100,52 @@ def define(
   if arch in _ARCHS:
     raise ValueError(f"architecture {arch!r} defined twice")
   _ARCHS[arch] = Arch(forward, min_size, default_size, dict(options or {}))
+
+
+def register(
+  arch: str,
+  forward: Callable[..., Any],
+  *,
+  family: str,
+  min_size: int,
+  feature_layer: str | None = None,
+  classifier: str = "predictions",
+  preprocess: str = "none",
+  batch_stats: bool = True,
+  stem_layers: tuple[str, ...] = (),
+  layer_options: Mapping[str, Any] | None = None,
+  build: Callable[..., nn.Module] | None = None,
+  default_size: int = 224,
+  **fields: Any,
+) -> registry.Backbone:
+  """`define`s a Keras architecture and registers it: one call per arch.
+
+  layer_options: options that change the layers (alpha), with defaults.
+  build: the module class (default `KerasApp`); feature_layer: default the
+  last layer without the top. fields: the rest of its `registry.Backbone`.
+  """
+  layer_options = dict(layer_options or {})
+  define(arch, forward, min_size, default_size, layer_options)
+
+  def names(include_top=True, pooling=None, **options):
+    return layer_names(arch, include_top, pooling, **options)
+
+  return registry.register(
+    registry.Backbone(
+      arch=arch,
+      family=family,
+      build=functools.partial(build or KerasApp, arch=arch),
+      layer_names=names,
+      preprocess=preprocess,
+      min_size=min_size,
+      feature_layer=feature_layer or names(include_top=False)[-1],
+      classifier=classifier,
+      batch_stats=batch_stats,
+      stem_layers=stem_layers,
+      options={"classifier_activation": None, **layer_options},
+      **fields,
+    )
+  )
 
 
 def _get(arch: str) -> Arch:
@@ -1060,6 +1106,8 @@ class KerasApp(nn.Module):
     pooling: without the top, None (4D features), 'avg' or 'max'.
     classifier_activation: None (logits, what losses want) or 'softmax'.
     output_layer: stop at this Keras layer and return its output.
+    return_layers: return {name: output} for these layers instead, computing
+      only what they depend on.
     dtype: compute dtype; param_dtype: storage dtype of the parameters.
 
   A family with layer options (alpha) subclasses it with those fields.
@@ -1074,6 +1122,7 @@ class KerasApp(nn.Module):
   pooling: str | None = None
   classifier_activation: str | None = None
   output_layer: str | None = None
+  return_layers: tuple[str, ...] = ()
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -1103,11 +1152,13 @@ class KerasApp(nn.Module):
     options = {k: getattr(self, k) for k in spec.options}
     layers = recorded(self.arch, self.include_top, self.pooling, **options)
     common.check_input(self.arch, tuple(x.shape), spec.min_size)
-    common.check_output_layer(self.arch, self.output_layer, list(layers.names))
+    asked = (self.output_layer,) if self.output_layer else self.return_layers
+    for name in asked:
+      common.check_output_layer(self.arch, name, list(layers.names))
+    taps = common.Taps(self.output_layer, self.return_layers)
     needed = None
-    if self.output_layer is not None:
-      needed = ancestors(layers.parents, self.output_layer)
-    taps = common.Taps(self.output_layer)
+    if asked:
+      needed = set().union(*(ancestors(layers.parents, n) for n in asked))
     net = Compute(taps, needed, train, self.dtype, self.param_dtype)
     cfg = config(
       self.arch,

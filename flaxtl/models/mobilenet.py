@@ -19,13 +19,8 @@ Keras' Rescaling layer inside and takes 0..255.
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
-import flax.linen as nn
-
 from flaxtl.errors import UserError
-from flaxtl.models import keras_model, registry
+from flaxtl.models import checkpoints, keras_model
 from flaxtl.models.keras_model import correct_pad, make_divisible
 
 MIN_SIZE = 32
@@ -314,25 +309,100 @@ def keras_layer_names(
   return keras_model.layer_names(arch, include_top, pooling, alpha=alpha)
 
 
-def _build(arch: str, **options: Any) -> nn.Module:
-  cls = MobileNetV2 if arch == "mobilenetv2" else MobileNetV3
-  return cls(arch=arch, **options)
-
-
 for _arch, _forward in FORWARDS.items():
-  keras_model.define(_arch, _forward, MIN_SIZE, options={"alpha": 1.0})
-  registry.register(
-    registry.Backbone(
-      arch=_arch,
-      family="mobilenet",
-      build=functools.partial(_build, _arch),
-      layer_names=functools.partial(keras_layer_names, _arch),
-      preprocess="tf" if _arch == "mobilenetv2" else "none",
-      min_size=MIN_SIZE,
-      feature_layer=keras_layer_names(_arch, include_top=False)[-1],
-      classifier="predictions" if _arch == "mobilenetv2" else "logits",
-      batch_stats=True,
-      stem_layers=("Conv1",) if _arch == "mobilenetv2" else ("conv",),
-      options={"alpha": 1.0, "classifier_activation": None},
-    )
+  keras_model.register(
+    _arch,
+    _forward,
+    family="mobilenet",
+    build=MobileNetV2 if _arch == "mobilenetv2" else MobileNetV3,
+    preprocess="tf" if _arch == "mobilenetv2" else "none",
+    min_size=MIN_SIZE,
+    classifier="predictions" if _arch == "mobilenetv2" else "logits",
+    stem_layers=("Conv1",) if _arch == "mobilenetv2" else ("conv",),
+    layer_options={"alpha": 1.0},
   )
+
+
+# Pretrained checkpoints: the official Keras files.
+# Official ImageNet files: (arch, include_top) -> (path under
+# https://storage.googleapis.com/tensorflow/keras-applications/, digest),
+# for alpha 1.0 at 224 px. Keras' mobilenet_v3.py checks MD5 digests;
+# mobilenet_v2.py passes no hash at all (None: nothing to verify against).
+# keras/src/applications/mobilenet_v3.py: model name -> (top, no top).
+_V3_MD5 = {
+  "large_224_0.75_float": (
+    "765b44a33ad4005b3ac83185abf1d0eb",
+    "40af19a13ebea4e2ee0c676887f69a2e",
+  ),
+  "large_224_1.0_float": (
+    "59e551e166be033d707958cf9e29a6a7",
+    "07fb09a5933dd0c8eaafa16978110389",
+  ),
+  "large_minimalistic_224_1.0_float": (
+    "675e7b876c45c57e9e63e6d90a36599c",
+    "ec5221f64a2f6d1ef965a614bdae7973",
+  ),
+  "small_224_0.75_float": (
+    "cb65d4e5be93758266aa0a7f2c6708b7",
+    "ebdb5cc8e0b497cd13a7c275d475c819",
+  ),
+  "small_224_1.0_float": (
+    "8768d4c2e7dee89b9d02b2d03d65d862",
+    "d3e8ec802a04aa4fc771ee12a9a9b836",
+  ),
+  "small_minimalistic_224_1.0_float": (
+    "99cd97fb2fcdad2bf028eb838de69e37",
+    "cde8136e733e811080d9fcd8a252f7e4",
+  ),
+}
+HASH_ALGORITHM = {"mobilenetv2": None, "mobilenetv3": "md5"}
+
+
+def _v2_file(include_top: bool, alpha: float, rows: int = 224):
+  suffix = "" if include_top else "_no_top"
+  name = (
+    "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_"
+    f"{float(alpha)}_{rows}{suffix}.h5"
+  )
+  return f"mobilenet_v2/{name}", None
+
+
+def _v3_file(arch: str, include_top: bool, alpha: float):
+  size = "small" if arch.startswith("mobilenetv3small") else "large"
+  minimal = "_minimalistic" if arch.endswith("_minimalistic") else ""
+  model = f"{size}{minimal}_224_{alpha}_float"
+  top, notop = _V3_MD5[model]
+  if include_top:
+    return f"mobilenet_v3/weights_mobilenet_v3_{model}.h5", top
+  return f"mobilenet_v3/weights_mobilenet_v3_{model}_no_top_v2.h5", notop
+
+
+# Every (arch, include_top, alpha) Keras has a file for (V2 at 224 px; Keras
+# also has V2 files for 96, 128, 160 and 192 px, same names with the size).
+IMAGENET_ALPHA_FILES = {
+  **{
+    ("mobilenetv2", top, a): _v2_file(top, a)
+    for a in V2_ALPHAS
+    for top in (True, False)
+  },
+  **{
+    (arch, top, a): _v3_file(arch, top, a)
+    for arch in ("mobilenetv3small", "mobilenetv3large")
+    for a in V3_ALPHAS
+    for top in (True, False)
+  },
+  **{
+    (arch, top, 1.0): _v3_file(arch, top, 1.0)
+    for arch in (
+      "mobilenetv3small_minimalistic",
+      "mobilenetv3large_minimalistic",
+    )
+    for top in (True, False)
+  },
+}
+IMAGENET_FILES = {
+  (arch, top): entry
+  for (arch, top, alpha), entry in IMAGENET_ALPHA_FILES.items()
+  if alpha == 1.0
+}
+checkpoints.register(*checkpoints.keras_imagenet(IMAGENET_ALPHA_FILES))

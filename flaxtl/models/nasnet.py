@@ -12,7 +12,7 @@ accepts). BatchNormalization: momentum 0.9997, epsilon 1e-3. Input:
 
 from __future__ import annotations
 
-from flaxtl.models import keras_model, registry
+from flaxtl.models import checkpoints, keras_model
 from flaxtl.models.keras_model import correct_pad
 
 ARCH = "nasnet_mobile"
@@ -207,20 +207,28 @@ def NASNetMobile(**kwargs) -> keras_model.KerasApp:  # noqa: N802
   return keras_model.KerasApp(arch=ARCH, **kwargs)
 
 
-keras_model.define(ARCH, forward, MIN_SIZE, default_size=224)
-registry.register(
-  registry.Backbone(
-    arch=ARCH,
-    family="nasnet",
-    build=lambda **options: keras_model.KerasApp(arch=ARCH, **options),
-    layer_names=lambda include_top=True, pooling=None: keras_model.layer_names(
-      ARCH, include_top, pooling
-    ),
-    preprocess="tf",
-    min_size=MIN_SIZE,
-    feature_layer=keras_model.layer_names(ARCH, False)[-1],
-    classifier="predictions",
-    batch_stats=True,
-    stem_layers=("stem_conv1",),
-  )
+keras_model.register(
+  ARCH,
+  forward,
+  family="nasnet",
+  preprocess="tf",
+  min_size=MIN_SIZE,
+  stem_layers=("stem_conv1",),
 )
+
+
+# Pretrained checkpoints: the official Keras files.
+# Official ImageNet files: (arch, include_top) -> (path under
+# https://storage.googleapis.com/tensorflow/keras-applications/, md5), from
+# keras/src/applications/py (Keras 3.15; get_file checks the md5).
+IMAGENET_FILES = {
+  ("nasnet_mobile", True): (
+    "nasnet/NASNet-mobile.h5",
+    "020fb642bf7360b370c678b08e0adf61",
+  ),
+  ("nasnet_mobile", False): (
+    "nasnet/NASNet-mobile-no-top.h5",
+    "1ed92395b5b598bdda52abe5c0dbfd63",
+  ),
+}
+checkpoints.register(*checkpoints.keras_imagenet(IMAGENET_FILES))

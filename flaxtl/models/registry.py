@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 import dataclasses
+import functools
+import math
 from types import MappingProxyType
 from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from flaxtl.errors import UserError
 
@@ -23,10 +27,23 @@ COMMON_OPTIONS = (
   "num_classes",  # Outputs of that classifier.
   "pooling",  # Without the top: None (4D features), 'avg' or 'max'.
   "output_layer",  # Stop at this layer and return its output.
+  "return_layers",  # Return {name: output} for these layers instead.
   "dtype",  # Compute dtype.
   "param_dtype",  # Parameter storage dtype.
 )
-POOLINGS = (None, "avg", "max")
+POOLINGS = (None, "avg", "max")  # What CNN backbones take (Keras').
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """A feature stage, timm's `feature_info` entry: the last layer of the
+  shallowest module path at each output stride."""
+
+  name: str  # A layer `output_layer` / `return_layers` / freeze.until take.
+  stride: int  # Input size / output size.
+  channels: int
+
+
 PREPROCESS_MODES = ("caffe", "tf", "torch", "clip", "none")
 
 
@@ -59,7 +76,9 @@ class Backbone:
       name `output_layer` (and so a head's feature layer) accepts, in forward
       order. None: `layer_names` without the input layer. PyTorch families
       accept every module path, containers and weightless modules included.
-    poolings: the `pooling` values it takes (ViTs add 'token' and 'map').
+    poolings: the `pooling` values the backbone takes without its top.
+    declared_stages: the stages, where they cannot be derived from the layer
+      shapes (token models); None: `stages()` derives them.
   """
 
   arch: str
@@ -79,6 +98,7 @@ class Backbone:
   naming: str = "keras"
   output_layers: Callable[..., list[str]] | None = None
   poolings: tuple[str | None, ...] = POOLINGS
+  declared_stages: tuple[Stage, ...] | None = None
 
   def __post_init__(self):
     if self.preprocess not in PREPROCESS_MODES:
@@ -122,9 +142,77 @@ class Backbone:
       include_top=include_top, pooling=pooling, **options
     )
 
+  def stages(self, **options: Any) -> tuple[Stage, ...]:
+    """Each output stride's stage, without the top (timm's feature_info)."""
+    if self.declared_stages is not None:
+      return self.declared_stages
+    self.check_options(options)
+    return _stages(self.arch, tuple(sorted(options.items())))
+
+  def stage(self, stride: int, **options: Any) -> Stage:
+    """The stage at `stride` ('through the stride-8 stage')."""
+    found = {s.stride: s for s in self.stages(**options)}
+    if stride not in found:
+      raise UserError(
+        f"{self.arch} has no stride-{stride} stage (strides: {sorted(found)})"
+      )
+    return found[stride]
+
   def input_size(self, include_top: bool) -> int:
     """The smallest square input the model takes with or without its top."""
     return self.top_size if include_top and self.top_size else self.min_size
+
+
+STAGE_SIZE = 224  # Strides are read off the layer shapes at this input.
+
+
+def layer_shapes(
+  backbone: Backbone, **options: Any
+) -> list[tuple[str, tuple[int, ...]]]:
+  """(layer, output shape without the batch) of every output layer without
+  the top, in forward order, at STAGE_SIZE; no FLOPs (`jax.eval_shape`)."""
+  names = backbone.outputs(include_top=False, **options)
+  model = backbone.build(
+    include_top=False, return_layers=tuple(names), **options
+  )
+  x = jax.ShapeDtypeStruct((1, STAGE_SIZE, STAGE_SIZE, 3), jnp.float32)
+
+  def run(x):
+    variables = model.init(jax.random.PRNGKey(0), x)
+    return model.apply(variables, x)
+
+  out = jax.eval_shape(run, x)
+  return [(n, tuple(out[n].shape[1:])) for n in names]
+
+
+def _stride(shape: tuple[int, ...]) -> int | None:
+  """The output stride of a (h, w, c) map at STAGE_SIZE: a power of two up to
+  64 whose 'same' size h is, or a 'valid' size a few pixels under it (111 in
+  Xception). Tokens, padded maps (57x57) and 1x1 squeeze-excite maps: None."""
+  if len(shape) != 3:
+    return None
+  stride = 2 ** round(math.log2(STAGE_SIZE / shape[0]))
+  same = -(-STAGE_SIZE // stride)
+  if stride > 64 or not 0.85 * same <= shape[0] <= same:
+    return None
+  return stride
+
+
+@functools.cache
+def _stages(arch: str, options: tuple) -> tuple[Stage, ...]:
+  backbone = get(arch)
+  by_stride: dict[int, list[tuple[int, str, int]]] = {}
+  for i, (name, shape) in enumerate(layer_shapes(backbone, **dict(options))):
+    stride = _stride(shape)
+    if stride is None or i == 0:
+      continue
+    by_stride.setdefault(stride, []).append((name.count("/"), name, shape[2]))
+  stages = []
+  for stride, layers in sorted(by_stride.items()):
+    depth = min(d for d, _, _ in layers)
+    _, name, channels = [t for t in layers if t[0] == depth][-1]
+    stages.append(Stage(name, stride, channels))
+  return tuple(stages)
 
 
 _REGISTRY: dict[str, Backbone] = {}

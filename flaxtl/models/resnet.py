@@ -10,9 +10,7 @@ Keras' `model.layers`, so `freeze.first_layers=k` freezes what
 
 from __future__ import annotations
 
-import functools
-
-from flaxtl.models import keras_model, registry
+from flaxtl.models import checkpoints, keras_model
 
 # Blocks per stack (conv2..conv5); every stack's bottleneck widths.
 STACKS: dict[str, tuple[int, int, int, int]] = {
@@ -134,19 +132,55 @@ class ResNet(keras_model.KerasApp):
 
 
 for _arch in STACKS:
-  keras_model.define(_arch, forward, MIN_SIZE)
-  registry.register(
-    registry.Backbone(
-      arch=_arch,
-      family="resnet",
-      build=functools.partial(ResNet, arch=_arch),
-      layer_names=functools.partial(keras_layer_names, _arch),
-      preprocess="tf" if is_v2(_arch) else "caffe",
-      min_size=MIN_SIZE,
-      feature_layer="post_relu" if is_v2(_arch) else "conv5_block3_out",
-      classifier="predictions",
-      batch_stats=True,
-      stem_layers=("conv1_conv",),
-      options={"classifier_activation": None},
-    )
+  keras_model.register(
+    _arch,
+    forward,
+    family="resnet",
+    build=ResNet,
+    preprocess="tf" if is_v2(_arch) else "caffe",
+    min_size=MIN_SIZE,
+    feature_layer="post_relu" if is_v2(_arch) else "conv5_block3_out",
+    stem_layers=("conv1_conv",),
   )
+
+
+# Pretrained checkpoints: the official Keras files.
+# Official ImageNet files: (arch, include_top) -> (path under
+# https://storage.googleapis.com/tensorflow/keras-applications/, md5), from
+# keras/src/applications/py WEIGHTS_HASHES (same files for v2).
+_MD5 = {
+  "resnet50": (
+    "2cb95161c43110f7111970584f804107",
+    "4d473c1dd8becc155b73f8504c6f6626",
+  ),
+  "resnet101": (
+    "f1aeb4b969a6efcfb50fad2f0c20cfc5",
+    "88cf7a10940856eca736dc7b7e228a21",
+  ),
+  "resnet152": (
+    "100835be76be38e30d865e96f2aaae62",
+    "ee4c566cf9a93f14d82f913c2dc6dd0c",
+  ),
+  "resnet50v2": (
+    "3ef43a0b657b3be2300d5770ece849e0",
+    "fac2f116257151a9d068a22e544a4917",
+  ),
+  "resnet101v2": (
+    "6343647c601c52e1368623803854d971",
+    "c0ed64b8031c3730f411d2eb4eea35b5",
+  ),
+  "resnet152v2": (
+    "a49b44d1979771252814e80f8ec446f9",
+    "ed17cf2e0169df9d443503ef94b23b33",
+  ),
+}
+IMAGENET_FILES = {
+  (arch, top): (
+    f"resnet/{arch}_weights_tf_dim_ordering_tf_kernels"
+    f"{'' if top else '_notop'}.h5",
+    md5s[0 if top else 1],
+  )
+  for arch, md5s in _MD5.items()
+  for top in (True, False)
+}
+checkpoints.register(*checkpoints.keras_imagenet(IMAGENET_FILES))

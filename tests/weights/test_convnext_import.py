@@ -4,6 +4,7 @@ import pytest
 
 from flaxtl import weights
 from flaxtl.errors import UserError
+from flaxtl.models import convnext
 from flaxtl.weights import keras_file, sources
 from flaxtl.weights.mappings import convnext as convnext_mapping
 from tests import keras_oracle as oracle
@@ -73,6 +74,6 @@ def test_imagenet_table_is_keras_own(keras):
       f"{folder}{arch}_notop.h5",
       notop,
     )
-  assert set(convnext_mapping.IMAGENET_FILES) == {
+  assert set(convnext.IMAGENET_FILES) == {
     (a, t) for a in kconvnext.WEIGHTS_HASHES for t in (True, False)
   }

@@ -7,8 +7,10 @@ import jax
 import numpy as np
 import pytest
 
+from configs import base
 from flaxtl import models, weights
 from flaxtl.models import efficientnet
+from flaxtl.train import run_spec, setup
 from flaxtl.weights import keras_file, sources
 from flaxtl.weights.mappings import efficientnet as mapping
 from tests import keras_oracle as oracle
@@ -223,6 +225,24 @@ def test_keras_imagenet_model_with_its_extra_rescaling(
   record_property("max_rel_diff", float(rel))
   assert rel <= oracle.TOL
 
+  # freeze.first_layers=k is Keras' model.layers[:k] of this model (the
+  # rescaling layer counts) when the run's options come from the weights.
+  config = base.get_base()
+  config.model.arch, config.model.head = "efficientnetb0", "linear"
+  spec = run_spec.resolve(config, prov)
+  net = setup.build_model(config, 10, spec=spec)
+  params = setup.abstract_variables(net, SIZE, jax.random.PRNGKey(0))["params"]
+  # One layer off (the rescaling layer not counted) would freeze se_reduce.
+  k = names.index("block1a_se_reduce")
+  plan = setup.freeze_plan(config, params, k, log_matches=False, spec=spec)
+  trained = {
+    layer.name for layer in model.layers[:k] if layer.trainable_weights
+  }
+  assert {"stem_conv", "block1a_dwconv"} <= trained
+  assert {f"backbone/{n}" for n in trained} == {
+    p for p in plan.frozen_layers() if p.startswith("backbone/")
+  }
+
   archive = tmp_path / "imagenet.keras"
   model.save(archive)
   assert mapping.imagenet_rescaling(keras_file.read(archive))
@@ -234,20 +254,20 @@ def test_imagenet_file_table_matches_keras_sources(keras):
   """Names, paths and digests as keras/src/applications builds them."""
   kv1 = keras.src.applications.efficientnet
   kv2 = keras.src.applications.efficientnet_v2
-  files = mapping.IMAGENET_FILES
+  files = efficientnet.IMAGENET_FILES
   for arch in efficientnet.V1_ARCHS:
     top_md5, notop_md5 = kv1.WEIGHTS_HASHES[arch[-2:]]
-    base = mapping.IMAGENET_BASE_URLS[arch]
+    base = efficientnet.IMAGENET_BASE_URLS[arch]
     assert base == kv1.BASE_WEIGHTS_PATH != sources.KERAS_BASE_URL
     for top, suffix, md5 in ((True, "", top_md5), (False, "_notop", notop_md5)):
       rel, digest = files[(arch, top)]
       assert (rel, digest) == (f"{arch}{suffix}.h5", md5)
-    assert mapping.IMAGENET_OPTIONS[arch] == {"imagenet_rescaling": True}
+    assert efficientnet.IMAGENET_OPTIONS[arch] == {"imagenet_rescaling": True}
   for arch in efficientnet.V2_ARCHS:
     variant = arch.removeprefix("efficientnetv2")
     key = variant if variant.startswith("b") else "-" + variant
     top_md5, notop_md5 = kv2.WEIGHTS_HASHES[key]
-    assert arch not in mapping.IMAGENET_BASE_URLS
+    assert arch not in efficientnet.IMAGENET_BASE_URLS
     for top, suffix, md5 in ((True, "", top_md5), (False, "_notop", notop_md5)):
       rel, digest = files[(arch, top)]
       name = f"efficientnetv2-{variant}{suffix}.h5"

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from flaxtl import convert, models, weights
+from flaxtl.models import densenet, resnet
 from flaxtl.weights import keras_file, sources
-from flaxtl.weights.mappings import densenet as densenet_mapping
 from flaxtl.weights.mappings import resnet as resnet_mapping
 from tests import keras_layouts
 from tests import keras_oracle as oracle
@@ -78,9 +78,7 @@ def test_imagenet_table_is_keras_own(keras):
   assert table == {f"densenet/{name}": digest for name, digest in pairs}
   url = base + "densenet/densenet121_weights_tf_dim_ordering_tf_kernels.h5"
   assert url == kdensenet.DENSENET121_WEIGHT_PATH
-  assert set(resnet_mapping.IMAGENET_FILES) | set(
-    densenet_mapping.IMAGENET_FILES
-  ) == {
+  assert set(resnet.IMAGENET_FILES) | set(densenet.IMAGENET_FILES) == {
     (a, t)
     for f in ("resnet", "densenet")
     for a in models.names(f)

@@ -210,7 +210,7 @@ def test_imagenet_file_table_matches_keras_sources(keras):
   kv2 = keras.src.applications.mobilenet_v2
   kv3 = keras.src.applications.mobilenet_v3
   base = sources.KERAS_BASE_URL
-  table = mapping.IMAGENET_ALPHA_FILES
+  table = mobilenet.IMAGENET_ALPHA_FILES
   for alpha in mobilenet.V2_ALPHAS:
     for top, suffix in ((True, ""), (False, "_no_top")):
       name = (
@@ -239,8 +239,8 @@ def test_imagenet_file_table_matches_keras_sources(keras):
   }
   assert set(table) == want  # Every file Keras has, at 224 px.
   defaults = {(a, t): e for (a, t, x), e in table.items() if x == 1.0}
-  assert defaults == mapping.IMAGENET_FILES
-  assert {a for a, _ in mapping.IMAGENET_FILES} == set(
+  assert defaults == mobilenet.IMAGENET_FILES
+  assert {a for a, _ in mobilenet.IMAGENET_FILES} == set(
     models.names("mobilenet")
   )
 

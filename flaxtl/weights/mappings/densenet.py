@@ -21,33 +21,6 @@ ALIASES = {
   "fc1000": "predictions",
 }
 
-# Official ImageNet files: (arch, include_top) -> (path under
-# https://storage.googleapis.com/tensorflow/keras-applications/, md5), from
-# keras/src/applications/densenet.py.
-_MD5 = {
-  "densenet121": (
-    "9d60b8095a5708f2dcce2bca79d332c7",
-    "30ee3e1110167f948a6b9946edeeb738",
-  ),
-  "densenet169": (
-    "d699b8f76981ab1b30698df4c175e90b",
-    "b8c4d4c20dd625c148057b9ff1c1176b",
-  ),
-  "densenet201": (
-    "1ceb130c1ea1b78c3bf6114dbdfd8807",
-    "c13680b51ded0fb44dff2d8f86ac8bb1",
-  ),
-}
-IMAGENET_FILES = {
-  (arch, top): (
-    f"densenet/{arch}_weights_tf_dim_ordering_tf_kernels"
-    f"{'' if top else '_notop'}.h5",
-    md5s[0 if top else 1],
-  )
-  for arch, md5s in _MD5.items()
-  for top in (True, False)
-}
-
 
 @functools.cache
 def _weighted(arch: str) -> frozenset[str]:

@@ -14,30 +14,6 @@ from flaxtl.weights import keras_file
 from flaxtl.weights.converted import Converted
 from flaxtl.weights.mappings import keras_names
 
-_BASE = "inception_resnet_v2/inception_resnet_v2_weights_tf_dim_ordering_tf"
-# Official ImageNet files: (arch, include_top) -> (path under
-# https://storage.googleapis.com/tensorflow/keras-applications/, md5), from
-# keras/src/applications/inception_v3.py and inception_resnet_v2.py (Keras
-# 3.15; get_file checks the md5).
-IMAGENET_FILES = {
-  ("inception_v3", True): (
-    "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
-    "9a0d58056eeedaa3f26cb7ebd46da564",
-  ),
-  ("inception_v3", False): (
-    "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
-    "bcbd6486424b2319ff4ef7d526e38f63",
-  ),
-  ("inception_resnet_v2", True): (
-    f"{_BASE}_kernels.h5",
-    "e693bd0210a403b3192acc6073ad2e96",
-  ),
-  ("inception_resnet_v2", False): (
-    f"{_BASE}_kernels_notop.h5",
-    "d19885ff4a710c122648d3b5c3b684e4",
-  ),
-}
-
 V3_CONVS = 94  # conv2d_bn units in InceptionV3.
 _IRV2 = re.compile(r"block(35|17|8)_\d+_conv|conv_7b")
 _CONV = re.compile(r"conv2d(_\d+)?")

@@ -9,20 +9,6 @@ from flaxtl.weights import keras_file
 from flaxtl.weights.converted import Converted
 from flaxtl.weights.mappings import keras_names
 
-# Official ImageNet files: (arch, include_top) -> (path under
-# https://storage.googleapis.com/tensorflow/keras-applications/, md5), from
-# keras/src/applications/nasnet.py (Keras 3.15; get_file checks the md5).
-IMAGENET_FILES = {
-  ("nasnet_mobile", True): (
-    "nasnet/NASNet-mobile.h5",
-    "020fb642bf7360b370c678b08e0adf61",
-  ),
-  ("nasnet_mobile", False): (
-    "nasnet/NASNet-mobile-no-top.h5",
-    "1ed92395b5b598bdda52abe5c0dbfd63",
-  ),
-}
-
 # NASNetMobile's first cell; NASNetLarge (not provided) has 96 stem filters.
 _STEM = ("stem_conv1", (3, 3, 3, 32))
 _CELL = "reduction_conv_1_stem_1"

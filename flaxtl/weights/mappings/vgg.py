@@ -19,27 +19,6 @@ from flaxtl.models import vgg
 from flaxtl.weights import keras_file
 from flaxtl.weights.converted import Converted
 
-# Official ImageNet files: (arch, include_top) -> (path under
-# https://storage.googleapis.com/tensorflow/keras-applications/, md5).
-IMAGENET_FILES = {
-  ("vgg16", True): (
-    "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels.h5",
-    "64373286793e3c8b2b4e3219cbf3544b",
-  ),
-  ("vgg16", False): (
-    "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-    "6d6bbae143d832006294945121d1f1fc",
-  ),
-  ("vgg19", True): (
-    "vgg19/vgg19_weights_tf_dim_ordering_tf_kernels.h5",
-    "cbe5617147190e668d6c5d5026f83318",
-  ),
-  ("vgg19", False): (
-    "vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
-    "253f8cb515780f3b799900260a226db6",
-  ),
-}
-
 _VGG_CONV = re.compile(r"block[1-5]_conv[1-4]")
 _TOP = ("fc1", "fc2", "predictions")
 
@@ -73,6 +52,45 @@ def _by_name(convs: list[keras_file.LayerWeights]) -> bool:
   return unique and all(n and _VGG_CONV.fullmatch(n) for n in names)
 
 
+def _resolve_arch(src, convs, by_name: bool, arch: str | None) -> str:
+  """`arch`, or the VGG the convs are; a file of the other VGG is refused."""
+  found = _detect_arch(convs, by_name)
+  if arch is None:
+    if found is None:
+      raise UserError(
+        f"{src}: its {len(convs)} 3x3 convolutions match neither VGG16 "
+        "nor VGG19"
+      )
+    return found
+  if found is not None and found != arch:
+    n = len(vgg.conv_layer_names(found))
+    raise UserError(
+      f"{src}: holds a {found.upper()} conv stack ({n} 3x3 convs), "
+      f"not {arch.upper()}; "
+      f"use --arch {found}"
+    )
+  return arch
+
+
+def _chosen_convs(src, convs, by_name: bool, arch: str) -> list:
+  """The file's layer for each of `arch`'s convs: by name, else by order."""
+  names = vgg.conv_layer_names(arch)
+  if by_name:
+    lookup = {layer.name: layer for layer in convs}
+    missing = [n for n in names if n not in lookup]
+    if missing:
+      raise UserError(
+        f"{src}: missing layer(s) {', '.join(missing)} for {arch}"
+      )
+    return [lookup[n] for n in names]
+  if len(convs) < len(names):
+    raise UserError(
+      f"{src}: missing layer {names[len(convs)]}: the file has only "
+      f"{len(convs)} 3x3 conv layers, {arch} needs {len(names)}"
+    )
+  return convs[: len(names)]
+
+
 def from_keras(
   weights: keras_file.KerasWeights,
   arch: str | None = None,
@@ -86,40 +104,11 @@ def from_keras(
     raise UserError(f"{src}: no 3x3 convolution layers found; not a VGG file")
 
   by_name = _by_name(convs)
-  found = _detect_arch(convs, by_name)
-  if arch is None:
-    if found is None:
-      raise UserError(
-        f"{src}: its {len(convs)} 3x3 convolutions match neither VGG16 "
-        "nor VGG19"
-      )
-    arch = found
-  elif found is not None and found != arch:
-    n = len(vgg.conv_layer_names(found))
-    raise UserError(
-      f"{src}: holds a {found.upper()} conv stack ({n} 3x3 convs), "
-      f"not {arch.upper()}; "
-      f"use --arch {found}"
-    )
-
+  arch = _resolve_arch(src, convs, by_name, arch)
   params: dict = {}
   used: set[int] = set()
   names = vgg.conv_layer_names(arch)
-  if by_name:
-    lookup = {layer.name: layer for layer in convs}
-    missing = [n for n in names if n not in lookup]
-    if missing:
-      raise UserError(
-        f"{src}: missing layer(s) {', '.join(missing)} for {arch}"
-      )
-    chosen = [lookup[n] for n in names]
-  else:
-    if len(convs) < len(names):
-      raise UserError(
-        f"{src}: missing layer {names[len(convs)]}: the file has only "
-        f"{len(convs)} 3x3 conv layers, {arch} needs {len(names)}"
-      )
-    chosen = convs[: len(names)]
+  chosen = _chosen_convs(src, convs, by_name, arch)
   for name, layer, shape in zip(names, chosen, expected_conv_shapes(arch)):
     params[name] = _checked(src, name, layer, shape)
     used.add(id(layer))

@@ -12,20 +12,6 @@ from flaxtl.weights import keras_file
 from flaxtl.weights.converted import Converted
 from flaxtl.weights.mappings import keras_names
 
-# Official ImageNet files: (arch, include_top) -> (path under
-# https://storage.googleapis.com/tensorflow/keras-applications/, md5), from
-# keras/src/applications/xception.py (Keras 3.15; get_file checks the md5).
-IMAGENET_FILES = {
-  ("xception", True): (
-    "xception/xception_weights_tf_dim_ordering_tf_kernels.h5",
-    "0a58e3b7378bc2990ea3b43d5981f1f6",
-  ),
-  ("xception", False): (
-    "xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
-    "b0042744bf5b25fce3cb969f33bebb97",
-  ),
-}
-
 _SEPCONV = re.compile(r"block\d+_sepconv\d")
 
 
