@@ -452,7 +452,7 @@ def test_clip_preprocessing():
   assert models.get("vit_small_patch14_dinov2").preprocess == "torch"
 
 
-@pytest.mark.parametrize("pooling", ["avg", None])
+@pytest.mark.parametrize("pooling", ["avg", "token", None])
 def test_transfer_model_reads_the_tokens(pooling):
   """The training model: tokens of feature_layer 'norm' into a new head."""
   model = heads.TransferModel(
