@@ -24,8 +24,12 @@ _CONFIG = config_flags.DEFINE_config_file(
   lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string(
-  "workdir", None, "Run directory (default: workdirs/<config>[-<variant>])."
+  "workdir",
+  None,
+  "Run directory: checkpoints, metrics, summary.json; rerunning resumes or "
+  "reports it (default: workdirs/<config>[-<variant>]).",
 )
+_HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "-?")
 
 
 def main(argv):
@@ -67,11 +71,29 @@ def _check_config_file(argv) -> None:
       raise FileNotFoundError(path)
 
 
+def _unknown_key(argv) -> str:
+  """Which --config.KEY override names no key, with the closest real one."""
+  spec = next(
+    (
+      a.split("=", 1)[1] if a.startswith("--config=") else argv[i + 1]
+      for i, a in enumerate(argv)
+      if a.startswith("--config=") or (a == "--config" and i + 1 < len(argv))
+    ),
+    None,
+  )
+  overrides = [a for a in argv if a.startswith("--config.")]
+  return config_files.unknown_key_message(spec, overrides)
+
+
 def _parse_flags(argv):
   """absl's parser; a bad flag, config file or key is one line and exit 2."""
   try:
     _check_config_file(argv)
     return flags.FLAGS(argv)
+  except SystemExit as e:
+    if any(a in _HELP_FLAGS for a in argv):
+      sys.exit(0)  # absl exits 1 after printing the help a user asked for.
+    raise e from None
   except flags.Error as e:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     # A config file that raised: its flag and the exception's own line.
@@ -80,9 +102,8 @@ def _parse_flags(argv):
       if "Traceback" in str(e)
       else " ".join(lines)
     )
-  except (AttributeError, KeyError) as e:  # ml_collections' unknown-key errors.
-    bad = [a for a in argv if a.startswith("--config.")]
-    message = f"unknown config key {str(e).strip(chr(34))} (in {' '.join(bad)})"
+  except (AttributeError, KeyError):  # ml_collections' unknown-key errors.
+    message = _unknown_key(argv)
   except FileNotFoundError as e:
     message = f"--config: {e}: no such config file"
   except SyntaxError as e:

@@ -152,7 +152,7 @@ def get_base() -> ml_collections.ConfigDict:
   c.nan_policy = "stop"
   # Log the global norm of trainable gradients.
   c.log_grad_norm = True
-  # Show a progress bar with ETA and images/s.
+  # Show a progress bar with ETA and images/s (on a terminal; logs get lines).
   c.progress = True
   # glibc keeps freed memory for reuse: faster CPU steps, RSS at its peak.
   c.tune_malloc = True

@@ -9,7 +9,7 @@ import sys
 
 import ml_collections
 
-from flaxtl.errors import UserError
+from flaxtl.errors import UserError, did_you_mean
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
@@ -34,6 +34,31 @@ def load(spec: str) -> ml_collections.ConfigDict:
   return config
 
 
+def leaf_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Every settable key of `config`, dotted ('optim.lr', 'model.hidden')."""
+  keys = []
+  for name, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      keys += leaf_keys(value, f"{prefix}{name}.")
+    else:
+      keys.append(prefix + name)
+  return keys
+
+
+def unknown_key_message(spec: str | None, overrides: list[str]) -> str:
+  """'unknown config key 'optim.lrr'; did you mean 'optim.lr'?' for the
+  first `--config.KEY=VALUE` of `overrides` that `spec`'s config lacks."""
+  try:
+    keys = leaf_keys(load(spec)) if spec else []
+  except (UserError, TypeError, AttributeError, SyntaxError):
+    keys = []
+  for arg in overrides:
+    key = arg.removeprefix("--config.").partition("=")[0]
+    if keys and key not in keys:
+      return f"unknown config key {key!r}{did_you_mean(key, keys)}"
+  return f"unknown config key in {' '.join(overrides)}"
+
+
 def run_name(spec: str) -> str:
   """'configs/mnist_freeze8.py:hed_quick' -> 'mnist_freeze8-hed_quick'."""
   path, _, variant = spec.partition(":")
@@ -56,8 +81,9 @@ def override(config: ml_collections.ConfigDict, assignment: str) -> None:
       node = node[p]
     current = node[leaf]
   except KeyError:
+    hint = did_you_mean(key, leaf_keys(config))
     raise UserError(
-      f"override {assignment!r}: unknown config key {key!r}"
+      f"override {assignment!r}: unknown config key {key!r}{hint}"
     ) from None
   if (
     isinstance(current, float)

@@ -21,6 +21,14 @@ from flaxtl.errors import UserError, cli_logging, exit_on_user_error
 from flaxtl.models import registry
 
 
+def _arch(name: str) -> str:
+  """A registered arch, or argparse's one line with the closest name."""
+  try:
+    return registry.get(name).arch
+  except UserError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
     prog="python -m flaxtl.convert",
@@ -34,13 +42,32 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   )
   p.add_argument("--out", help="output directory (default: weights/<name>)")
   p.add_argument(
-    "--arch", choices=registry.names(), help="architecture (default: inferred)"
+    "--arch",
+    type=_arch,
+    metavar="ARCH",
+    help="architecture (default: inferred from the file); one of "
+    + ", ".join(registry.names()),
   )
   top = p.add_mutually_exclusive_group()
   top.add_argument(
-    "--include-top", dest="include_top", action="store_true", default=None
+    "--include-top",
+    dest="include_top",
+    action="store_true",
+    default=None,
+    help="keep the classifier (top) layers; the file must have them "
+    "(default: whatever the file holds)",
   )
-  top.add_argument("--notop", dest="include_top", action="store_false")
+  top.add_argument(
+    "--notop",
+    dest="include_top",
+    action="store_false",
+    help="drop the top: backbone only, for a new head",
+  )
+  p.add_argument(
+    "--allow-nonfinite",
+    action="store_true",
+    help="keep NaN/Inf values in the weights (refused by default)",
+  )
   p.add_argument(
     "--alpha",
     type=float,
@@ -80,7 +107,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     default = Path(args.weights_dir or "weights") / src.name.split(".")[0]
     out = Path(args.out) if args.out else default
     out = weights.convert_file(
-      src, out, args.arch, args.include_top, force=args.force
+      src,
+      out,
+      args.arch,
+      args.include_top,
+      force=args.force,
+      allow_nonfinite=args.allow_nonfinite,
     )
   prov = weights.read_provenance(out)
   print(

@@ -6,7 +6,8 @@ config key, an image). Every other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+import difflib
 import functools
 import logging
 import sys
@@ -19,6 +20,12 @@ EXIT_USER_ERROR = 2
 
 class UserError(Exception):
   """A problem with the user's input; its message is the single line shown."""
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+  """ "; did you mean 'x'?" for the closest of `choices`, or "" if none is."""
+  close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+  return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:

@@ -161,7 +161,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     action="store_true",
     help="write each file's full path instead of its name as written",
   )
-  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument(
+    "--batch-size",
+    type=int,
+    default=64,
+    help="images per forward pass (default 64; lower it to save memory)",
+  )
   args = p.parse_args(argv)
   _check_args(args)
   cli_logging()

@@ -137,7 +137,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     required=True,
     help="config files, each with an optional :variant",
   )
-  p.add_argument("--workdir", required=True, type=Path)
+  p.add_argument(
+    "--workdir",
+    required=True,
+    type=Path,
+    help="the study's folder: one run workdir per config, and the table",
+  )
   p.add_argument(
     "--set",
     nargs="*",

@@ -1,10 +1,14 @@
 """Shared fixtures. Keras 3 (JAX backend) is the oracle the port is held to."""
 
 import atexit
+import functools
+import http.server
 import os
+from pathlib import Path
 import shutil
 import sys
 import tempfile
+import threading
 import types
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -91,3 +95,24 @@ def timm(torchvision):
   import timm as t
 
   return t
+
+
+@pytest.fixture
+def serve(tmp_path):
+  """Serves a directory over HTTP on 127.0.0.1; yields dir -> base URL."""
+  servers = []
+
+  def start(root: Path) -> str:
+    handler = functools.partial(
+      http.server.SimpleHTTPRequestHandler, directory=str(root)
+    )
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    servers.append(server)
+    return f"http://127.0.0.1:{server.server_address[1]}/"
+
+  yield start
+  for s in servers:
+    s.shutdown()
+    s.server_close()

@@ -128,3 +128,12 @@ def write_nested(keras, model, out: Path) -> dict[str, Path]:
     legacy_h5_format.save_weights_to_hdf5_group(f, outer)
   outer.save(paths["nested_archive"])
   return paths
+
+
+# DenseNet121's Keras 2 layer names where Keras 3 renamed them.
+DENSENET_KERAS2_NAMES = {
+  "conv1_conv": "conv1/conv",
+  "conv1_bn": "conv1/bn",
+  "conv1_relu": "conv1/relu",
+  "predictions": "fc1000",
+}

@@ -78,9 +78,10 @@ def wait_for_checkpoint(workdir: Path, proc, timeout=240) -> None:
 
 @pytest.fixture(scope="module")
 def finished(module_tmp) -> tuple[Path, subprocess.CompletedProcess]:
-  """A short run launched without --workdir, from another directory."""
+  """A short run launched without --workdir, from another directory, with
+  its progress bar on (the default) and its output captured, as in a log."""
   cwd = module_tmp("cwd")
-  r = launch("--config.total_steps=8", *QUIET, config=str(ROOT / TINY), cwd=cwd)
+  r = launch("--config.total_steps=8", config=str(ROOT / TINY), cwd=cwd)
   assert r.returncode == 0, r.stderr
   return cwd / "workdirs" / "mnist_cnn-tiny", r
 
@@ -90,6 +91,81 @@ def test_default_workdir_is_named_after_config_and_variant(finished):
   assert (wd / "summary.json").is_file()
   expected = "python -m flaxtl.predict --workdir workdirs/mnist_cnn-tiny "
   assert expected in r.stdout
+  # A captured log: no bar redrawn into the parameter table, no 100% lines.
+  log = r.stdout + r.stderr
+  assert "\r" not in log and "100%" not in log, log
+  assert "step 8 val:" in log
+
+
+def _snapshot(wd: Path) -> dict:
+  return {
+    p.relative_to(wd): (p.stat().st_mtime_ns, p.read_bytes())
+    for p in sorted(wd.rglob("*"))
+    if p.is_file() and p.name != ".lock"  # Its holder's record, not output.
+  }
+
+
+def test_bad_config_or_another_config_leaves_a_finished_run_untouched(
+  finished,
+):
+  wd, _ = finished
+  before = _snapshot(wd)
+  line = user_error(
+    launch("--workdir", str(wd), "--config.freeze.rules=garbage", *QUIET)
+  )
+  assert line.startswith("error: freeze.rules[0]='garbage' is not a pair")
+  line = user_error(launch("--workdir", str(wd), "--config.optim.lrr=0.1"))
+  assert (
+    line == "error: unknown config key 'optim.lrr'; did you mean 'optim.lr'?"
+  )
+  line = user_error(
+    launch(
+      "--workdir",
+      str(wd),
+      "--config.total_steps=8",
+      "--config.optim.lr=0.5",
+      "--config.seed=3",
+      *QUIET,
+    )
+  )
+  assert f"workdir {wd} holds a finished run of another config" in line
+  assert "optim.lr: 0.001 -> 0.5" in line and "seed: 0 -> 3" in line
+  assert "another --workdir" in line
+  assert _snapshot(wd) == before
+
+
+def test_a_run_refused_on_bad_data_leaves_no_workdir(tmp_path):
+  wd = tmp_path / "runs" / "new" / "wd"
+  line = user_error(
+    launch("--workdir", str(wd), f"--config.data.source=csv:{tmp_path}/t.csv")
+  )
+  assert "t.csv does not exist" in line
+  assert list(tmp_path.iterdir()) == []  # Not even the stale .lock.
+
+
+def test_help_exits_0_and_every_flag_says_what_it_does():
+  r = subprocess.run(
+    [sys.executable, str(ROOT / "launch.py"), "--help"],
+    capture_output=True,
+    text=True,
+    env=_env(),
+    timeout=120,
+  )
+  assert r.returncode == 0, r.stderr
+  assert "--workdir: Run directory" in r.stdout + r.stderr
+  r = subprocess.run(
+    [sys.executable, "-m", "flaxtl.convert", "--help"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=_env(),
+    timeout=120,
+  )
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.count("tv_mobilenet_v2") == 1 and "--arch ARCH" in r.stdout
+  for flag in ("--include-top", "--notop", "--allow-nonfinite"):
+    (row,) = [ln for ln in r.stdout.splitlines() if ln.strip().startswith(flag)]
+    assert len(row.split()) > 1, row  # Help text on the flag's own row.
 
 
 def test_rerunning_a_finished_run_changes_nothing(finished):
@@ -370,3 +446,91 @@ def test_readme_chain_predict_writes_the_test_csvs_own_filenames(
     str(out),
   )
   assert labelled.returncode == 0 and "accuracy" in labelled.stdout
+
+
+# --- malformed config values: checked in-process, one line each ---
+
+# (key, the value absl's parser makes of the flag, what the line says).
+MALFORMED = [
+  ("freeze.rules", ("garbage",), "freeze.rules[0]='garbage' is not a pair"),
+  ("freeze.rules", (("x",),), "freeze.rules[0]=('x',) is not a pair (regex"),
+  ("freeze.rules", ((1, "frozen"),), "freeze.rules[0]=(1, 'frozen')"),
+  ("freeze.lr_mults", ("garbage",), "freeze.lr_mults[0]='garbage' is not"),
+  (
+    "freeze.lr_mults",
+    (("head/.*", "ten"),),
+    "freeze.lr_mults[0]=('head/.*', 'ten') is not a pair (regex, multiplier)",
+  ),
+  ("freeze.lr_mults", "garbage", "freeze.lr_mults='garbage' is not a tuple"),
+  ("freeze.phases", ("garbage",), "freeze.phases[0]='garbage' is not a pair"),
+  ("freeze.phases", ((1,),), "freeze.phases[0]=(1,) is not a pair (epoch"),
+  ("freeze.phases", ((1.5, 2),), "freeze.phases[0]=(1.5, 2)"),
+  ("model.hidden", ("abc",), "model.hidden[0]='abc' is not a width (int)"),
+  ("model.hidden", (True,), "model.hidden[0]=True is not a width"),
+  ("model.activations", (3,), "model.activations[0]=3 is not an activation"),
+  ("model.dropout", ("x",), "model.dropout[0]='x' is not a rate"),
+]
+
+
+def test_malformed_tuple_values_are_one_line_naming_the_key():
+  from configs import base
+  from flaxtl import config_files
+  from flaxtl.train import config as config_lib
+
+  # The class, not the cases: every tuple-typed key of the base config is
+  # described in TUPLE_KEYS (a new one must be added there).
+  keys = config_files.leaf_keys(base.get_base())
+  tuples = {
+    k for k in keys if isinstance(config_lib._get(base.get_base(), k), tuple)
+  }
+  assert tuples == set(config_lib.TUPLE_KEYS)
+  for key, value, expected in MALFORMED:
+    c = config_files.load("configs/mnist_freeze8.py:hed_quick")
+    *parents, leaf = key.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    with node.ignore_type():
+      node[leaf] = value
+    with pytest.raises(UserError) as e:
+      config_lib.validate(c)
+    assert str(e.value).startswith(expected), (key, value, str(e.value))
+    assert "\n" not in str(e.value) and f'--config.{key}="' in str(e.value)
+  with pytest.raises(
+    UserError, match=r"^freeze.rules: \('x',\) is not \(regex"
+  ):
+    from flaxtl.train import freeze
+
+    freeze.plan({"w": np.zeros(2)}, rules=[("x",)])
+  spec = "configs/mnist_freeze8.py:hed_quick"
+  assert config_files.unknown_key_message(spec, ["--config.optim.lrr=0.1"]) == (
+    "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"
+  )
+  with pytest.raises(UserError) as e:
+    models.registry.get("vgg61")
+  assert str(e.value) == "unknown architecture 'vgg61'; did you mean 'vgg19'?"
+
+
+def test_weights_of_another_arch_name_both_archs(converted):
+  with pytest.raises(UserError) as e:
+    weights.resolve(str(converted), "tv_mobilenet_v2", False)
+  assert str(e.value) == (
+    f"model.weights={str(converted)!r} holds vgg16 weights, but model.arch="
+    "'tv_mobilenet_v2'; use --config.model.arch=vgg16 or weights of "
+    "tv_mobilenet_v2"
+  )
+
+
+@pytest.mark.parametrize("cli", ["predict", "study"])
+def test_every_flag_of_predict_and_study_has_help(cli, capsys):
+  import importlib
+
+  module = importlib.import_module(f"flaxtl.{cli}")
+  with pytest.raises(SystemExit) as e:
+    module.main(["--help"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  flag = {"predict": "--batch-size BATCH_SIZE", "study": "--workdir WORKDIR"}
+  row = out[out.index("\n  " + flag[cli]) + 1 :].splitlines()
+  # The help text follows the flag on its row or the next one.
+  assert len(row[0].split()) > 2 or row[1].startswith(" " * 10), out

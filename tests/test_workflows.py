@@ -7,11 +7,11 @@ from pathlib import Path
 import subprocess
 import sys
 
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
+from configs import base
 from flaxtl import data, predict, study, train, weights
 from flaxtl.errors import UserError
 from tests.quick_configs import quick
@@ -146,9 +146,9 @@ def _csv_rows(path: Path) -> list[dict]:
 
 
 def _digit_csv(tmp: Path, labelled: bool) -> Path:
-  test = data.load(
-    ml_collections.ConfigDict({"source": "mnist_sample", "val_fraction": 0.0})
-  ).test
+  cfg = base.get_base().data
+  cfg.val_fraction = 0.0
+  test = data.load(cfg).test
   (tmp / "images").mkdir()
   rows = []
   for i in range(12):

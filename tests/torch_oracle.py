@@ -8,12 +8,12 @@ huggingface_hub pyyaml` (REFERENCE.md section 6). The fixtures `torch`,
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
-import subprocess
 import sys
 
 import numpy as np
+
+from flaxtl.weights import sources
 
 LAYOUTS = ("torch_zip", "torch_legacy", "safetensors")
 # Logits agree within this much of their largest magnitude.
@@ -75,27 +75,7 @@ def images(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 def lite_module(tmp: Path):
   """`efficientnet_lite_pytorch`, imported from its sha256-checked wheel."""
-  wheels = list(tmp.glob("efficientnet_lite_pytorch-*.whl"))
-  if not wheels:
-    subprocess.run(
-      [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--disable-pip-version-check",
-        "-q",
-        LITE_CODE,
-        "-d",
-        str(tmp),
-      ],
-      check=True,
-    )
-    wheels = list(tmp.glob("efficientnet_lite_pytorch-*.whl"))
-  digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
-  assert digest == LITE_CODE_SHA256, f"{wheels[0]}: sha256 {digest}"
+  wheels = [sources.fetch_wheel(LITE_CODE, LITE_CODE_SHA256, tmp)]
   if str(wheels[0]) not in sys.path:
     sys.path.insert(0, str(wheels[0]))  # A pure-Python wheel imports as a zip.
   import efficientnet_lite_pytorch

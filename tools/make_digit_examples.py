@@ -11,21 +11,24 @@ training run sees.
 
 import csv
 from pathlib import Path
+import sys
 
-import ml_collections
 import numpy as np
 from PIL import Image
 
 from flaxtl import data
 
-OUT = Path(__file__).resolve().parents[1] / "examples" / "digits"
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "examples" / "digits"
 PER_CLASS = 10
 
 
 def main() -> None:
-  cfg = ml_collections.ConfigDict(
-    {"source": "mnist_sample", "val_fraction": 0.0}
-  )
+  sys.path.insert(0, str(ROOT))  # configs/ is the repository's, not installed.
+  from configs import base
+
+  cfg = base.get_base().data
+  cfg.val_fraction = 0.0
   test = data.load(cfg).test
   picked = np.concatenate(
     [np.flatnonzero(test.labels == c)[:PER_CLASS] for c in range(10)]

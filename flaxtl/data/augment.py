@@ -50,5 +50,5 @@ def augment(
 def device_augment(config: Any) -> Callable | None:
   """What the train step applies on the device: `augment` for
   data.augment='flip_crop', else None."""
-  mode = augment_mode(config.data.get("augment", "none"))
+  mode = augment_mode(config.data.augment)
   return augment if mode == "flip_crop" else None

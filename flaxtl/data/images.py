@@ -9,12 +9,19 @@ worker processes, once per example.
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
+import warnings
 
 import numpy as np
 from PIL import Image
 
 from flaxtl.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Pillow's own large-image warning names no file: open_image says it instead.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # What a class folder may hold; other files (.txt, .DS_Store, ...) are skipped.
 IMAGE_EXTENSIONS = frozenset(
@@ -65,10 +72,52 @@ def read_bytes(path: str | Path, where: str = "") -> bytes:
 
 def open_image(data: bytes, where: str) -> Image.Image:
   """Encoded bytes -> a Pillow image (header read; pixels decoded lazily)."""
+  if not data:
+    raise UserError(f"{where}: cannot read image: empty file (0 bytes)")
   try:
-    return Image.open(io.BytesIO(data))
+    img = Image.open(io.BytesIO(data))
+  except Image.UnidentifiedImageError:
+    raise UserError(
+      f"{where}: cannot read image: not an image (no format Pillow knows "
+      f"starts with {bytes(data[:8])!r})"
+    ) from None
   except DECODE_ERRORS as e:
-    raise UserError(f"{where}: cannot read image: {e}") from None
+    raise UserError(
+      f"{where}: cannot read image: {describe_error(e)}"
+    ) from None
+  pixels = img.size[0] * img.size[1]
+  if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
+    log.warning(
+      "%s: a large image (%dx%d, %d pixels, over Pillow's %d): decoding it "
+      "takes ~%d MB",
+      where,
+      *img.size,
+      pixels,
+      Image.MAX_IMAGE_PIXELS,
+      pixels * 3 >> 20,
+    )
+  return img
+
+
+def describe_error(e: Exception) -> str:
+  """Pillow's message, without the `<_io.BytesIO object at 0x...>` it names."""
+  text = str(e).strip() or type(e).__name__
+  if "<_io.BytesIO" in text:
+    return f"not a readable image ({type(e).__name__})"
+  return text
+
+
+def verify_image(data: bytes, where: str) -> None:
+  """Decodes every pixel: truncated data fails here, not in training."""
+  img = open_image(data, where)
+  try:
+    img.load()
+  except DECODE_ERRORS as e:
+    raise UserError(
+      f"{where}: cannot read image: {describe_error(e)}"
+    ) from None
+  finally:
+    img.close()
 
 
 def read_image(path: str | Path, where: str = "") -> np.ndarray:
@@ -78,7 +127,9 @@ def read_image(path: str | Path, where: str = "") -> np.ndarray:
   try:
     return to_array(img)
   except DECODE_ERRORS as e:  # Truncated data shows up only when decoded.
-    raise UserError(f"{where}: cannot read image: {e}") from None
+    raise UserError(
+      f"{where}: cannot read image: {describe_error(e)}"
+    ) from None
 
 
 def to_array(img: Image.Image) -> np.ndarray:

@@ -94,8 +94,8 @@ class Options:
   def from_config(cls, config: Any) -> Options:
     """From a whole config (its `data` keys and the model's `image_size`)."""
     d = config.data
-    size = d.get("image_size")
-    if d.get("load_size") is not None:
+    size = d.image_size
+    if d.load_size is not None:
       log.warning(
         "data.load_size is deprecated: images of any size are resized on the "
         "host (shorter side, then centre crop); use data.image_size instead"
@@ -103,11 +103,11 @@ class Options:
       size = size or d.load_size
     return cls(
       image_size=size,
-      model_size=config.get("image_size"),
-      augment=transforms.augment_mode(d.get("augment", "none")),
-      workers=d.get("workers", 0),
-      prefetch=d.get("prefetch", 2),
-      skip_corrupt=bool(d.get("skip_corrupt", False)),
+      model_size=config.image_size,
+      augment=transforms.augment_mode(d.augment),
+      workers=d.workers,
+      prefetch=d.prefetch,
+      skip_corrupt=bool(d.skip_corrupt),
     )
 
   def output_size(self, ds: Dataset, train: bool) -> int | None:
@@ -186,7 +186,8 @@ class _Reader:
       # mix grayscale and colour files.
       return transforms.fit(img, self.size, rng, self.augment)
     except images.DECODE_ERRORS as e:
-      raise UserError(f"{where}: cannot read image: {e}") from None
+      reason = images.describe_error(e)
+      raise UserError(f"{where}: cannot read image: {reason}") from None
 
   def blank(self) -> np.ndarray:
     if self.size is None:

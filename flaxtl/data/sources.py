@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import csv
 import dataclasses
 import importlib.resources
+import logging
 import os
 from pathlib import Path
 import zipfile
@@ -33,6 +34,8 @@ from flaxtl.data import labels as label_io
 from flaxtl.data import packed
 from flaxtl.data.dataset import Dataset, FileSource
 from flaxtl.errors import UserError
+
+log = logging.getLogger(__name__)
 
 SCHEMES = (
   "mnist_sample",
@@ -177,6 +180,11 @@ def read_csv(path: Path, opts: Options) -> Dataset:
     name = row["filename"]
     if not name:
       raise UserError(f"{where(i)}: empty filename")
+    if os.path.isabs(name) or os.path.normpath(name).startswith(".."):
+      raise UserError(
+        f"{where(i)}: {name!r} points outside the data folder {path.parent}; "
+        "filenames must be relative paths inside it"
+      )
     found, hit = _find(name, hit, dirs)
     if found is None:
       shown = ", ".join(str(d) for d in dirs)
@@ -196,6 +204,13 @@ def read_csv(path: Path, opts: Options) -> Dataset:
   if not all(raw):
     i = raw.index("")
     raise UserError(f"{where(i)}: empty label")
+  keep = _check_duplicates(files, raw, where, path)
+  if opts.labels_required and len(keep) < len(files):
+    # Training data: a repeated file would count twice and may land in both
+    # the train and the validation split.
+    files = [files[i] for i in keep]
+    filenames = [filenames[i] for i in keep]
+    raw = [raw[i] for i in keep]
   names = (
     list(opts.class_names)
     if opts.class_names is not None
@@ -203,6 +218,35 @@ def read_csv(path: Path, opts: Options) -> Dataset:
   )
   labels = label_io.index(raw, names, where)
   return Dataset(FileSource(files), labels, filenames, files, names)
+
+
+def _check_duplicates(
+  files: list[str], raw: list[str], where, path: Path
+) -> list[int]:
+  """Rows to keep: the first of each file. Conflicting labels are refused;
+  repeats with the same label are counted in one warning."""
+  first: dict[str, int] = {}
+  keep, repeats = [], []
+  for i, f in enumerate(files):
+    j = first.setdefault(f, i)
+    if j == i:
+      keep.append(i)
+    elif raw[i] != raw[j]:
+      raise UserError(
+        f"{where(i)}: {f} is listed again with label {raw[i]!r}, but "
+        f"{where(j)} gives it {raw[j]!r}"
+      )
+    else:
+      repeats.append(i)
+  if repeats:
+    log.warning(
+      "%s: %d row(s) list a file already listed with the same label (first: "
+      "%s); each file counts once",
+      path,
+      len(repeats),
+      where(repeats[0]),
+    )
+  return keep
 
 
 def _csv_rows(path: Path, opts: Options) -> tuple[list[dict], list[int]]:

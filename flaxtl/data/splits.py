@@ -19,13 +19,12 @@ from flaxtl.errors import UserError
 
 def load(cfg: Any) -> Splits:
   """Reads `cfg` (the `data` ConfigDict, or a whole config that has one)
-  into Splits."""
+  into Splits. Every key is read as configs/base.py declares it: the data
+  layer has no defaults of its own."""
   if "data" in cfg and "source" not in cfg:
     cfg = cfg.data
-  opts = sources.Options(
-    key="data.source", tfds_data_dir=cfg.get("tfds_data_dir")
-  )
-  pool, test = sources.read(cfg.get("source", "mnist_sample"), opts)
+  opts = sources.Options(key="data.source", tfds_data_dir=cfg.tfds_data_dir)
+  pool, test = sources.read(cfg.source, opts)
   if pool.labels is None:
     raise UserError(
       f"data.source={cfg.source!r} has no labels; training data needs them"
@@ -33,15 +32,15 @@ def load(cfg: Any) -> Splits:
   if len(pool) == 0:
     raise UserError(f"data.source={cfg.source!r} is empty")
   class_names = list(pool.class_names)
-  if cfg.get("test_source"):
+  if cfg.test_source:
     test_opts = sources.Options(
       key="data.test_source",
       class_names=class_names,
       labels_required=False,
-      tfds_data_dir=cfg.get("tfds_data_dir"),
+      tfds_data_dir=cfg.tfds_data_dir,
     )
     test, _ = sources.read(cfg.test_source, test_opts)
-  seed = int(cfg.get("split_seed", 42))
+  seed = int(cfg.split_seed)
   max_examples = _positive(cfg, "max_examples")
   if max_examples is not None and max_examples < len(pool):
     # A stream of its own: the cap is the same subset whatever the split does.
@@ -52,9 +51,9 @@ def load(cfg: Any) -> Splits:
     )
   train, val = split(
     pool,
-    float(cfg.get("val_fraction", 0.0)),
+    float(cfg.val_fraction),
     seed,
-    bool(cfg.get("stratify", True)),
+    bool(cfg.stratify),
   )
   return Splits(train=train, val=val, test=test, class_names=class_names)
 
@@ -111,7 +110,7 @@ def allocate(counts: np.ndarray, size: int) -> np.ndarray:
 
 
 def _positive(cfg: Any, key: str) -> int | None:
-  value = cfg.get(key)
+  value = cfg[key]
   if value is None:
     return None
   if int(value) != value or value <= 0:

@@ -145,10 +145,10 @@ def find(arch: str, tag: str, options: Mapping[str, Any] | None = None):
       f"no {tag} weights for {arch} with options {options}; they exist for "
       f"{have}"
     )
-  offline = archs(tag)
+  what = "ImageNet" if tag == "imagenet" else repr(tag)
   raise UserError(
-    f"no {tag!r} weights for arch {arch!r} (named {tag} weights exist for "
-    f"{offline}); convert a file you have with `python -m flaxtl.convert "
+    f"no {what} weights for arch {arch!r} (named {what} weights exist for "
+    f"{archs(tag)}); convert a file you have with `python -m flaxtl.convert "
     f"FILE --arch {arch}` and set model.weights to its output directory"
   )
 

@@ -60,15 +60,7 @@ def forward(net: keras_model.Net, x, config):
     if stage < 3:
       x = _transition(net, x, f"pool{stage + 2}")
   x = _bn_relu(net, x, "bn", "relu")
-  if config.include_top:
-    x = net.global_avg_pool(x, name="avg_pool")
-    return net.dense(
-      x,
-      config.num_classes,
-      activation=config.classifier_activation,
-      name="predictions",
-    )
-  return keras_model.pooled(net, x, config, "avg_pool", "max_pool")
+  return keras_model.classifier_top(net, x, config, "avg_pool", "max_pool")
 
 
 def keras_layer_names(

@@ -12,7 +12,7 @@ defaults). Input: `preprocess_input` mode 'tf' ([-1, 1]).
 
 from __future__ import annotations
 
-from flaxtl.models import checkpoints, keras_model, xception
+from flaxtl.models import checkpoints, keras_model
 
 MIN_SIZE = 75
 
@@ -108,7 +108,7 @@ def inception_v3(net: keras_model.Net, x, config):
     bd = net.concat([bd_1, bd_2])
     bp = _avg_branch(net, x, 192)
     x = net.concat([b1, b3, bd, bp], name=f"mixed{9 + i}")
-  return xception.top(net, x, config)
+  return keras_model.classifier_top(net, x, config)
 
 
 def irv2_conv2d_bn(
@@ -226,7 +226,7 @@ def inception_resnet_v2(net: keras_model.Net, x, config):
     x = _irv2_block(net, x, 0.2, "block8", i)
   x = _irv2_block(net, x, 1.0, "block8", 10, activation=None)
   x = c(net, x, 1536, 1, name="conv_7b")
-  return xception.top(net, x, config)
+  return keras_model.classifier_top(net, x, config)
 
 
 def InceptionV3(**kwargs) -> keras_model.KerasApp:  # noqa: N802

@@ -182,6 +182,20 @@ def pooled(net: Net, x, config, avg_name=None, max_name=None):
   return x
 
 
+def classifier_top(net: Net, x, config, avg_name=None, max_name=None):
+  """The top most families share: global 'avg_pool' and the 'predictions'
+  Dense; without it, Keras' `pooling` (`pooled`)."""
+  if config.include_top:
+    x = net.global_avg_pool(x, name="avg_pool")
+    return net.dense(
+      x,
+      config.num_classes,
+      activation=config.classifier_activation,
+      name="predictions",
+    )
+  return pooled(net, x, config, avg_name, max_name)
+
+
 # ---------------------------------------------------------------------------
 # The layer vocabulary.
 

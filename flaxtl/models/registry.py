@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxtl.errors import UserError
+from flaxtl.errors import UserError, did_you_mean
 
 # Options every backbone's `build` accepts.
 COMMON_OPTIONS = (
@@ -229,9 +229,10 @@ def get(arch: str) -> Backbone:
   try:
     return _REGISTRY[arch]
   except KeyError:
-    raise UserError(
-      f"unknown architecture {arch!r}; expected one of {names()}"
-    ) from None
+    hint = did_you_mean(str(arch), names()) or (
+      "; `python -m flaxtl.convert --help` lists them"
+    )
+    raise UserError(f"unknown architecture {arch!r}{hint}") from None
 
 
 def names(family: str | None = None) -> list[str]:

@@ -104,15 +104,7 @@ def forward(net: keras_model.Net, x, config):
     x = _stack(net, x, config.arch, stack, blocks)
   if v2:
     x = net.act(_bn(net, x, "post_bn"), "relu", name="post_relu")
-  if config.include_top:
-    x = net.global_avg_pool(x, name="avg_pool")
-    return net.dense(
-      x,
-      config.num_classes,
-      activation=config.classifier_activation,
-      name="predictions",
-    )
-  return keras_model.pooled(net, x, config, "avg_pool", "max_pool")
+  return keras_model.classifier_top(net, x, config, "avg_pool", "max_pool")
 
 
 def keras_layer_names(

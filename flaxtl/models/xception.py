@@ -66,20 +66,7 @@ def forward(net: keras_model.Net, x, config):
   x = net.act(x, "relu", name="block14_sepconv1_act")
   x = _sep_bn(net, x, 2048, "block14_sepconv2")
   x = net.act(x, "relu", name="block14_sepconv2_act")
-  return top(net, x, config)
-
-
-def top(net: keras_model.Net, x, config):
-  """The top shared by Xception and the Inceptions: avg_pool + predictions."""
-  if config.include_top:
-    x = net.global_avg_pool(x, name="avg_pool")
-    return net.dense(
-      x,
-      config.num_classes,
-      activation=config.classifier_activation,
-      name="predictions",
-    )
-  return keras_model.pooled(net, x, config)
+  return keras_model.classifier_top(net, x, config)
 
 
 def Xception(**kwargs) -> keras_model.KerasApp:  # noqa: N802 (Keras' spelling)

@@ -57,6 +57,59 @@ _RANGES: dict[str, tuple] = {
 }
 
 
+# Keys of tuple type: (element kind, what an element looks like). A kind is
+# a type (or tuple of types), or a list of them for a fixed-length pair.
+# Checked first, so a malformed value is one line naming the key, not a crash.
+_NUMBER = (int, float)
+TUPLE_KEYS: dict[str, tuple[Any, str, str]] = {
+  "model.hidden": (int, "a width (int)", "(256, 128)"),
+  "model.activations": (str, "an activation name", "('relu', 'relu')"),
+  "model.dropout": (_NUMBER, "a rate (float)", "(0.3, 0.0)"),
+  "freeze.rules": (
+    [str, str],
+    "a pair (regex, 'frozen'|'trainable')",
+    "(('head/.*', 'trainable'),)",
+  ),
+  "freeze.lr_mults": (
+    [str, _NUMBER],
+    "a pair (regex, multiplier)",
+    "(('head/.*', 10.0),)",
+  ),
+  "freeze.phases": ([int, int], "a pair (epoch, first_layers)", "((2, 4),)"),
+}
+
+
+def _is(value: Any, kind: Any) -> bool:
+  if isinstance(value, bool):  # True is an int to Python, not to a config.
+    return False
+  return isinstance(value, kind)
+
+
+def _element_ok(value: Any, kind: Any) -> bool:
+  if not isinstance(kind, list):
+    return _is(value, kind)
+  return (
+    isinstance(value, (tuple, list))
+    and len(value) == len(kind)
+    and all(_is(v, k) for v, k in zip(value, kind))
+  )
+
+
+def check_tuples(config: ml_collections.ConfigDict) -> None:
+  """Every tuple-typed key is a tuple of well-formed elements."""
+  for key, (kind, what, example) in TUPLE_KEYS.items():
+    try:
+      value = _get(config, key)
+    except KeyError:
+      continue  # A config built without this key (tests, old configs).
+    hint = f'write it as e.g. --config.{key}="{example}"'
+    if not isinstance(value, (tuple, list)):
+      raise UserError(f"{key}={value!r} is not a tuple; {hint}")
+    for i, element in enumerate(value):
+      if not _element_ok(element, kind):
+        raise UserError(f"{key}[{i}]={element!r} is not {what}; {hint}")
+
+
 def _get(config: ml_collections.ConfigDict, key: str) -> Any:
   node = config
   for part in key.split("."):
@@ -194,6 +247,7 @@ def preprocess_mode(config: ml_collections.ConfigDict) -> str:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Everything that can be checked before touching data, devices or weights."""
   m = config.model
+  check_tuples(config)
   _choice("model.name", m.name, MODEL_NAMES)
   _choice("model.dtype", m.dtype, DTYPES)
   _choice("model.bn_mode", m.bn_mode, BN_MODES)

@@ -168,6 +168,8 @@ def plan(
 ) -> Plan:
   """Applies freeze rules and lr multipliers to every parameter of `params`."""
   paths = tree.paths(params)
+  rules = _pairs(rules, "freeze.rules", "(regex, 'frozen'|'trainable')")
+  lr_mults = _pairs(lr_mults, "freeze.lr_mults", "(regex, multiplier)")
   rules = [(_compile(r, "freeze rule"), label) for r, label in rules]
   for pattern, label in rules:
     if label not in (FROZEN, TRAINABLE):
@@ -175,7 +177,7 @@ def plan(
         f"freeze rule {pattern.pattern!r}: label must be 'frozen' or "
         f"'trainable', got {label!r}"
       )
-  mults = [(_compile(r, "lr multiplier"), float(m)) for r, m in lr_mults]
+  mults = [(_compile(r, "lr multiplier"), m) for r, m in lr_mults]
   used: dict[str, list[str]] = {p.pattern: [] for p, _ in rules + mults}
 
   def first_match(path, patterns, default):
@@ -209,6 +211,22 @@ def plan(
   labels = jax.tree_util.tree_map_with_path(lambda p, _: label(p), params)
   rows = [(p, s, 0.0 if s == FROZEN else m) for p, (s, m) in decided.items()]
   return Plan(labels, rows)
+
+
+def _pairs(items: Sequence, key: str, what: str) -> list[tuple]:
+  """`items` as (str, value) pairs, or one line naming `key`."""
+  out = []
+  for item in items if isinstance(items, (tuple, list)) else [items]:
+    ok = isinstance(item, (tuple, list)) and len(item) == 2
+    if ok and isinstance(item[0], str):
+      if key != "freeze.lr_mults":
+        out.append(tuple(item))
+        continue
+      if isinstance(item[1], (int, float)) and not isinstance(item[1], bool):
+        out.append((item[0], float(item[1])))
+        continue
+    raise UserError(f"{key}: {item!r} is not {what}")
+  return out
 
 
 def _compile(regex: str, what: str) -> re.Pattern:

@@ -256,8 +256,15 @@ def train_and_evaluate(
   # Asking for the device count starts the backend: only after initialize.
   distributed.check_batch(config.batch_size)
   distributed.check_batch(config.eval_batch_size, "eval_batch_size")
-  if jax.process_index() == 0:
-    workdir_lib.create(workdir)
+  made = workdir_lib.create(workdir) if jax.process_index() == 0 else []
+  try:
+    return _train_locked(config, workdir, t_start)
+  except BaseException:
+    workdir_lib.remove_if_unused(made)  # Refused or failed before any output.
+    raise
+
+
+def _train_locked(config, workdir: Path, t_start: float) -> dict[str, Any]:
   with workdir_lib.locked(workdir):
     data_lib.Options.from_config(config)  # Checks the data.* keys first.
     splits = load_data(config)
@@ -269,6 +276,7 @@ def train_and_evaluate(
     start_step = checkpoint.latest_step(workdir)
     recorded = _recorded_summary(workdir, start_step, total_steps)
     if recorded is not None:
+      workdir_lib.check_same_config(workdir, config.to_json_best_effort())
       log.info(
         "%s: finished at step %d; its results are in %s (nothing to do)",
         workdir,

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 from pathlib import Path
+import sys
 import time
 from typing import Any
 
@@ -61,6 +62,13 @@ def _plain(v: Any):
   return v.item() if v.ndim == 0 else v.tolist()
 
 
+def _is_terminal(stream) -> bool:
+  try:
+    return stream.isatty()
+  except (AttributeError, ValueError):
+    return False
+
+
 class MetricWriter:
   """Writes only on process 0; every process may call it."""
 
@@ -83,7 +91,9 @@ class MetricWriter:
     self._bar = tqdm(
       total=total_steps,
       initial=start_step,
-      disable=not (progress and self.active),
+      # A captured log (not a terminal) gets the step lines, not a bar's \r
+      # redraws glued into the text printed around it.
+      disable=not (progress and self.active and _is_terminal(sys.stderr)),
       unit="step",
       dynamic_ncols=True,
     )

@@ -28,8 +28,12 @@ from flaxtl.errors import UserError
 LOCK_FILE = ".lock"
 
 
-def create(workdir: Path) -> None:
-  """mkdir -p, with one line when the path is under a file or unwritable."""
+def create(workdir: Path) -> list[Path]:
+  """mkdir -p, with one line when the path is under a file or unwritable.
+
+  Returns the directories it made, deepest first (for `remove_if_unused`).
+  """
+  made = [p for p in (workdir, *workdir.parents) if not p.exists()]
   try:
     workdir.mkdir(parents=True, exist_ok=True)
   except FileExistsError:
@@ -42,6 +46,23 @@ def create(workdir: Path) -> None:
     ) from None
   if not os.access(workdir, os.W_OK | os.X_OK):
     raise UserError(f"workdir {workdir}: not writable")
+  return made
+
+
+def remove_if_unused(made: list[Path]) -> None:
+  """Removes the directories `create` made if the run left only its lock.
+
+  A run refused on bad input must not leave a workdir holding a stale
+  `.lock`, which looks like a run to the next command and the user.
+  """
+  if not made or jax.process_index() != 0:
+    return
+  workdir = made[0]
+  with contextlib.suppress(OSError):
+    if {p.name for p in workdir.iterdir()} <= {LOCK_FILE}:
+      (workdir / LOCK_FILE).unlink(missing_ok=True)
+      for d in made:
+        d.rmdir()  # Only empty ones: stops at anything else written there.
 
 
 @contextlib.contextmanager
@@ -64,6 +85,63 @@ def locked(workdir: Path) -> Iterator[None]:
   finally:
     if handle is not None:
       handle.close()  # Releases the flock.
+
+
+# Keys that say how a run runs, not what it computes: a finished run rerun
+# with other values of these reports its results as it is.
+OPERATIONAL_KEYS = (
+  "progress",
+  "log_every_steps",
+  "log_grad_norm",
+  "checkpoint_every_steps",
+  "max_to_keep",
+  "eval_batch_size",
+  "tune_malloc",
+  "xla_cpu_ynn",
+  "model.conv_impl",
+  "model.features_cache_dir",
+  "data.workers",
+  "data.prefetch",
+  "distributed.",
+)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def config_differences(recorded: dict, config: dict) -> list[str]:
+  """'key: old -> new' for each key (not operational) that differs."""
+  old, new = _flat(recorded), _flat(config)
+  out = []
+  for key in sorted(set(old) | set(new)):
+    if key.startswith(OPERATIONAL_KEYS) or old.get(key) == new.get(key):
+      continue
+    out.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+  return out
+
+
+def check_same_config(workdir: Path, config_json: str) -> None:
+  """Refuses to report a finished run recorded with another config."""
+  path = workdir / "config.json"
+  try:
+    recorded = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return  # No record to compare with (older runs): report it as it is.
+  diffs = config_differences(recorded, json.loads(config_json))
+  if diffs:
+    shown = "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
+    raise UserError(
+      f"workdir {workdir} holds a finished run of another config "
+      f"({len(diffs)} key(s) differ from its config.json: {shown}); use "
+      "another --workdir for this config, or delete that one to rerun it"
+    )
 
 
 def _try_lock(workdir: Path):

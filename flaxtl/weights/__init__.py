@@ -3,6 +3,10 @@
 keras_file   Keras files (every layout Keras has written) -> ordered layers
 torch_file   PyTorch files (.pth/.pt zip or legacy, .safetensors) -> a state
              dict of numpy arrays, without torch and without running pickles
+vit_sources  every ViT source (Hugging Face dirs, torchvision, big_vision
+             .npz, ONNX, timm) -> one timm-named state dict + its arch
+             (vit_arch); readers hf_dir, npz_file, onnx_file; posemb
+             resamples position tables as each source does
 mappings/    per family: those layers -> flaxtl variables, every shape checked
 convert      the two together (`python -m flaxtl.convert` is its CLI)
 store        converted checkpoints on disk: save, restore, provenance

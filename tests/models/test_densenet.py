@@ -8,6 +8,7 @@ from flaxtl import models, weights
 from flaxtl.models import common, densenet
 from flaxtl.weights.mappings import densenet as densenet_mapping
 from tests import keras_oracle as oracle
+from tests.keras_layouts import DENSENET_KERAS2_NAMES as KERAS2_NAMES
 
 ARCHS = {
   "densenet121": "DenseNet121",
@@ -15,12 +16,6 @@ ARCHS = {
   "densenet201": "DenseNet201",
 }
 # The official files' Keras-2 names (keras-applications' DenseNet).
-KERAS2_NAMES = {
-  "conv1_conv": "conv1/conv",
-  "conv1_bn": "conv1/bn",
-  "conv1_relu": "conv1/relu",
-  "predictions": "fc1000",
-}
 CASES = {
   False: oracle.ALL_LAYOUTS,
   True: ("official_keras2", "keras_archive", "nested_legacy_h5"),

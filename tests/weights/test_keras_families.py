@@ -17,10 +17,7 @@ from flaxtl.weights import keras_file, sources
 from flaxtl.weights.mappings import resnet as resnet_mapping
 from tests import keras_layouts
 from tests import keras_oracle as oracle
-from tests.models.test_densenet import KERAS2_NAMES
-from tests.weights import test_sources
-
-serve = test_sources.serve  # The local HTTP server fixture.
+from tests.keras_layouts import DENSENET_KERAS2_NAMES as KERAS2_NAMES
 
 
 @pytest.fixture(scope="module")

