@@ -10,6 +10,8 @@ pooling, bf16, drop path and VPT prompts on small models through
 `jax.eval_shape` or tiny inputs.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -467,3 +469,30 @@ def test_transfer_model_reads_the_tokens(pooling):
   assert jax.eval_shape(model.apply, variables, x).shape == (2, 3)
   kernel = variables["params"]["head"]["logits"]["kernel"]
   assert kernel.shape == ((192 if pooling else 5 * 192), 3)
+
+
+def test_a_readers_vit_arch_is_the_registered_config():
+  """flaxtl.weights.vit_arch.VitArch (the readers' arch) -> ViTConfig."""
+  from flaxtl.weights import vit_arch
+
+  arch = vit_arch.VitArch(
+    family="dinov2",
+    patch_size=14,
+    embed_dim=384,
+    depth=12,
+    num_heads=6,
+    mlp_dim=1536,
+    img_size=518,
+    reg_tokens=4,
+    no_embed_class=True,
+    layer_scale=True,
+  )
+  cfg, options = mapping.model_config(arch)
+  name = arch.timm_name
+  assert name == "vit_small_patch14_reg4_dinov2"
+  # The same structure; preprocessing is the registry's, not the file's.
+  assert cfg == dataclasses.replace(vit.ARCHS[name], preprocess=cfg.preprocess)
+  assert options == {"posemb_interp": "bicubic"}
+  model = vit.ViT(arch=name, config=cfg, include_top=False, **options)
+  shapes = common.variable_shapes(model, 14)["params"]
+  assert shapes["pos_embed"].shape == (1, 37 * 37, 384)

@@ -27,6 +27,7 @@ import numpy as np
 from flaxtl import tree
 from flaxtl.errors import UserError
 from flaxtl.models import vit
+from flaxtl.weights import vit_arch
 from flaxtl.weights.converted import Converted
 from flaxtl.weights.mappings import tv_common
 from flaxtl.weights.torch_file import TorchWeights
@@ -221,3 +222,43 @@ def from_torch(
     )
   options = {**file_options(weights, arch), **(options or {})}
   return convert(weights, arch, include_top, n, options)
+
+
+# How a source's VitArch.posemb_resize maps onto the model's posemb_interp.
+_INTERP = {
+  vit_arch.BICUBIC_TORCH: "bicubic",
+  vit_arch.BICUBIC_TORCH_AA: "bicubic_aa",
+  vit_arch.LINEAR_ZOOM: "linear",
+}
+
+
+def model_config(arch: vit_arch.VitArch) -> tuple[vit.ViTConfig, dict]:
+  """A reader's VitArch as the model's ViTConfig and its options.
+
+  `vit.ViT(config=cfg, **options)` (or the registered `arch.timm_name` with
+  the options) runs the reader's timm-named state dict.
+  """
+  if not arch.qkv_bias or arch.patch_bias == arch.pre_norm:
+    raise UserError(
+      f"{arch.family} ViT without qkv biases or with a patch bias beside "
+      "pre_norm: not a timm ViT this model has"
+    )
+  cfg = vit.ViTConfig(
+    patch_size=arch.patch_size,
+    embed_dim=arch.embed_dim,
+    depth=arch.depth,
+    num_heads=arch.num_heads,
+    mlp_ratio=arch.mlp_dim / arch.embed_dim,
+    img_size=arch.img_size,
+    class_token=arch.class_token or arch.dist_token,
+    reg_tokens=arch.reg_tokens,
+    distilled=arch.dist_token,
+    no_embed_class=arch.no_embed_class,
+    init_values=1e-5 if arch.layer_scale else None,
+    pre_norm=arch.pre_norm,
+    fc_norm=arch.fc_norm,
+    global_pool=arch.global_pool,
+    act=arch.act,
+    norm_eps=arch.norm_eps,
+  )
+  return cfg, {"posemb_interp": _INTERP.get(arch.posemb_resize, "bicubic")}
