@@ -7,6 +7,7 @@ Modes are Keras' (`keras.applications.imagenet_utils.preprocess_input`):
     caffe  RGB -> BGR, minus the ImageNet channel means (VGG, ResNet v1)
     tf     scaled to [-1, 1] (MobileNet, Xception, Inception, ResNet v2)
     torch  [0, 1], minus mean, over std per channel (DenseNet, torchvision)
+    clip   the same with OpenAI CLIP's mean and std (CLIP image towers)
     unit   scaled to [0, 1] (models trained from pixels)
     none   0..255 as is (EfficientNet and ConvNeXt normalise inside the model)
 """
@@ -20,7 +21,9 @@ import numpy as np
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 TORCH_MEAN = (0.485, 0.456, 0.406)
 TORCH_STD = (0.229, 0.224, 0.225)
-MODES = ("caffe", "tf", "torch", "unit", "none")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MODES = ("caffe", "tf", "torch", "clip", "unit", "none")
 
 
 def preprocess_input(x, mode: str = "caffe"):
@@ -31,9 +34,12 @@ def preprocess_input(x, mode: str = "caffe"):
     return x[..., ::-1] - xp.asarray(CAFFE_MEAN_BGR, dtype=xp.float32)
   if mode == "tf":
     return x / 127.5 - 1.0
-  if mode == "torch":
-    mean = xp.asarray(TORCH_MEAN, dtype=xp.float32)
-    std = xp.asarray(TORCH_STD, dtype=xp.float32)
+  if mode in ("torch", "clip"):
+    mean, std = (
+      (TORCH_MEAN, TORCH_STD) if mode == "torch" else (CLIP_MEAN, CLIP_STD)
+    )
+    mean = xp.asarray(mean, dtype=xp.float32)
+    std = xp.asarray(std, dtype=xp.float32)
     return (x / 255.0 - mean) / std
   if mode == "unit":
     return x / 255.0

@@ -29,6 +29,7 @@ from flaxtl.models import (  # noqa: F401 (they register their architectures)
   tv_resnet,
   tv_vgg,
   vgg,
+  vit,
   xception,
 )
 from flaxtl.models.checkpoints import Pretrained

@@ -44,7 +44,7 @@ class Stage:
   channels: int
 
 
-PREPROCESS_MODES = ("caffe", "tf", "torch", "none")
+PREPROCESS_MODES = ("caffe", "tf", "torch", "clip", "none")
 
 
 @dataclasses.dataclass(frozen=True)

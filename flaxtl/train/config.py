@@ -18,7 +18,7 @@ from flaxtl.train import sharding as sharding_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODEL_NAMES = ("transfer", "mlp", "cnn")
-PREPROCESS = ("auto", "caffe", "tf", "torch", "unit", "none")
+PREPROCESS = ("auto", "caffe", "tf", "torch", "clip", "unit", "none")
 BN_MODES = ("keras", "frozen", "train")
 # Config keys that are options of some backbone family, with their defaults.
 FAMILY_OPTIONS = {"conv_impl": "auto", "alpha": 1.0}

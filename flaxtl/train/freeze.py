@@ -62,7 +62,17 @@ def first_layers_rules(
         f"layers: {layers}"
       )
     frozen = layers[:k]
-  return [(re.escape(n) + "/.*", FROZEN) for n in frozen]
+  return _rules(frozen, params)
+
+
+def _rules(frozen: list[str], params: dict) -> list[tuple[str, str]]:
+  """Freeze rules for these layers; a root parameter (ViT's cls_token) is
+  its own layer and gets an exact rule."""
+  leaves = set(tree.paths(params))
+  return [
+    (re.escape(n) if n in leaves else re.escape(n) + "/.*", FROZEN)
+    for n in frozen
+  ]
 
 
 def _owners(params: dict, backbone: registry.Backbone | None) -> set[str]:
@@ -73,7 +83,7 @@ def _owners(params: dict, backbone: registry.Backbone | None) -> set[str]:
   """
   layers = tree.layers(tree.paths(params))
   if backbone is None or backbone.naming != "keras":
-    return set(layers)
+    return set(layers) | set(tree.paths(params))  # Root params: ViT tokens.
   owners = set()
   for layer in layers:
     parts = layer.split("/")
@@ -124,7 +134,7 @@ def until_rules(
     )
   owners = _owners(params, backbone)
   frozen = [at + n for n in names[: hits[-1] + 1] if at + n in owners]
-  return [(re.escape(n) + "/.*", FROZEN) for n in frozen]
+  return _rules(frozen, params)
 
 
 @dataclasses.dataclass

@@ -26,6 +26,7 @@ from flaxtl.weights.mappings import (
   tv_resnet,
   tv_vgg,
   vgg,
+  vit,
   xception,
 )
 
@@ -47,4 +48,5 @@ TORCH = {
   "efficientnet_lite": efficientnet_lite,
   "tv_efficientnet": tv_efficientnet,
   "tv_convnext": tv_convnext,
+  "vit": vit,
 }
