@@ -18,6 +18,7 @@ from flaxtl.models import common
 from flaxtl.models.baselines import PixelMLP, SmallCNN
 from flaxtl.models.heads import TransferModel
 from flaxtl.ops import cpu
+from flaxtl.peft import core as peft_core
 from flaxtl.train import config as config_lib
 from flaxtl.train import freeze, optim, steps
 
@@ -35,7 +36,11 @@ def build_model(
     return PixelMLP(num_classes, dtype=dtype)
   if m.name == "cnn":
     return SmallCNN(num_classes, dtype=dtype)
-  return TransferModel(
+  options = {
+    **config_lib.backbone_options(config, provenance),
+    **peft_core.backbone_options(config),
+  }
+  model = TransferModel(
     arch=m.arch,
     head=m.head,
     num_classes=num_classes,
@@ -46,10 +51,9 @@ def build_model(
     dropout=tuple(m.dropout),
     head_init=m.head_init,
     dtype=dtype,
-    backbone_options=tuple(
-      sorted(config_lib.backbone_options(config, provenance).items())
-    ),
+    backbone_options=tuple(sorted(options.items())),
   )
+  return peft_core.wrap(model, config)  # As is unless peft.method is set.
 
 
 def init_fn(model: nn.Module, image_size: int) -> Callable[[jax.Array], dict]:
@@ -129,6 +133,7 @@ def freeze_plan(
     rules += freeze.until_rules(until, params, **where)
   rules = list(dict.fromkeys(rules))  # first_layers and until may overlap.
   rules += [tuple(r) for r in config.freeze.rules]
+  rules += peft_core.freeze_rules(config, params, rules)
   lr_mults = [tuple(r) for r in config.freeze.lr_mults]
   return freeze.plan(params, rules, lr_mults, log_matches)
 
