@@ -2,15 +2,16 @@
 
 LoRA on a kernel W (any layout whose last axis is the output: Dense (in, out),
 conv HWIO): W + (alpha / rank) * A B with A (*W.shape[:-1], rank) and B
-(rank, out), B zero-initialised so the first forward is the base model's. On a
-flax `nn.Dense` / `nn.Conv` (groups 1) the update runs on activations, the
-module itself with `rank` features and then x_r B (a kxk conv to rank r, then
-1x1 to out: the same as the reshaped product, without the full-size weight
-gradient); on any other layer (Keras-style convs, VGG's conv_impl convs, DoRA)
-the kernel W + scale A B is formed before the call. A fused `qkv` kernel (its
-output axis q|k|v) gets one update per slice; `targets` entries may end with
-`:q,v` to pick slices. DoRA: m * V / ||V|| with V = W + scale A B, norms per
-output channel, m = ||W|| + `magnitude` (zero-init, so the start is exact).
+(rank, out), B zero-initialised so the first forward is the base model's.
+On a layer whose width is a field (`nn.Dense` / `nn.Conv` `features`, Keras
+`filters`; one group) the update runs on activations, the module itself at
+width `rank` and then x_r B (a kxk conv to rank r, then 1x1 to out: the
+reshaped product, without a full-size weight gradient); on any other layer
+(depthwise-style or grouped convs, DoRA) W + scale A B is formed first.
+A fused `qkv` kernel (output axis q|k|v) gets one update per slice; `targets`
+entries may end with `:q,v` to pick slices. DoRA: m * V / ||V|| with
+V = W + scale A B, norms per output channel, m = ||W|| + `magnitude`
+(zero-init, so the start is exact).
 Adapters: y + up(gelu(down(y))) after a module, `up` zero-initialised.
 BitFit trains every bias, `norm` every normalisation layer (whose BN layers
 then use batch statistics under model.bn_mode='keras'), `prompt` the ViT's
@@ -142,8 +143,10 @@ class Lora:
   shape: tuple[int, ...]
   slices: tuple[int, ...] = ()  # Fused qkv: the slices updated.
   n_slices: int = 1
-  on_activations: bool = False  # nn.Dense / nn.Conv: (x A) B at call time.
+  on_activations: bool = False  # (x A) B at call time, not W + A B.
   dora: bool = False
+  width: str = ""  # The module field set to r for x A ('features').
+  zero_bias: bool = False  # x A through a layer whose bias is not optional.
 
   def key(self, name: str, s: int | None = None) -> str:
     prefix = self.param.removesuffix("kernel")  # '' or 'pointwise_'.
@@ -182,25 +185,36 @@ class Spec:
 
 @dataclasses.dataclass(frozen=True)
 class _Call:
-  kind: str  # 'dense', 'conv' (flax modules the update can run on) or 'other'.
+  width: str | None  # 'features' / 'filters': the module runs at rank r too.
   out_dim: int | None
+  has_use_bias: bool = False
 
 
 def trace(base: nn.Module, image_size: int) -> tuple[dict, dict[str, _Call]]:
-  """(abstract variables, {module path: _Call}) of one shape-only forward."""
+  """(abstract variables, {module path: _Call}) of one shape-only forward.
+
+  A module whose output width is a field (`features`, Keras `filters`) and
+  that has one group can compute x A itself, at width r (strides, padding,
+  conv_impl as the base layer's).
+  """
   calls: dict[str, _Call] = {}
 
   def record(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     if context.method_name == "__call__":
       m = context.module
-      kind = "other"
-      if type(m) is nn.Dense:
-        kind = "dense"
-      elif type(m) is nn.Conv and m.feature_group_count == 1:
-        kind = "conv"
       dim = out.shape[-1] if isinstance(out, jax.Array) else None
-      calls.setdefault("/".join(m.path), _Call(kind, dim))
+      width = None
+      for attr in ("features", "filters"):
+        value = getattr(m, attr, None)
+        if isinstance(value, int) and value == dim:
+          width = attr
+      if getattr(m, "feature_group_count", 1) != 1:
+        width = None
+      if getattr(m, "groups", 1) != 1:
+        width = None
+      has_use_bias = isinstance(getattr(m, "use_bias", None), bool)
+      calls.setdefault("/".join(m.path), _Call(width, dim, has_use_bias))
     return out
 
   x = jnp.zeros(common.dummy_input(image_size).shape, jnp.float32)
@@ -264,8 +278,12 @@ def resolve(
           chosen.setdefault(p, slices)
     else:
       chosen = dict.fromkeys(_default_lora(kernels))
+    owned: dict[str, list[str]] = {}
+    for p in tree.paths(params):
+      owned.setdefault(tree.layer_of(p), []).append(p.rsplit("/", 1)[-1])
     for path, slices in chosen.items():
-      lora.append(_lora(path, kernels[path], slices, calls, "dora" in ms))
+      shape = kernels[path]
+      lora.append(_lora(path, shape, slices, calls, owned, "dora" in ms))
   adapters: list[Adapter] = []
   if "adapter" in ms:
     adapters = _adapters(c, calls, config.model.arch)
@@ -280,7 +298,7 @@ def resolve(
   )
 
 
-def _lora(path, shape, slices, calls, dora: bool) -> Lora:
+def _lora(path, shape, slices, calls, owned, dora: bool) -> Lora:
   layer, param = path.rsplit("/", 1)
   fused = layer.endswith("qkv") and shape[-1] % 3 == 0
   if slices is not None and not fused:
@@ -288,21 +306,23 @@ def _lora(path, shape, slices, calls, dora: bool) -> Lora:
       f"peft.targets: {path} is not a fused qkv kernel (output "
       f"{shape[-1]}), so it takes no ':q,k,v' slices"
     )
-  n = 3 if fused else 1
-  call = calls.get(layer, _Call("other", None))
+  call = calls.get(layer, _Call(None, None))
   on_acts = (
     not dora
     and param == "kernel"
-    and (call.kind, len(shape)) in (("dense", 2), ("conv", 4))
+    and call.width is not None
+    and set(owned[layer]) <= {"kernel", "bias"}
   )
   return Lora(
     layer=layer,
     param=param,
     shape=shape,
     slices=(slices or (0, 1, 2)) if fused else (),
-    n_slices=n,
+    n_slices=3 if fused else 1,
     on_activations=on_acts,
     dora=dora,
+    width=call.width or "" if on_acts else "",
+    zero_bias=on_acts and not call.has_use_bias and "bias" in owned[layer],
   )
 
 
@@ -512,14 +532,19 @@ def _interceptor(spec: Spec, adapters: dict, drop_rng) -> Callable:
 
 def _low_rank(module, x, t: Lora, node: dict, spec: Spec) -> jax.Array:
   """scale * (x A) B with the module's own op (strides, padding) for x A."""
-  lower = module.clone(parent=None, features=spec.rank, use_bias=False)
+  updates: dict[str, Any] = {t.width: spec.rank}
+  if not t.zero_bias and hasattr(module, "use_bias"):
+    updates["use_bias"] = False
+  lower = module.clone(parent=None, **updates)
+  extra = {"bias": jnp.zeros((spec.rank,), jnp.float32)} if t.zero_bias else {}
   width = t.shape[-1] // t.n_slices
   parts = []
   for s in range(t.n_slices) if t.n_slices > 1 else (None,):
     if s is not None and s not in t.slices:
       parts.append(None)
       continue
-    xr = lower.apply({"params": {"kernel": node[t.key("lora_a", s)]}}, x)
+    kernel = node[t.key("lora_a", s)]
+    xr = lower.apply({"params": {"kernel": kernel, **extra}}, x)
     parts.append(xr @ node[t.key("lora_b", s)].astype(xr.dtype))
   like = next(p for p in parts if p is not None)
   parts = [
