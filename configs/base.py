@@ -100,7 +100,7 @@ def get_base() -> ml_collections.ConfigDict:
   c.freeze.phases = ()
 
   c.peft = ml_collections.ConfigDict()
-  # 'none', 'lora', 'dora', 'bitfit', 'norm', 'prompt', 'adapter', or a tuple.
+  # none|lora|dora|bitfit|norm|prompt|adapter; combined with '+': lora+bitfit.
   c.peft.method = "none"
   # LoRA/DoRA rank r of each update.
   c.peft.rank = 8

@@ -52,7 +52,10 @@ def methods(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   if c is None:
     return ()
   raw = c.method
-  items = (raw,) if isinstance(raw, str) else tuple(raw)
+  # A str key (so --config.peft.method=lora+bitfit works on the command
+  # line); lists from older JSON are read too.
+  items = re.split(r"[+,]", raw) if isinstance(raw, str) else tuple(raw)
+  items = [str(m).strip() for m in items]
   bad = [m for m in items if m not in METHODS]
   if bad or not items:
     raise UserError(
@@ -254,10 +257,7 @@ def resolve(
   """Which kernel gets which update and where adapters go, from shapes."""
   ms = methods(config)
   c = config.peft
-  spec = registry.get(config.model.arch)
-  exclude = ()
-  if config.model.head == "keras_top":  # The new classifier trains in full.
-    exclude = (f"backbone/{spec.classifier}/",)
+  exclude = head_prefixes(config)  # The new classifier trains in full.
   lora: list[Lora] = []
   if "lora" in ms or "dora" in ms:
     kernels = _kernels(params, exclude)
