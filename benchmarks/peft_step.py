@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 CASES = {
   "full": {},
@@ -40,8 +40,8 @@ def case(arch: str, name: str, size: int, batch: int, budget: float) -> dict:
 
   from configs import base
   from flaxtl import config_files
-  from flaxtl.train import setup, steps
   from flaxtl.train import config as config_lib
+  from flaxtl.train import setup, steps
   from flaxtl.train.summary import counts
 
   c = base.get_base()
