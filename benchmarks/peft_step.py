@@ -65,19 +65,19 @@ def case(arch: str, name: str, size: int, batch: int, budget: float) -> dict:
     jax.random.PRNGKey(1),
   )
   rng = np.random.default_rng(0)
-  batch = {
+  data = {
     "image": rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32),
     "label": rng.integers(0, 10, batch).astype(np.int32),
   }
   t0 = time.perf_counter()
   compiled = (
-    jax.jit(step, donate_argnums=0).lower(state, batch).compile(options or None)
+    jax.jit(step, donate_argnums=0).lower(state, data).compile(options or None)
   )
   compile_s = time.perf_counter() - t0
   holder = [state]
 
   def run():
-    s, m = compiled(holder[0], batch)
+    s, m = compiled(holder[0], data)
     jax.block_until_ready((s, m))
     holder[0] = s
 
