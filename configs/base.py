@@ -102,6 +102,26 @@ def get_base() -> ml_collections.ConfigDict:
   # Gradual unfreezing: ((epoch, first_layers), ...) from that epoch on.
   c.freeze.phases = ()
 
+  c.peft = ml_collections.ConfigDict()
+  # none|lora|dora|bitfit|norm|prompt|adapter; combined with '+': lora+bitfit.
+  c.peft.method = "none"
+  # LoRA/DoRA rank r of each update.
+  c.peft.rank = 8
+  # LoRA scale numerator: updates are (alpha / rank) * A B.
+  c.peft.alpha = 8.0
+  # Dropout on a LoRA layer's input (updates run on activations only).
+  c.peft.dropout = 0.0
+  # Regexes over kernels or layers ('backbone/' optional, ':q,v' fused slices).
+  c.peft.targets = ()
+  # ViT prompt tokens (VPT) for method 'prompt'.
+  c.peft.prompt_tokens = 0
+  # VPT-deep: new prompt tokens at every block, not only the first.
+  c.peft.prompt_deep = False
+  # Bottleneck width of method 'adapter'.
+  c.peft.adapter_dim = 16
+  # Module-path regexes adapters follow (default: ViT MLPs, numbered blocks).
+  c.peft.adapter_after = ()
+
   c.optim = ml_collections.ConfigDict()
   # 'sgd', 'adam' or 'adamw'.
   c.optim.name = "sgd"

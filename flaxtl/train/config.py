@@ -14,6 +14,7 @@ from flaxtl.models import registry
 from flaxtl.models.heads import ACTIVATIONS, HEADS, INITS
 from flaxtl.ops import conv as conv_ops
 from flaxtl.ops import cpu
+from flaxtl.peft import core as peft_core
 from flaxtl.train import sharding as sharding_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -266,6 +267,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise UserError(f"image_size={config.image_size} is too small")
   else:
     _validate_transfer(config, spec)
+  peft_core.validate(config)
   for epoch, k in config.freeze.phases:
     if epoch <= 0 or k < 0:
       raise UserError(

@@ -31,6 +31,7 @@ from flaxtl import files
 from flaxtl.errors import UserError
 from flaxtl.models.heads import HeadOnly, MLPHead
 from flaxtl.ops import cpu
+from flaxtl.peft import core as peft_core
 from flaxtl.preprocess import prepare_images
 from flaxtl.train import (
   checkpoint,
@@ -395,6 +396,12 @@ class _Trainer:
     )
     return tx, jitted
 
+  def roles(self, params) -> dict[str, str] | None:
+    """PEFT runs: each parameter's role (adapter, head, base) in the table."""
+    if not peft_core.methods(self.config):
+      return None
+    return peft_core.roles(self.config, params)
+
   def init_opt_state(self, tx, params):
     return jax.jit(tx.init, out_shardings=self.opt_shardings)(params)
 
@@ -454,7 +461,7 @@ class _Trainer:
     _write_run_files(
       workdir, config, self.run_.provenance, self.splits.class_names
     )
-    writer.print(param_table(state.params, plan))
+    writer.print(param_table(state.params, plan, self.roles(state.params)))
     writer.print(sharding_lib.describe(state.params, self.mesh))
     param_counts = counts(state.params, plan)
     if self.run_.frozen_backbone is not None:
@@ -511,7 +518,9 @@ class _Trainer:
           # A new phase gets a fresh optimiser, as Keras' recompile does.
           state = state.replace(opt_state=self.init_opt_state(tx, state.params))
           writer.print(f"phase {i}: first_layers={first} from step {step}")
-          writer.print(param_table(state.params, plan))
+          writer.print(
+            param_table(state.params, plan, self.roles(state.params))
+          )
         batch = next(batches)
         state, step_metrics = train_step(state, batch)
         step += 1

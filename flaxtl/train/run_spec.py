@@ -16,6 +16,7 @@ from typing import Any
 import ml_collections
 
 from flaxtl.models import registry
+from flaxtl.peft import core as peft_core
 from flaxtl.train import config as config_lib
 
 
@@ -25,7 +26,8 @@ class RunSpec:
 
   backbone: the registered backbone (None for the pixel baselines).
   options: the backbone's options: model.options, the family keys
-    (model.alpha, model.conv_impl) and those the weights were converted with.
+    (model.alpha, model.conv_impl), those the weights were converted with and
+    those PEFT sets (prompt tokens).
   include_top: whether the backbone keeps its own top (model.head keras_top).
   feature_layer: the layer a new head reads (None with the top).
   pooling: how a new head pools that layer.
@@ -56,7 +58,10 @@ def resolve(
   include_top = spec is not None and config.model.head == "keras_top"
   return RunSpec(
     backbone=spec,
-    options=config_lib.backbone_options(config, provenance),
+    options={
+      **config_lib.backbone_options(config, provenance),
+      **peft_core.backbone_options(config),  # The ViT's prompt tokens.
+    },
     include_top=include_top,
     feature_layer=(
       None if spec is None or include_top else config_lib.feature_layer(config)

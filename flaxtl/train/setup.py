@@ -18,6 +18,7 @@ from flaxtl.models import common
 from flaxtl.models.baselines import PixelMLP, SmallCNN
 from flaxtl.models.heads import TransferModel
 from flaxtl.ops import cpu
+from flaxtl.peft import core as peft_core
 from flaxtl.train import config as config_lib
 from flaxtl.train import freeze, optim, run_spec, steps
 
@@ -38,7 +39,7 @@ def build_model(
     return PixelMLP(num_classes, dtype=dtype)
   if m.name == "cnn":
     return SmallCNN(num_classes, dtype=dtype)
-  return TransferModel(
+  model = TransferModel(
     arch=m.arch,
     head=m.head,
     num_classes=num_classes,
@@ -51,6 +52,7 @@ def build_model(
     dtype=dtype,
     backbone_options=tuple(sorted(spec.options.items())),
   )
+  return peft_core.wrap(model, config)  # As is unless peft.method is set.
 
 
 def init_fn(model: nn.Module, image_size: int) -> Callable[[jax.Array], dict]:
@@ -134,6 +136,7 @@ def freeze_plan(
     rules += freeze.until_rules(until, params, **where)
   rules = list(dict.fromkeys(rules))  # first_layers and until may overlap.
   rules += [tuple(r) for r in config.freeze.rules]
+  rules += peft_core.freeze_rules(config, params, rules)
   lr_mults = [tuple(r) for r in config.freeze.lr_mults]
   return freeze.plan(params, rules, lr_mults, log_matches)
 

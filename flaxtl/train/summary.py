@@ -8,7 +8,10 @@ from flaxtl import tree
 from flaxtl.train.freeze import Plan
 
 
-def param_table(params, freeze_plan: Plan) -> str:
+def param_table(
+  params, freeze_plan: Plan, roles: dict[str, str] | None = None
+) -> str:
+  """One row per parameter; `roles` (PEFT: adapter/head/base) adds a column."""
   shapes = {p: np.shape(v) for p, v in tree.flatten(params).items()}
   rows, totals = [], counts(params, freeze_plan)
   for path, state, mult in freeze_plan.rows:
@@ -20,14 +23,16 @@ def param_table(params, freeze_plan: Plan) -> str:
         f"{n:,}",
         state,
         "-" if state == "frozen" else f"{mult:g}",
+        *((roles.get(path, "-"),) if roles else ()),
       )
     )
   header = ("parameter", "shape", "params", "state", "lr mult")
-  widths = [max(len(r[i]) for r in [*rows, header]) for i in range(5)]
+  header += ("role",) if roles else ()
+  widths = [max(len(r[i]) for r in [*rows, header]) for i in range(len(header))]
 
   def fmt(row) -> str:
     return "  ".join(
-      c.ljust(w) if i in (0, 1, 3) else c.rjust(w)
+      c.ljust(w) if i in (0, 1, 3, 5) else c.rjust(w)
       for i, (c, w) in enumerate(zip(row, widths))
     )
 
