@@ -10,7 +10,10 @@ from flaxtl import models
 
 ROOT = Path(__file__).resolve().parents[1] / "flaxtl"
 # Lower layers first; a module may import only its own layer and lower ones.
-LAYERS = ("ops", "models", "weights", "data", "probe", "peft", "train")
+LAYERS = ("ops", "models", "weights", "data", "peft", "train")
+# Command-line modules inside a package sit above every layer, like the CLIs
+# at the top level (flaxtl/predict.py).
+CLIS = ("flaxtl.peft.runs", "flaxtl.peft.__main__")
 FAMILIES = {models.get(a).family for a in models.names()} | {
   "keras_model",
   "tv_common",
@@ -40,6 +43,8 @@ def _imports(module: ast.Module, known: set[str]) -> set[str]:
 
 
 def _layer(name: str) -> int | None:
+  if name in CLIS or name.endswith(".__main__"):
+    return None
   parts = name.split(".")
   return (
     LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
