@@ -9,6 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
+from flaxtl import data as data_lib
 from flaxtl.errors import UserError
 from flaxtl.models import registry
 from flaxtl.models.heads import ACTIVATIONS, HEADS, INITS
@@ -348,3 +349,23 @@ def check_sharding(config: ml_collections.ConfigDict) -> None:
         f"{where}: spec must be {list(specs)} or a PartitionSpec tuple of "
         f"None / {list(sharding_lib.AXES)} (each axis at most once)"
       )
+
+
+def check_feature_mode(config: ml_collections.ConfigDict) -> None:
+  """A head trained alone on cached features: what that excludes."""
+  m = config.model
+  if m.name != "transfer" or m.head == "keras_top":
+    raise UserError(
+      "model.cache_features needs model.name='transfer' with model.head "
+      "'mlp' or 'linear'"
+    )
+  if config.freeze.first_layers or config.freeze.phases:
+    raise UserError(
+      "model.cache_features trains the head alone (the backbone is frozen by "
+      "construction): set freeze.first_layers=0 and freeze.phases=()"
+    )
+  if data_lib.augment_mode(config.data.augment) != "none":
+    raise UserError(
+      "model.cache_features cannot augment: features are computed once "
+      "per image"
+    )

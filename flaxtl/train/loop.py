@@ -11,36 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 from pathlib import Path
 import signal
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
 from flaxtl import data as data_lib
 from flaxtl import files
-from flaxtl.errors import UserError
-from flaxtl.models.heads import HeadOnly, MLPHead
 from flaxtl.ops import cpu
 from flaxtl.peft import core as peft_core
-from flaxtl.preprocess import prepare_images
-from flaxtl.train import (
-  checkpoint,
-  distributed,
-  features,
-  run_spec,
-  setup,
-  steps,
-)
+from flaxtl.train import checkpoint, distributed, prepare, records, setup, steps
 from flaxtl.train import config as config_lib
 from flaxtl.train import sharding as sharding_lib
 from flaxtl.train import workdir as workdir_lib
@@ -92,166 +78,6 @@ class _StopFlag:
       signal.signal(sig, handler)
 
 
-@dataclasses.dataclass(frozen=True)
-class Run:
-  """What training needs once data and weights are in place."""
-
-  model: nn.Module
-  variables: dict  # {'params': ..., 'batch_stats': ...}
-  prepare: Any  # Device-side batch["image"] -> model input.
-  splits: Any  # Backbone features instead of images when features are cached.
-  provenance: dict | None
-  spec: run_spec.RunSpec  # The model side, resolved once.
-  frozen_backbone: dict | None = None  # Host variables of a cached backbone.
-
-
-def load_data(config: ml_collections.ConfigDict):
-  """The train/val/test splits, checked against the model and batch size."""
-  splits = data_lib.load(config.data)
-  num_classes = len(splits.class_names)
-  if num_classes < 2:
-    raise UserError(
-      f"data.source={config.data.source!r} has only one class "
-      f"({splits.class_names[0]!r}); a classifier needs at least 2"
-    )
-  if config.model.num_classes and config.model.num_classes != num_classes:
-    raise UserError(
-      f"model.num_classes={config.model.num_classes} but the data has "
-      f"{num_classes} classes ({config.data.source})"
-    )
-  if splits.train is None or len(splits.train) == 0:
-    raise UserError(f"data.source={config.data.source!r}: no training examples")
-  if len(splits.train) < config.batch_size:
-    raise UserError(
-      f"batch_size={config.batch_size} is larger than the "
-      f"{len(splits.train)} training examples"
-    )
-  return splits
-
-
-def _check_feature_mode(config: ml_collections.ConfigDict) -> None:
-  m = config.model
-  if m.name != "transfer" or m.head == "keras_top":
-    raise UserError(
-      "model.cache_features needs model.name='transfer' with model.head "
-      "'mlp' or 'linear'"
-    )
-  if config.freeze.first_layers or config.freeze.phases:
-    raise UserError(
-      "model.cache_features trains the head alone (the backbone is frozen by "
-      "construction): set freeze.first_layers=0 and freeze.phases=()"
-    )
-  if data_lib.augment_mode(config.data.augment) != "none":
-    raise UserError(
-      "model.cache_features cannot augment: features are computed once "
-      "per image"
-    )
-
-
-def _split_backbone(variables: dict) -> tuple[dict, dict]:
-  """(backbone variables, the rest), per collection."""
-  inner = {c: v["backbone"] for c, v in variables.items() if "backbone" in v}
-  rest = {
-    c: {k: x for k, x in v.items() if k != "backbone"}
-    for c, v in variables.items()
-  }
-  return inner, rest
-
-
-def _cached_features_run(config, run: Run, compiler_options) -> Run:
-  """The head alone on backbone features computed once (and cached on disk)."""
-  spec = run.spec
-  backbone_vars, head_vars = _split_backbone(jax.device_get(run.variables))
-  backbone = spec.backbone.build(
-    include_top=False,
-    output_layer=spec.feature_layer,
-    dtype=config_lib.DTYPES[config.model.dtype],
-    **spec.options,
-  )
-
-  def convert(ds, split: str):
-    if ds is None:
-      return None
-    feats = features.extract(
-      backbone,
-      backbone_vars,
-      ds,
-      image_size=config.image_size,
-      preprocess=spec.preprocess,
-      cache_dir=Path(config.model.features_cache_dir),
-      split=split,
-      compiler_options=compiler_options,
-      options=data_lib.Options.from_config(config),
-    )
-    return data_lib.Dataset.from_arrays(feats, ds.labels, name=split)
-
-  splits = dataclasses.replace(
-    run.splits,
-    train=convert(run.splits.train, "train"),
-    val=convert(run.splits.val, "val"),
-    test=convert(run.splits.test, "test"),
-  )
-  head = MLPHead(**run.model.head_kwargs(), parent=None)
-  return Run(
-    model=HeadOnly(head, pooling=config.model.pooling),
-    variables=head_vars,  # Host arrays: the trainer places them.
-    prepare=lambda feats: feats.astype(jnp.float32),
-    splits=splits,
-    provenance=run.provenance,
-    spec=spec,
-    frozen_backbone=backbone_vars,
-  )
-
-
-def _setup(config, splits, init_rng: jax.Array, mesh) -> Run:
-  """Model, initial variables (pretrained merged in), cached features.
-
-  The variables are created in place, sharded as `sharding.rules` say (the
-  cached-features path keeps them whole: its backbone runs on the host's).
-  """
-  pretrained = setup.resolve_pretrained(config)
-  spec = run_spec.resolve(config, pretrained[1] if pretrained else None)
-  model = setup.build_model(config, len(splits.class_names), spec=spec)
-  cached = bool(config.model.cache_features)
-  if cached:
-    _check_feature_mode(config)
-  # Shape-first: every phase's rules are checked on abstract params first.
-  abstract = setup.abstract_variables(model, config.image_size, init_rng)
-  params = abstract["params"]
-  for k in [config.freeze.first_layers, *(k for _, k in config.freeze.phases)]:
-    setup.freeze_plan(
-      config,
-      {"head": params["head"]} if cached else params,
-      k,
-      log_matches=False,
-      spec=spec,
-    )
-
-  placed = (
-    NamedSharding(mesh, P())
-    if cached
-    else sharding_lib.from_config(abstract, mesh, config.sharding)
-  )
-  variables = jax.jit(
-    setup.init_fn(model, config.image_size), out_shardings=placed
-  )(init_rng)
-  variables, provenance = setup.merge_pretrained(config, variables, pretrained)
-  run = Run(
-    model=model,
-    variables=jax.device_put(variables, placed),
-    prepare=lambda images: prepare_images(
-      images, config.image_size, spec.preprocess
-    ),
-    splits=splits,
-    provenance=provenance,
-    spec=spec,
-  )
-  if cached:
-    options = setup.compiler_options(config, dtype=config.model.dtype)
-    run = _cached_features_run(config, run, options)
-  return run
-
-
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str | Path
 ) -> dict[str, Any]:
@@ -280,14 +106,14 @@ def train_and_evaluate(
 def _train_locked(config, workdir: Path, t_start: float) -> dict[str, Any]:
   with workdir_lib.locked(workdir):
     data_lib.Options.from_config(config)  # Checks the data.* keys first.
-    splits = load_data(config)
+    splits = prepare.load_data(config)
     # Full batches only: the last partial batch of an epoch is dropped.
     steps_per_epoch = len(splits.train) // config.batch_size
     total_steps = (
       int(config.total_steps) or int(config.num_epochs) * steps_per_epoch
     )
     start_step = checkpoint.latest_step(workdir)
-    recorded = _recorded_summary(workdir, start_step, total_steps)
+    recorded = records.recorded_summary(workdir, start_step, total_steps)
     if recorded is not None:
       workdir_lib.check_same_config(workdir, config.to_json_best_effort())
       log.info(
@@ -321,7 +147,7 @@ class _Trainer:
     self.mesh = mesh = sharding_lib.make_mesh(config.mesh.shape)
     self.replicated, self.batch_sharding = distributed.shardings(mesh)
     init_rng, self.train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    self.run_ = _setup(config, splits, init_rng, mesh)
+    self.run_ = prepare.prepare(config, splits, init_rng, mesh)
     self.model, self.splits = self.run_.model, self.run_.splits
     # Where each variable lives for the whole run (the head's, when cached).
     self.var_shardings = sharding_lib.from_config(
@@ -349,8 +175,10 @@ class _Trainer:
     self.phases = phases(config, steps_per_epoch)
     # After setup: a run refused by it leaves no checkpoints/ behind.
     self.manager = checkpoint.manager(workdir, config.max_to_keep)
+    self.has_val = self.splits.val is not None and len(self.splits.val) > 0
     self.writer: MetricWriter | None = None
     self.batches = None
+    self.eval_fn = None
 
   def close(self) -> None:
     if self.batches is not None:
@@ -431,15 +259,20 @@ class _Trainer:
 
   # --- the run ---------------------------------------------------------------
 
-  def run(self, start_step: int) -> dict[str, Any]:
-    config, workdir = self.config, self.workdir
-    phase_i = phase_index(self.phases, start_step)
+  def phase_step(self, phase: int, params):
+    """(plan, optimiser, jitted step) of a freeze phase."""
+    first = self.phases[phase].first_layers
+    plan = setup.freeze_plan(self.config, params, first, spec=self.run_.spec)
+    return (plan, *self.compile_train_step(plan))
+
+  def start(self, start_step: int):
+    """(state, plan, optimiser, step fn, prior record) to train from."""
+    config = self.config
     variables = jax.device_put(self.run_.variables, self.var_shardings)
     params = variables["params"]
-    plan = setup.freeze_plan(
-      config, params, self.phases[phase_i].first_layers, spec=self.run_.spec
+    plan, tx, train_step = self.phase_step(
+      phase_index(self.phases, start_step), params
     )
-    tx, train_step = self.compile_train_step(plan)
     state = steps.TrainState(
       # Placed like the step's output: else the second call recompiles.
       step=jax.device_put(jnp.zeros((), jnp.int32), self.replicated),
@@ -448,19 +281,17 @@ class _Trainer:
       opt_state=self.init_opt_state(tx, params),
       rng=jax.device_put(self.train_rng, self.replicated),
     )
-    session = checkpoint.RunRecord(batch_size=config.batch_size)
+    prior = checkpoint.RunRecord(batch_size=config.batch_size)
     if start_step:
-      state, iter_state, session = checkpoint.restore(
-        self.manager, start_step, state, workdir, config.batch_size
+      state, iter_state, prior = checkpoint.restore(
+        self.manager, start_step, state, self.workdir, config.batch_size
       )
       self.train_iter.set_state(iter_state)
+    return state, plan, train_step, prior
 
-    self.writer = writer = MetricWriter(
-      workdir, self.total_steps, start_step, config.batch_size, config.progress
-    )
-    _write_run_files(
-      workdir, config, self.run_.provenance, self.splits.class_names
-    )
+  def param_counts(self, state, plan) -> dict[str, int]:
+    """The parameter table printed; trainable and frozen counts returned."""
+    writer = self.writer
     writer.print(param_table(state.params, plan, self.roles(state.params)))
     writer.print(sharding_lib.describe(state.params, self.mesh))
     param_counts = counts(state.params, plan)
@@ -471,10 +302,21 @@ class _Trainer:
       )
       writer.print(
         f"backbone: {param_counts['frozen']:,} params frozen (features "
-        f"cached in {config.model.features_cache_dir})"
+        f"cached in {self.config.model.features_cache_dir})"
       )
+    return param_counts
 
-    eval_fn = jax.jit(
+  def run(self, start_step: int) -> dict[str, Any]:
+    config, workdir = self.config, self.workdir
+    state, plan, train_step, prior = self.start(start_step)
+    self.writer = MetricWriter(
+      workdir, self.total_steps, start_step, config.batch_size, config.progress
+    )
+    records.write_run_files(
+      workdir, config, self.run_.provenance, self.splits.class_names
+    )
+    param_counts = self.param_counts(state, plan)
+    self.eval_fn = jax.jit(
       steps.make_eval_step(
         self.model, self.num_classes, prepare=self.run_.prepare
       ),
@@ -482,15 +324,34 @@ class _Trainer:
       compiler_options=setup.compiler_options(config, dtype=config.model.dtype),
     )
     metrics = PendingMetrics(
-      writer,
+      self.writer,
       config.nan_policy,
       workdir,
       last_good_step=start_step if start_step else None,
     )
+    t_loop = time.perf_counter()
+    state, step, val_metrics, interrupted = self.train(
+      state, plan, train_step, start_step, metrics, prior, t_loop
+    )
+    result: dict[str, Any] = {
+      "step": step,
+      "total_steps": self.total_steps,
+      "interrupted": interrupted,
+    }
+    if interrupted is not None:
+      return result
+    train_s = prior.train_s + time.perf_counter() - t_loop
+    return self.finish(
+      state, step, val_metrics, metrics, prior, train_s, param_counts, result
+    )
+
+  def train(self, state, plan, train_step, step, metrics, prior, t_loop):
+    """The steps from `step` to the end (or a signal): (state, step, the
+    last validation metrics, the signal's name or None)."""
+    config, writer = self.config, self.writer
+    phase_i = phase_index(self.phases, step)
     self.batches = batches = self.batches_from(self.train_iter)
     iter_state = batches.get_state()
-    t_loop = time.perf_counter()
-    prior = session
 
     def save(step: int) -> None:
       record = prior.advanced(
@@ -502,27 +363,21 @@ class _Trainer:
 
     val_metrics: dict = {}
     interrupted = None
-    step = start_step
-    has_val = self.splits.val is not None and len(self.splits.val) > 0
     with _StopFlag() as stop:
       while step < self.total_steps:
         i = phase_index(self.phases, step)
         if i != phase_i:
           metrics.flush()
           phase_i = i
-          first = self.phases[i].first_layers
-          plan = setup.freeze_plan(
-            config, state.params, first, spec=self.run_.spec
-          )
-          tx, train_step = self.compile_train_step(plan)
+          plan, tx, train_step = self.phase_step(i, state.params)
           # A new phase gets a fresh optimiser, as Keras' recompile does.
           state = state.replace(opt_state=self.init_opt_state(tx, state.params))
+          first = self.phases[i].first_layers
           writer.print(f"phase {i}: first_layers={first} from step {step}")
           writer.print(
             param_table(state.params, plan, self.roles(state.params))
           )
-        batch = next(batches)
-        state, step_metrics = train_step(state, batch)
+        state, step_metrics = train_step(state, next(batches))
         step += 1
         iter_state = batches.get_state()
         metrics.add(step, step_metrics)
@@ -532,9 +387,9 @@ class _Trainer:
         if step % config.checkpoint_every_steps == 0 or last:
           metrics.flush()  # Never save after a non-finite step.
           save(step)
-        if has_val and (step % self.eval_period == 0 or last):
+        if self.has_val and (step % self.eval_period == 0 or last):
           metrics.flush()
-          val_metrics = self.evaluate(eval_fn, state, "val", step)
+          val_metrics = self.evaluate(self.eval_fn, state, "val", step)
         if stop.signal is not None:
           interrupted = signal.Signals(stop.signal).name
           metrics.flush()
@@ -546,22 +401,28 @@ class _Trainer:
           )
           break
       metrics.flush()
-    train_s = prior.train_s + time.perf_counter() - t_loop
-    result: dict[str, Any] = {
-      "step": step,
-      "total_steps": self.total_steps,
-      "interrupted": interrupted,
-    }
-    if interrupted is not None:
-      return result
+    return state, step, val_metrics, interrupted
 
+  def finish(
+    self,
+    state,
+    step,
+    val_metrics,
+    metrics,
+    prior,
+    train_s,
+    param_counts,
+    result,
+  ) -> dict[str, Any]:
+    """Final variables saved, the test split evaluated, summary.json."""
+    workdir = self.workdir
     final = state.variables()
     if self.run_.frozen_backbone is not None:
-      final = _with_backbone(final, self.run_.frozen_backbone)
+      final = prepare.with_backbone(final, self.run_.frozen_backbone)
     checkpoint.save_final(workdir, final)
-    train_last = metrics.last or _last_record(workdir, "train")
-    if has_val and not val_metrics:  # Resumed at the last step: evaluate it.
-      val_metrics = self.evaluate(eval_fn, state, "val", step)
+    train_last = metrics.last or records.last_record(workdir, "train")
+    if self.has_val and not val_metrics:  # Resumed at the last step.
+      val_metrics = self.evaluate(self.eval_fn, state, "val", step)
     result.update(
       {
         f"train_{k}": v
@@ -572,7 +433,7 @@ class _Trainer:
     result.update({f"val_{k}": v for k, v in val_metrics.items()})
     test = self.splits.test
     if test is not None and test.labels is not None:
-      test_metrics = self.evaluate(eval_fn, state, "test", step)
+      test_metrics = self.evaluate(self.eval_fn, state, "test", step)
       result.update({f"test_{k}": v for k, v in test_metrics.items()})
     provenance = self.run_.provenance or {}
     rates = metrics.rates
@@ -599,39 +460,8 @@ class _Trainer:
       for k, v in result.items()
       if "class" not in k and v is not None
     )
-    writer.print("summary: " + shown)
+    self.writer.print("summary: " + shown)
     return result
-
-
-def _recorded_summary(workdir: Path, start_step: int, total_steps: int):
-  """The recorded results of a run already finished in `workdir`, if any."""
-  path = workdir / "summary.json"
-  if start_step < total_steps or not path.is_file():
-    return None
-  try:
-    recorded = json.loads(path.read_text())
-  except ValueError:
-    return None  # Damaged: evaluate again and rewrite it.
-  done = recorded.get("step") == start_step and not recorded.get("interrupted")
-  return recorded if done else None
-
-
-def _last_record(workdir: Path, split: str) -> dict:
-  """The last `split` line of metrics.jsonl ({} if none)."""
-  path = workdir / "metrics.jsonl"
-  if not path.is_file():
-    return {}
-  records = [json.loads(line) for line in path.read_text().splitlines() if line]
-  found = [r for r in records if r.get("split") == split]
-  return found[-1] if found else {}
-
-
-def _with_backbone(variables: dict, backbone: dict) -> dict:
-  """A head's variables with the cached backbone's put back under 'backbone'."""
-  out = {c: dict(v) for c, v in variables.items()}
-  for c, v in backbone.items():
-    out.setdefault(c, {})["backbone"] = v
-  return out
 
 
 def _short(v):
@@ -653,15 +483,3 @@ def _evaluate(
     sums = eval_fn(variables, distributed.put_batch(batch, sharding))
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
   return {} if total is None else summarise_eval(jax.device_get(total))
-
-
-def _write_run_files(
-  workdir: Path, config, provenance: dict | None, class_names: list[str]
-) -> None:
-  if jax.process_index() != 0:
-    return
-  files.write_text(
-    workdir / "config.json", config.to_json_best_effort(indent=2) + "\n"
-  )
-  files.write_json(workdir / "weights_provenance.json", provenance)
-  files.write_json(workdir / "class_names.json", list(class_names))
