@@ -118,8 +118,13 @@ def test_return_layers_equal_separate_output_layer_runs(family, x):
   spec = models.get(arch)
   outputs = spec.outputs(False)
   early, late = outputs[len(outputs) // 3], outputs[(2 * len(outputs)) // 3]
-  variables = common.init_variables(models.create(arch, include_top=False), 32)
   both = models.create(arch, include_top=False, return_layers=(late, early))
+  # Built with return_layers: no parameters after the deepest one.
+  cut = models.create(arch, include_top=False, output_layer=late)
+  assert jax.tree.structure(
+    common.variable_shapes(both, 32)
+  ) == jax.tree.structure(common.variable_shapes(cut, 32))
+  variables = common.init_variables(both, 32)
   got = both.apply(variables, x)
   assert set(got) == {early, late}  # Flax's apply returns dicts key-sorted.
   for name in (early, late):
@@ -127,11 +132,6 @@ def test_return_layers_equal_separate_output_layer_runs(family, x):
     want = alone.apply(variables, x)
     assert got[name].shape == want.shape
     np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want))
-  # Built with return_layers: no parameters after the deepest one.
-  cut = models.create(arch, include_top=False, output_layer=late)
-  assert jax.tree.structure(
-    common.variable_shapes(both, 32)
-  ) == jax.tree.structure(common.variable_shapes(cut, 32))
 
 
 def test_return_layers_are_checked():
