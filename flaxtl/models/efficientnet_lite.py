@@ -78,39 +78,6 @@ def blocks(arch: str) -> list[tuple[int, int, int, int, int]]:
   return out
 
 
-def _block_leaves(expand: bool) -> list[str]:
-  names = ["_expand_conv", "_bn0"] if expand else []
-  return [*names, "_depthwise_conv", "_bn1", "_project_conv", "_bn2"]
-
-
-def _leaves(arch: str, include_top: bool, params_only: bool) -> list[str]:
-  leaves = ["_conv_stem", "_bn0"]
-  for i, (_, _, e, _, _) in enumerate(blocks(arch)):
-    leaves += [f"_blocks/{i}/{n}" for n in _block_leaves(e != 1)]
-  leaves += ["_conv_head", "_bn1"]
-  if not params_only:
-    leaves.append(FEATURES)
-  if include_top:
-    leaves += ["_fc"] if params_only else ["_avg_pooling", "_dropout", "_fc"]
-  return leaves
-
-
-def module_paths(
-  arch: str, include_top: bool = True, pooling: str | None = None
-) -> list[str]:
-  """Every module whose output `output_layer` can name, in forward order."""
-  del pooling  # The pool without the top is no module here.
-  return tv.post_order(_leaves(arch, include_top, params_only=False))
-
-
-def layer_names(
-  arch: str, include_top: bool = True, pooling: str | None = None
-) -> list[str]:
-  """The modules with parameters, in forward order ('_blocks/0/_bn1')."""
-  del pooling
-  return _leaves(arch, include_top, params_only=True)
-
-
 class MBConvBlock(nn.Module):
   """Inverted residual without SE: [expand 1x1], depthwise, project 1x1."""
 
@@ -119,23 +86,25 @@ class MBConvBlock(nn.Module):
   expand_ratio: int
   features: int
   drop_rate: float = 0.0
-  stop: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    layers, taps = tv.tools(self)
+    layers = tv.Layers.of(self)
+
+    def conv(y, features, kernel, name, *args, **kw):
+      y = layers.conv(y, features, kernel, name, *args, **kw)
+      return tv.tap(self, name, y)
 
     def bn(y, name):
-      return taps(name, layers.bn(y, train, name, BN_EPS, BN_MOMENTUM))
+      return tv.tap(self, name, layers.bn(y, train, name, BN_EPS, BN_MOMENTUM))
 
     inputs, y = x, x
     hidden = x.shape[-1] * self.expand_ratio
     if self.expand_ratio != 1:
-      y = taps("_expand_conv", layers.conv(y, hidden, 1, "_expand_conv"))
-      y = nn.relu6(bn(y, "_bn0"))
-    y = layers.conv(
+      y = nn.relu6(bn(conv(y, hidden, 1, "_expand_conv"), "_bn0"))
+    y = conv(
       y,
       hidden,
       self.kernel_size,
@@ -144,9 +113,8 @@ class MBConvBlock(nn.Module):
       "tf_same",
       groups=hidden,
     )
-    y = nn.relu6(bn(taps("_depthwise_conv", y), "_bn1"))
-    y = taps("_project_conv", layers.conv(y, self.features, 1, "_project_conv"))
-    y = bn(y, "_bn2")
+    y = nn.relu6(bn(y, "_bn1"))
+    y = bn(conv(y, self.features, 1, "_project_conv"), "_bn2")
     if self.stride == 1 and inputs.shape[-1] == self.features:
       if train and self.drop_rate:
         y = _drop_connect(y, self.drop_rate, self.make_rng("dropout"))
@@ -166,13 +134,11 @@ class Blocks(nn.Module):
 
   arch: str
   drop_connect_rate: float = DROP_CONNECT
-  stop: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    taps = common.Taps(self.stop)
     specs = blocks(self.arch)
     for i, (k, stride, e, _, cout) in enumerate(specs):
       block = MBConvBlock(
@@ -181,12 +147,11 @@ class Blocks(nn.Module):
         e,
         cout,
         self.drop_connect_rate * i / len(specs),
-        tv.sub_stop(self.stop, str(i)),
         self.dtype,
         self.param_dtype,
         name=str(i),
       )
-      x = taps(str(i), block(x, train))
+      x = tv.tap(self, str(i), block(x, train))
     return x
 
 
@@ -199,6 +164,7 @@ class EfficientNetLite(nn.Module):
     num_classes: outputs of `_fc`.
     pooling: without the top, None (4D features), 'avg' or 'max'.
     output_layer: stop after this module ('_blocks/7', 'extract_features').
+    return_layers: return {path: output} of these modules instead.
     dropout: the rate before `_fc` while training (None: the arch's).
     drop_connect_rate: the blocks' drop connect rate while training.
   """
@@ -208,6 +174,7 @@ class EfficientNetLite(nn.Module):
   num_classes: int = 1000
   pooling: str | None = None
   output_layer: str | None = None
+  return_layers: tuple[str, ...] | None = None
   dropout: float | None = None
   drop_connect_rate: float = DROP_CONNECT
   dtype: Any = jnp.float32
@@ -215,37 +182,42 @@ class EfficientNetLite(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    names = module_paths(self.arch, self.include_top)
-    tv.check(self.arch, self.output_layer, names, x.shape, MIN_SIZE)
-    layers = tv.Layers(self.dtype, self.param_dtype)
-    taps = common.Taps(self.output_layer)
+    tv.check_arch(self.arch, ARCHS, self.pooling)
+    common.check_input(self.arch, x.shape, MIN_SIZE)
+    layers = tv.Layers.of(self)
+
+    def tap(name, y):
+      return tv.tap(self, name, y)
 
     def bn(y, name):
-      return taps(name, layers.bn(y, train, name, BN_EPS, BN_MOMENTUM))
+      return tap(name, layers.bn(y, train, name, BN_EPS, BN_MOMENTUM))
 
     def forward() -> jax.Array:
       y = x.astype(self.dtype)
       y = layers.conv(y, STEM, 3, "_conv_stem", 2, "tf_same")
-      y = nn.relu6(bn(taps("_conv_stem", y), "_bn0"))
+      y = nn.relu6(bn(tap("_conv_stem", y), "_bn0"))
       y = Blocks(
         self.arch,
         self.drop_connect_rate,
-        tv.sub_stop(self.output_layer, "_blocks"),
         self.dtype,
         self.param_dtype,
         name="_blocks",
       )(y, train)
-      y = taps("_blocks", y)
-      y = taps("_conv_head", layers.conv(y, HEAD, 1, "_conv_head"))
-      y = taps(FEATURES, nn.relu6(bn(y, "_bn1")))
+      y = tap("_blocks", y)
+      y = tap("_conv_head", layers.conv(y, HEAD, 1, "_conv_head"))
+      y = tap(FEATURES, nn.relu6(bn(y, "_bn1")))
       if not self.include_top:
-        return common.global_pool(y, self.pooling)
-      y = taps("_avg_pooling", jnp.mean(y, axis=(1, 2)))
+        return common.global_pool(y, self.pooling)  # No module: no tap.
+      y = tap("_avg_pooling", jnp.mean(y, axis=(1, 2)))
       rate = ARCHS[self.arch][3] if self.dropout is None else self.dropout
-      y = taps("_dropout", tv.dropout(y, rate, train, "_dropout"))
-      return taps("_fc", tv.logits(layers.linear(y, self.num_classes, "_fc")))
+      y = tap("_dropout", tv.dropout(y, rate, train, "_dropout"))
+      return tap("_fc", tv.logits(layers.linear(y, self.num_classes, "_fc")))
 
-    return taps.run(forward)
+    return tv.run(self, self.arch, forward)
+
+
+# Module order, recorded from the taps of one pass.
+module_paths, layer_names = tv.recorded_order(EfficientNetLite, MIN_SIZE)
 
 
 tv.register_family(

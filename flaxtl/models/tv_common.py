@@ -11,20 +11,28 @@ conv weights OIHW -> kernel HWIO, linear weights (out, in) -> kernel (in, out),
 BatchNorm weight/bias -> params scale/bias, running_mean/var -> batch_stats
 mean/var. BatchNorm momentum: torch's 0.1 is Flax's 0.9.
 
-output_layer: any module path in forward order ('layer2', 'layer2/1/bn2',
-'features/4'): the output of that module, as a torch forward hook sees it.
-A container's output comes after its last child's (post-order). A model built
-to stop early has no parameters after that module.
+One way to tap: a top-level model's `__call__` runs its forward pass in
+`run(self, arch, forward)`, and every container reports each child's output
+with `tap(self, name, x)`, the path '/'-joined from the top-level model
+('layer2/1/bn2'). A container's output comes right after its last child's
+(post-order), as torch forward hooks see them. The model's `output_layer`
+(any such path) stops the pass there and returns that output;
+`return_layers` (a tuple of paths) returns {path: output}, stopping after
+the last of them. A model built to stop early has no parameters after the
+cut. `module_paths` / `layer_names` (`recorded_order`) are recorded from
+those taps in one pass under `jax.eval_shape`, so they cannot drift from
+the modules.
 
 A family module holds only its own structure: `register_family` registers
-its archs (torch naming, 'torch' input unless told), `check` / `check_arch`
-validate a model's options and input, `with_top` / `pool` / `output` give the
-torchvision top (avgpool + classifier) or the pooled features without it.
+its archs (torch naming, 'torch' input unless told, option
+`return_layers`), `check_arch` validates an arch and pooling, `pool` /
+`output` give the pooled features without the top and the output dtype.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+import contextvars
 import dataclasses
 import functools
 import math
@@ -47,11 +55,103 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
-def sub_stop(stop: str | None, name: str) -> str | None:
-  """The part of `stop` inside child `name` ('layer1/0/bn1' -> '0/bn1')."""
-  if stop is not None and stop.startswith(name + "/"):
-    return stop[len(name) + 1 :]
-  return None
+class _Stop(Exception):
+  def __init__(self, value: Any):
+    super().__init__()
+    self.value = value
+
+
+class _Trace:
+  """One forward pass of a top-level model: its taps, cut and wanted layers.
+
+  root: the top-level model's own path (it may sit inside a larger model,
+  e.g. at 'backbone'); paths are reported relative to it.
+  """
+
+  def __init__(
+    self,
+    root: tuple[str, ...],
+    output_layer: str | None,
+    return_layers: Sequence[str] | None,
+  ):
+    self.root = len(root)
+    self.output_layer = output_layer
+    self.wanted = (
+      None if return_layers is None else dict.fromkeys(return_layers)
+    )
+    self.found: dict[str, jax.Array] = {}
+    self.seen: list[str] = []
+
+
+# The trace of the top-level torch model whose forward pass is running.
+_TRACE: contextvars.ContextVar[_Trace | None] = contextvars.ContextVar(
+  "flaxtl_torch_trace", default=None
+)
+# While a module order is recorded: the traces the passes make.
+_RECORDING: contextvars.ContextVar[list[_Trace] | None] = (
+  contextvars.ContextVar("flaxtl_torch_recording", default=None)
+)
+
+
+def tap(module: nn.Module, name: str, x: Any) -> Any:
+  """Reports the output `x` of `module`'s child `name`; returns `x`.
+
+  Every container reports each child's output (leaf layers and containers)
+  right after it is computed, so a container's output follows its last
+  child's (post-order), as torch forward hooks see them. Stops the pass at
+  the trace's `output_layer`, or after the last of its `return_layers`.
+  Outside a top-level model's `run` it does nothing.
+  """
+  trace = _TRACE.get()
+  if trace is None:
+    return x
+  path = "/".join((*module.path[trace.root :], name))
+  trace.seen.append(path)
+  if path == trace.output_layer:
+    raise _Stop(x)
+  if trace.wanted is not None and path in trace.wanted:
+    trace.found[path] = x
+    if len(trace.found) == len(trace.wanted):
+      raise _Stop({n: trace.found[n] for n in trace.wanted})
+  return x
+
+
+def run(model: nn.Module, arch: str, forward: Callable[[], Any]) -> Any:
+  """`forward()` of a top-level `model`, cut at its output_layer.
+
+  `model.output_layer`: the output of that module path. `model.return_layers`:
+  {path: output} for those module paths, stopping after the last one in
+  forward order. Either way nothing after the cut runs, so a model built to
+  stop early has no parameters after it.
+  """
+  output_layer, wanted = model.output_layer, model.return_layers
+  if output_layer is not None and wanted is not None:
+    raise UserError(
+      f"{arch}: give output_layer or return_layers, not both "
+      f"(got {output_layer!r} and {wanted!r})"
+    )
+  if wanted is not None and (isinstance(wanted, str) or not wanted):
+    raise UserError(
+      f"{arch}: return_layers must be a non-empty tuple of module paths, "
+      f"got {wanted!r}"
+    )
+  trace = _Trace(tuple(model.path), output_layer, wanted)
+  recording = _RECORDING.get()
+  if recording is not None:
+    recording.append(trace)
+  token = _TRACE.set(trace)
+  try:
+    out = forward()
+  except _Stop as stop:
+    return stop.value
+  finally:
+    _TRACE.reset(token)
+  # The pass ran to its end: a cut it never reached names no module.
+  check_output_layer(arch, output_layer, trace.seen)
+  if wanted is not None:
+    missing = [n for n in wanted if n not in trace.found]
+    check_output_layer(arch, missing[0], trace.seen, "return_layers")
+  return out
 
 
 def post_order(leaves: Iterable[str]) -> list[str]:
@@ -75,42 +175,9 @@ def post_order(leaves: Iterable[str]) -> list[str]:
   return out
 
 
-# (module path, whether it holds parameters), in the order outputs are ready.
-Modules = list[tuple[str, bool]]
-
-
 def pool_module(pooling: str) -> str:
   """The module a global pool without the top is named ('avgpool')."""
   return "avgpool" if pooling == "avg" else "maxpool"
-
-
-def with_top(
-  features: Iterable[tuple[str, bool]],
-  classifier: Sequence[bool],
-  include_top: bool,
-  pooling: str | None,
-) -> Modules:
-  """`features`, then avgpool, `classifier/{i}` (params: classifier[i]).
-
-  Without the top, the global pool (if any) as module 'avgpool'/'maxpool'.
-  """
-  mods = list(features)
-  if include_top:
-    top = [(f"classifier/{i}", p) for i, p in enumerate(classifier)]
-    return [*mods, ("avgpool", False), *top, ("classifier", False)]
-  if pooling is not None:
-    mods.append((pool_module(pooling), False))
-  return mods
-
-
-def paths(mods: Modules) -> list[str]:
-  """Every module path of `mods` (the `output_layer`s), in order."""
-  return [m for m, _ in mods]
-
-
-def param_paths(mods: Modules) -> list[str]:
-  """The paths of `mods` that hold parameters (`layer_names`), in order."""
-  return [m for m, params in mods if params]
 
 
 def check_arch(arch: str, archs: Collection[str], pooling: str | None) -> None:
@@ -124,83 +191,141 @@ def check_arch(arch: str, archs: Collection[str], pooling: str | None) -> None:
 
 
 def check_output_layer(
-  arch: str, output_layer: str | None, names: Sequence[str]
+  arch: str,
+  output_layer: str | None,
+  names: Sequence[str],
+  option: str = "output_layer",
 ) -> None:
   if output_layer is not None and output_layer not in names:
     top = [n for n in names if "/" not in n]
     raise UserError(
-      f"output_layer {output_layer!r} is not a module of {arch} (module paths "
-      f"like {top[:6]} or {names[:3]}, '/'-joined)"
+      f"{option} {output_layer!r} is not a module of {arch} (module paths "
+      f"like {top[:6]} or {list(names[:3])}, '/'-joined)"
     )
 
 
-def check(
-  arch: str,
-  output_layer: str | None,
-  names: Sequence[str],
-  shape: Sequence[int],
+# Model fields that never change which modules a pass goes through.
+_NOT_STRUCTURE = frozenset(
+  {"output_layer", "return_layers", "num_classes", "dtype", "param_dtype"}
+)
+
+
+@functools.cache
+def _recorded(
+  model: type[nn.Module],
   min_size: int,
-) -> None:
-  """`output_layer` is one of the module paths `names`; the input fits."""
-  check_output_layer(arch, output_layer, names)
-  common.check_input(arch, tuple(shape), min_size)
+  include_top: bool,
+  pooling: str | None,
+  fields: tuple[tuple[str, Any], ...],
+) -> tuple[tuple[str, bool], ...]:
+  """(module path, holds parameters) in forward order, from one traced init."""
+  net = model(include_top=include_top, pooling=pooling, **dict(fields))
+  recording: list[_Trace] = []
+  token = _RECORDING.set(recording)
+  try:
+    shapes = common.variable_shapes(net, min_size)
+  finally:
+    _RECORDING.reset(token)
+  (trace,) = recording
+  owners = {
+    "/".join(str(k.key) for k in keys[:-1])
+    for keys, _ in jax.tree_util.tree_flatten_with_path(
+      shapes.get("params", {})
+    )[0]
+  }
+  seen = trace.seen
+  # A module reported twice, or parameters no tap reports: a family's bug.
+  if len(set(seen)) != len(seen) or not owners <= set(seen):
+    raise AssertionError(
+      f"{model.__name__}: taps {seen} miss {sorted(owners - set(seen))}"
+    )
+  return tuple((p, p in owners) for p in seen)
+
+
+def recorded_order(
+  model: type[nn.Module], min_size: int
+) -> tuple[Callable[..., list[str]], Callable[..., list[str]]]:
+  """A family's `module_paths` and `layer_names`, recorded from its taps.
+
+  Both take (arch, include_top, pooling, **options) and run `model` once
+  under `jax.eval_shape` at `min_size` per distinct arguments (cached):
+  module_paths are every module `tap` reports (the `output_layer`s and
+  `return_layers`), layer_names those holding parameters, in forward order.
+  Options that are no field of `model`, or never change the structure
+  (output_layer, num_classes, dtypes), are ignored.
+  """
+  names = set(model.__dataclass_fields__) - _NOT_STRUCTURE
+  names -= {"include_top", "pooling", "parent", "name"}
+
+  def modules(arch, include_top, pooling, options):
+    if arch is not None and "arch" in names:
+      options = {**options, "arch": arch}
+    fields = tuple(sorted((k, v) for k, v in options.items() if k in names))
+    return _recorded(model, min_size, include_top, pooling, fields)
+
+  def module_paths(
+    arch: str | None = None,
+    include_top: bool = True,
+    pooling: str | None = None,
+    **options: Any,
+  ) -> list[str]:
+    """Every module path, in the order its output is ready."""
+    return [p for p, _ in modules(arch, include_top, pooling, options)]
+
+  def layer_names(
+    arch: str | None = None,
+    include_top: bool = True,
+    pooling: str | None = None,
+    **options: Any,
+  ) -> list[str]:
+    """The module paths holding parameters, in forward order."""
+    mods = modules(arch, include_top, pooling, options)
+    return [p for p, params in mods if params]
+
+  return module_paths, layer_names
 
 
 def _for_arch(fn: Callable[..., list[str]], arch: str) -> Callable:
-  """fn(arch, include_top, pooling) as the registry calls it."""
+  """fn(arch, include_top, pooling, **options) as the registry calls it."""
 
   def call(
-    include_top: bool = True, pooling: str | None = None, **_: Any
+    include_top: bool = True, pooling: str | None = None, **options: Any
   ) -> list[str]:
-    return fn(arch, include_top, pooling)  # Family options: no effect.
+    return fn(arch, include_top, pooling, **options)
 
   return call
-
-
-def register(
-  arch: str,
-  family: str,
-  build: Callable[..., nn.Module],
-  layer_names: Callable[..., list[str]],
-  output_layers: Callable[..., list[str]],
-  preprocess: str = "torch",
-  **fields: Any,
-) -> None:
-  """Registers a PyTorch-named backbone; fields: the rest of its Backbone."""
-  registry.register(
-    registry.Backbone(
-      arch=arch,
-      family=family,
-      build=build,
-      layer_names=layer_names,
-      output_layers=output_layers,
-      preprocess=preprocess,
-      naming="torch",
-      **fields,
-    )
-  )
 
 
 def register_family(
   family: str,
   model: type[nn.Module],
   archs: Iterable[str],
-  layer_names: Callable[[str, bool, str | None], list[str]],
-  module_paths: Callable[[str, bool, str | None], list[str]],
+  layer_names: Callable[..., list[str]],
+  module_paths: Callable[..., list[str]],
+  preprocess: str = "torch",
+  options: Mapping[str, Any] | None = None,
   **fields: Any,
 ) -> None:
-  """`register`s `model(arch=arch)` for each arch of a family.
+  """Registers `model(arch=arch)` for each arch of a PyTorch-named family.
 
-  layer_names, module_paths: (arch, include_top, pooling) -> module paths.
+  layer_names, module_paths: (arch, include_top, pooling, **options) ->
+  module paths (`recorded_order`). Every torch family takes the option
+  `return_layers`; fields: the rest of each Backbone.
   """
+  takes_arch = "arch" in model.__dataclass_fields__
   for arch in archs:
-    register(
-      arch,
-      family,
-      functools.partial(model, arch=arch),
-      _for_arch(layer_names, arch),
-      _for_arch(module_paths, arch),
-      **fields,
+    registry.register(
+      registry.Backbone(
+        arch=arch,
+        family=family,
+        build=functools.partial(model, arch=arch) if takes_arch else model,
+        layer_names=_for_arch(layer_names, arch),
+        output_layers=_for_arch(module_paths, arch),
+        preprocess=preprocess,
+        naming="torch",
+        options={**(options or {}), "return_layers": None},
+        **fields,
+      )
     )
 
 
@@ -221,6 +346,11 @@ class Layers:
 
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+
+  @classmethod
+  def of(cls, module: nn.Module) -> Layers:
+    """The layers of a container with `dtype` / `param_dtype` fields."""
+    return cls(module.dtype, module.param_dtype)
 
   def conv(
     self,
@@ -334,21 +464,17 @@ def logits(x: jax.Array) -> jax.Array:
   return x.astype(jnp.float32)
 
 
-def pool(taps: common.Taps, x: jax.Array, pooling: str | None) -> jax.Array:
+def pool(module: nn.Module, x: jax.Array, pooling: str | None) -> jax.Array:
   """Without the top: the global pool, as module 'avgpool' / 'maxpool'."""
   if pooling is None:
     return x
-  return taps(pool_module(pooling), common.global_pool(x, pooling))
+  return tap(module, pool_module(pooling), common.global_pool(x, pooling))
 
 
-def output(x: jax.Array, include_top: bool, dtype: Any) -> jax.Array:
-  """Logits in float32; features in the compute dtype."""
-  return x.astype(jnp.float32 if include_top else dtype)
-
-
-def tools(module: nn.Module) -> tuple[Layers, common.Taps]:
-  """A container's `Layers` (its dtypes) and `Taps` (its `stop`)."""
-  return Layers(module.dtype, module.param_dtype), common.Taps(module.stop)
+def output(x: Any, include_top: bool, dtype: Any) -> Any:
+  """Logits in float32; features in the compute dtype (each of a dict)."""
+  dtype = jnp.float32 if include_top else dtype
+  return jax.tree.map(lambda a: a.astype(dtype), x)
 
 
 ACTIVATIONS = {
@@ -362,8 +488,8 @@ ACTIVATIONS = {
 class ConvNormActivation(nn.Module):
   """torchvision.ops.Conv2dNormActivation: children '0' conv, '1' BN, '2'.
 
-  `stop` is the part of output_layer inside this module ('1' stops after the
-  BatchNorm); the caller's `common.Taps.run` catches it.
+  Symmetric padding (kernel_size - 1) // 2 unless `padding` says otherwise;
+  BatchNorm with torch's eps and (Flax's) momentum.
   """
 
   features: int
@@ -372,24 +498,21 @@ class ConvNormActivation(nn.Module):
   groups: int = 1
   activation: str | None = "relu"
   eps: float = TORCH_BN_EPS
+  momentum: float = BN_MOMENTUM
   padding: int | str | None = None  # None: (kernel_size - 1) // 2.
-  stop: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    layers, taps = Layers(self.dtype, self.param_dtype), common.Taps(self.stop)
+    layers = Layers.of(self)
     pad = (self.kernel_size - 1) // 2 if self.padding is None else self.padding
     x = layers.conv(
       x, self.features, self.kernel_size, "0", self.stride, pad, self.groups
     )
-    x = taps("0", x)
-    x = taps("1", layers.bn(x, train, "1", eps=self.eps))
+    x = tap(self, "0", x)
+    x = layers.bn(x, train, "1", eps=self.eps, momentum=self.momentum)
+    x = tap(self, "1", x)
     if self.activation is not None:
-      x = taps("2", ACTIVATIONS[self.activation](x))
+      x = tap(self, "2", ACTIVATIONS[self.activation](x))
     return x
-
-
-def conv_norm_activation_leaves(activation: str | None = "relu") -> list[str]:
-  return ["0", "1"] + (["2"] if activation is not None else [])

@@ -19,7 +19,6 @@ nothing here.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -54,143 +53,92 @@ def stage_index(stage: int) -> int:
   return 2 * stage + 1
 
 
-# CNBlock's `block`: dwconv, Permute, LayerNorm, Linear, GELU, Linear, Permute.
-_BLOCK_PARAMS = (True, False, True, True, False, True, False)
-
-
-def _cnblock(prefix: str) -> tv_common.Modules:
-  mods = [(f"{prefix}/block/{i}", p) for i, p in enumerate(_BLOCK_PARAMS)]
-  # The block itself holds layer_scale, applied after `block`.
-  return [
-    *mods,
-    (f"{prefix}/block", False),
-    (f"{prefix}/stochastic_depth", False),
-    (prefix, True),
-  ]
-
-
-@functools.cache
-def _features(arch: str) -> tuple[tuple[str, bool], ...]:
-  mods = [("features/0/0", True), ("features/0/1", True), ("features/0", False)]
-  depths = VARIANTS[arch].depths
-  for s, depth in enumerate(depths):
-    stage = f"features/{stage_index(s)}"
-    for j in range(depth):
-      mods += _cnblock(f"{stage}/{j}")
-    mods.append((stage, False))
-    if s < len(depths) - 1:
-      down = f"features/{stage_index(s) + 1}"
-      mods += [(f"{down}/0", True), (f"{down}/1", True), (down, False)]
-  return (*mods, ("features", False))
-
-
-def _modules(
-  arch: str, include_top: bool, pooling: str | None
-) -> tv_common.Modules:
-  # classifier: LayerNorm2d '0', Flatten '1', Linear '2'.
-  top = (True, False, True)
-  return tv_common.with_top(_features(arch), top, include_top, pooling)
-
-
-def module_paths(
-  arch: str, include_top: bool = True, pooling: str | None = None
-) -> list[str]:
-  """Every module path in the order its output is ready: `output_layer`s."""
-  return tv_common.paths(_modules(arch, include_top, pooling))
-
-
-def layer_names(
-  arch: str, include_top: bool = True, pooling: str | None = None
-) -> list[str]:
-  """The modules with parameters, in forward order.
-
-  A CNBlock ('features/1/0') is one: it holds its layer_scale.
-  """
-  return tv_common.param_paths(_modules(arch, include_top, pooling))
-
-
 # torchvision's trunc_normal_(std=0.02) truncates at +-2 absolute, i.e. never:
 # a plain normal is the same distribution.
 weight_init = nn.initializers.normal(0.02)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Ctx:
-  taps: common.Taps
-  train: Any
-  dtype: Any
-  param_dtype: Any
+def _conv(
+  m: nn.Module, features, kernel, stride=1, padding=0, groups=1, name=None
+):
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    (stride, stride),
+    padding=((padding, padding), (padding, padding)),
+    feature_group_count=groups,
+    conv_general_dilated=conv_ops.conv_general_dilated,
+    kernel_init=weight_init,
+    dtype=m.dtype,
+    param_dtype=m.param_dtype,
+    name=name,
+  )
 
-  def conv(self, features, kernel, stride=1, padding=0, groups=1, name=None):
-    return nn.Conv(
-      features,
-      (kernel, kernel),
-      (stride, stride),
-      padding=((padding, padding), (padding, padding)),
-      feature_group_count=groups,
-      conv_general_dilated=conv_ops.conv_general_dilated,
-      kernel_init=weight_init,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name=name,
-    )
 
-  def dense(self, features, name):
-    return nn.Dense(
-      features,
-      kernel_init=weight_init,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name=name,
-    )
+def _dense(m: nn.Module, features: int, name: str) -> nn.Dense:
+  return nn.Dense(
+    features,
+    kernel_init=weight_init,
+    dtype=m.dtype,
+    param_dtype=m.param_dtype,
+    name=name,
+  )
 
-  def norm(self, name):
-    return nn.LayerNorm(
-      EPS,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      use_fast_variance=False,
-      name=name,
-    )
+
+def _norm(m: nn.Module, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(
+    EPS,
+    dtype=m.dtype,
+    param_dtype=m.param_dtype,
+    use_fast_variance=False,
+    name=name,
+  )
 
 
 class CNBlock(nn.Module):
   """torchvision's CNBlock: dwconv 7x7, LN, Linear 4x, GELU, Linear, scale."""
 
   stochastic_depth_prob: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, ctx: _Ctx, prefix: str) -> jax.Array:
-    dim, taps = x.shape[-1], ctx.taps
-    y = Block(name="block")(x, ctx, f"{prefix}/block")
+  def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
+    dim = x.shape[-1]
+    y = Block(self.dtype, self.param_dtype, name="block")(x)
+    y = tv_common.tap(self, "block", y)
     scale = self.param(
       "layer_scale",
       nn.initializers.constant(LAYER_SCALE),
       (dim,),
-      ctx.param_dtype,
+      self.param_dtype,
     )
-    y = scale.astype(ctx.dtype) * y
-    y = common.stochastic_depth(self, y, self.stochastic_depth_prob, ctx.train)
-    y = taps(f"{prefix}/stochastic_depth", y)
-    return taps(prefix, y + x)
+    y = scale.astype(self.dtype) * y
+    y = common.stochastic_depth(self, y, self.stochastic_depth_prob, train)
+    y = tv_common.tap(self, "stochastic_depth", y)
+    return y + x
 
 
 class Block(nn.Module):
   """CNBlock's `block` Sequential (its Permutes are no-ops in NHWC)."""
 
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
   @nn.compact
-  def __call__(self, x: jax.Array, ctx: _Ctx, prefix: str) -> jax.Array:
-    dim, taps = x.shape[-1], ctx.taps
-    x = taps(
-      f"{prefix}/0", ctx.conv(dim, 7, padding=3, groups=dim, name="0")(x)
-    )
-    x = taps(f"{prefix}/1", x)
-    x = taps(f"{prefix}/2", ctx.norm("2")(x))
-    x = taps(f"{prefix}/3", ctx.dense(4 * dim, "3")(x))
-    x = taps(f"{prefix}/4", nn.gelu(x, approximate=False))
-    x = taps(f"{prefix}/5", ctx.dense(dim, "5")(x))
-    x = taps(f"{prefix}/6", x)
-    return taps(prefix, x)
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dim = x.shape[-1]
+
+    def tap(name, y):
+      return tv_common.tap(self, name, y)
+
+    x = tap("0", _conv(self, dim, 7, padding=3, groups=dim, name="0")(x))
+    x = tap("1", x)
+    x = tap("2", _norm(self, "2")(x))
+    x = tap("3", _dense(self, 4 * dim, "3")(x))
+    x = tap("4", nn.gelu(x, approximate=False))
+    x = tap("5", _dense(self, dim, "5")(x))
+    return tap("6", x)
 
 
 class Stage(nn.Module):
@@ -198,24 +146,45 @@ class Stage(nn.Module):
 
   depth: int
   sd_probs: tuple[float, ...]
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, ctx: _Ctx, prefix: str) -> jax.Array:
+  def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
     for j in range(self.depth):
-      x = CNBlock(self.sd_probs[j], name=str(j))(x, ctx, f"{prefix}/{j}")
-    return ctx.taps(prefix, x)
+      block = CNBlock(
+        self.sd_probs[j], self.dtype, self.param_dtype, name=str(j)
+      )
+      x = tv_common.tap(self, str(j), block(x, train))
+    return x
 
 
 class Downsample(nn.Module):
   """LayerNorm2d '0', then a 2x2 stride-2 conv '1' (features/2, 4, 6)."""
 
   features: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, ctx: _Ctx, prefix: str) -> jax.Array:
-    x = ctx.taps(f"{prefix}/0", ctx.norm("0")(x))
-    x = ctx.taps(f"{prefix}/1", ctx.conv(self.features, 2, 2, name="1")(x))
-    return ctx.taps(prefix, x)
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = tv_common.tap(self, "0", _norm(self, "0")(x))
+    x = _conv(self, self.features, 2, 2, name="1")(x)
+    return tv_common.tap(self, "1", x)
+
+
+class Stem(nn.Module):
+  """features/0: Conv2dNormActivation(4x4 stride 4, bias, LayerNorm2d)."""
+
+  features: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = _conv(self, self.features, 4, 4, name="0")(x)
+    x = tv_common.tap(self, "0", x)
+    return tv_common.tap(self, "1", _norm(self, "1")(x))
 
 
 class Features(nn.Module):
@@ -223,11 +192,14 @@ class Features(nn.Module):
 
   arch: str
   stochastic_depth_prob: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, ctx: _Ctx) -> jax.Array:
-    v, taps = VARIANTS[self.arch], ctx.taps
-    x = Stem(v.widths[0], name="0")(x, ctx, "features/0")
+  def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
+    v = VARIANTS[self.arch]
+    kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+    x = tv_common.tap(self, "0", Stem(v.widths[0], name="0", **kw)(x))
     total, done = sum(v.depths), 0
     for s, depth in enumerate(v.depths):
       # torchvision: rate * block_id / (total_blocks - 1).
@@ -237,37 +209,27 @@ class Features(nn.Module):
       )
       done += depth
       i = stage_index(s)
-      x = Stage(depth, sd, name=str(i))(x, ctx, f"features/{i}")
+      x = Stage(depth, sd, name=str(i), **kw)(x, train)
+      x = tv_common.tap(self, str(i), x)
       if s < len(v.widths) - 1:
-        x = Downsample(v.widths[s + 1], name=str(i + 1))(
-          x, ctx, f"features/{i + 1}"
-        )
-    return taps("features", x)
-
-
-class Stem(nn.Module):
-  """features/0: Conv2dNormActivation(4x4 stride 4, bias, LayerNorm2d)."""
-
-  features: int
-
-  @nn.compact
-  def __call__(self, x: jax.Array, ctx: _Ctx, prefix: str) -> jax.Array:
-    x = ctx.taps(f"{prefix}/0", ctx.conv(self.features, 4, 4, name="0")(x))
-    x = ctx.taps(f"{prefix}/1", ctx.norm("1")(x))
-    return ctx.taps(prefix, x)
+        x = Downsample(v.widths[s + 1], name=str(i + 1), **kw)(x)
+        x = tv_common.tap(self, str(i + 1), x)
+    return x
 
 
 class Classifier(nn.Module):
   """`classifier`: LayerNorm2d '0', Flatten '1', Linear '2'."""
 
   num_classes: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, ctx: _Ctx) -> jax.Array:
-    x = ctx.taps("classifier/0", ctx.norm("0")(x))
-    x = ctx.taps("classifier/1", x)  # Flatten of a (N, C, 1, 1) map in torch.
-    x = ctx.taps("classifier/2", ctx.dense(self.num_classes, "2")(x))
-    return ctx.taps("classifier", x)
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = tv_common.tap(self, "0", _norm(self, "0")(x))
+    x = tv_common.tap(self, "1", x)  # Flatten of a (N, C, 1, 1) map in torch.
+    x = _dense(self, self.num_classes, "2")(x)
+    return tv_common.tap(self, "2", x)
 
 
 class TVConvNeXt(nn.Module):
@@ -279,6 +241,7 @@ class TVConvNeXt(nn.Module):
     num_classes: outputs of `classifier/2`.
     pooling: without the top: None (4D features), 'avg' or 'max'.
     output_layer: stop at this module (any of `module_paths`), return it.
+    return_layers: return {path: output} of these modules instead.
     stochastic_depth_prob: None is torchvision's rate for the arch; scaled
       linearly from 0 at the first block to it at the last.
     dtype: compute dtype; param_dtype: storage dtype of the parameters.
@@ -289,6 +252,7 @@ class TVConvNeXt(nn.Module):
   num_classes: int = 1000
   pooling: str | None = None
   output_layer: str | None = None
+  return_layers: tuple[str, ...] | None = None
   stochastic_depth_prob: float | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -296,23 +260,29 @@ class TVConvNeXt(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
     tv_common.check_arch(self.arch, VARIANTS, self.pooling)
-    names = module_paths(self.arch, self.include_top, self.pooling)
-    tv_common.check(self.arch, self.output_layer, names, x.shape, MIN_SIZE)
-    taps = common.Taps(self.output_layer)
-    ctx = _Ctx(taps, train, self.dtype, self.param_dtype)
+    common.check_input(self.arch, x.shape, MIN_SIZE)
+    kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
     sd = self.stochastic_depth_prob
     if sd is None:
       sd = VARIANTS[self.arch].stochastic_depth_prob
 
     def forward():
-      y = Features(self.arch, sd, name="features")(x.astype(self.dtype), ctx)
+      y = Features(self.arch, sd, name="features", **kw)(
+        x.astype(self.dtype), train
+      )
+      y = tv_common.tap(self, "features", y)
       if not self.include_top:
-        return tv_common.pool(taps, y, self.pooling)
-      y = taps("avgpool", jnp.mean(y, axis=(1, 2)))
-      return Classifier(self.num_classes, name="classifier")(y, ctx)
+        return tv_common.pool(self, y, self.pooling)
+      y = tv_common.tap(self, "avgpool", jnp.mean(y, axis=(1, 2)))
+      y = Classifier(self.num_classes, name="classifier", **kw)(y)
+      return tv_common.tap(self, "classifier", y)
 
-    return tv_common.output(taps.run(forward), self.include_top, self.dtype)
+    out = tv_common.run(self, self.arch, forward)
+    return tv_common.output(out, self.include_top, self.dtype)
 
+
+# Module order, recorded from the taps of one pass.
+module_paths, layer_names = tv_common.recorded_order(TVConvNeXt, MIN_SIZE)
 
 tv_common.register_family(
   "tv_convnext",

@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 
 from flaxtl.models import common, tv_common
-from flaxtl.ops import conv as conv_ops
 
 # torchvision's EfficientNet-B0 stages: (expand_ratio, kernel, stride,
 # input_channels, out_channels, num_layers), before width/depth scaling.
@@ -130,68 +129,6 @@ def head_width(arch: str) -> int:
   return 4 * blocks(arch)[-1][-1].cout
 
 
-def _conv_norm_act(prefix: str, act: bool = True) -> tv_common.Modules:
-  mods = [(f"{prefix}/0", True), (f"{prefix}/1", True)]
-  return [*mods, *([(f"{prefix}/2", False)] if act else []), (prefix, False)]
-
-
-def _mbconv(b: Block) -> tv_common.Modules:
-  p = f"features/{b.stage}/{b.index}"
-  mods, i = [], 0
-  if b.expanded != b.cin:
-    mods += _conv_norm_act(f"{p}/block/0")
-    i = 1
-  mods += _conv_norm_act(f"{p}/block/{i}")
-  se = f"{p}/block/{i + 1}"
-  mods += [
-    (f"{se}/avgpool", False),
-    (f"{se}/fc1", True),
-    (f"{se}/activation", False),
-    (f"{se}/fc2", True),
-    (f"{se}/scale_activation", False),
-    (se, False),
-  ]
-  mods += _conv_norm_act(f"{p}/block/{i + 2}", act=False)
-  mods.append((f"{p}/block", False))
-  if b.residual:
-    mods.append((f"{p}/stochastic_depth", False))
-  return [*mods, (p, False)]
-
-
-@functools.cache
-def _features(arch: str) -> tuple[tuple[str, bool], ...]:
-  mods = _conv_norm_act("features/0")
-  for stage in blocks(arch):
-    for b in stage:
-      mods += _mbconv(b)
-    mods.append((f"features/{stage[0].stage}", False))
-  mods += _conv_norm_act(f"features/{len(STAGES) + 1}")
-  return (*mods, ("features", False))
-
-
-def _modules(
-  arch: str, include_top: bool, pooling: str | None
-) -> tv_common.Modules:
-  # classifier: Dropout '0', Linear '1'.
-  return tv_common.with_top(
-    _features(arch), (False, True), include_top, pooling
-  )
-
-
-def module_paths(
-  arch: str, include_top: bool = True, pooling: str | None = None
-) -> list[str]:
-  """Every module path in the order its output is ready: `output_layer`s."""
-  return tv_common.paths(_modules(arch, include_top, pooling))
-
-
-def layer_names(
-  arch: str, include_top: bool = True, pooling: str | None = None
-) -> list[str]:
-  """The modules with parameters ('features/0/0'), in forward order."""
-  return tv_common.param_paths(_modules(arch, include_top, pooling))
-
-
 # torchvision's initialisers, so a model trained from scratch starts where
 # torchvision's does: convs kaiming normal (fan_out, tv_common.conv_init), BN
 # ones/zeros, linear uniform(+-1/sqrt(out)).
@@ -203,138 +140,117 @@ def _linear_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Ctx:
-  """What every submodule needs: the taps, train flag and dtypes."""
-
-  taps: common.Taps
-  train: Any
-  variant: Variant
-  dtype: Any
-  param_dtype: Any
-
-
-class ConvNormActivation(nn.Module):
-  """torchvision.ops.Conv2dNormActivation: conv '0', BN '1', SiLU '2'."""
-
-  features: int
-  kernel: int = 1
-  stride: int = 1
-  depthwise: bool = False
-  act: bool = True
-
-  @nn.compact
-  def __call__(self, x: jax.Array, ctx: _Ctx, prefix: str) -> jax.Array:
-    p = (self.kernel - 1) // 2  # torchvision's symmetric padding.
-    conv = nn.Conv(
-      self.features,
-      (self.kernel, self.kernel),
-      (self.stride, self.stride),
-      padding=((p, p), (p, p)),
-      feature_group_count=x.shape[-1] if self.depthwise else 1,
-      conv_general_dilated=conv_ops.conv_general_dilated,
-      use_bias=False,
-      kernel_init=conv_init,
-      dtype=ctx.dtype,
-      param_dtype=ctx.param_dtype,
-      name="0",
-    )
-    x = ctx.taps(f"{prefix}/0", conv(x))
-    bn = common.BatchNorm(
-      momentum=ctx.variant.bn_momentum,
-      epsilon=ctx.variant.bn_eps,
-      dtype=ctx.dtype,
-      param_dtype=ctx.param_dtype,
-      use_fast_variance=False,
-      name="1",
-    )
-    x = ctx.taps(f"{prefix}/1", bn(x, ctx.train))
-    if self.act:
-      x = ctx.taps(f"{prefix}/2", nn.silu(x))
-    return ctx.taps(prefix, x)
-
-
 class SqueezeExcitation(nn.Module):
   """torchvision.ops.SqueezeExcitation with SiLU: 1x1 convs fc1, fc2."""
 
   squeeze: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, ctx: _Ctx, prefix: str) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     def conv(features, name):
       return nn.Conv(
         features,
         (1, 1),
         kernel_init=conv_init,
-        dtype=ctx.dtype,
-        param_dtype=ctx.param_dtype,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
         name=name,
       )
 
-    taps = ctx.taps
-    s = taps(f"{prefix}/avgpool", jnp.mean(x, axis=(1, 2), keepdims=True))
-    s = taps(f"{prefix}/fc1", conv(self.squeeze, "fc1")(s))
-    s = taps(f"{prefix}/activation", nn.silu(s))
-    s = taps(f"{prefix}/fc2", conv(x.shape[-1], "fc2")(s))
-    s = taps(f"{prefix}/scale_activation", nn.sigmoid(s))
-    return taps(prefix, x * s)
+    def tap(name, y):
+      return tv_common.tap(self, name, y)
+
+    s = tap("avgpool", jnp.mean(x, axis=(1, 2), keepdims=True))
+    s = tap("fc1", conv(self.squeeze, "fc1")(s))
+    s = tap("activation", nn.silu(s))
+    s = tap("fc2", conv(x.shape[-1], "fc2")(s))
+    s = tap("scale_activation", nn.sigmoid(s))
+    return x * s
 
 
 class MBConvBlock(nn.Module):
   """MBConv's `block` Sequential: [expand], depthwise, SE, project."""
 
   cfg: Block
+  variant: Variant
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, ctx: _Ctx, prefix: str) -> jax.Array:
+  def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
     b, i = self.cfg, 0
+    kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+
+    def cna(y, name, features, kernel=1, stride=1, groups=1, act="silu"):
+      y = tv_common.ConvNormActivation(
+        features,
+        kernel,
+        stride,
+        groups,
+        act,
+        self.variant.bn_eps,
+        self.variant.bn_momentum,
+        name=name,
+        **kw,
+      )(y, train)
+      return tv_common.tap(self, name, y)
+
     if b.expanded != b.cin:
-      x = ConvNormActivation(b.expanded, name="0")(x, ctx, f"{prefix}/0")
+      x = cna(x, "0", b.expanded)
       i = 1
-    x = ConvNormActivation(
-      b.expanded, b.kernel, b.stride, depthwise=True, name=str(i)
-    )(x, ctx, f"{prefix}/{i}")
-    x = SqueezeExcitation(b.squeeze, name=str(i + 1))(
-      x, ctx, f"{prefix}/{i + 1}"
-    )
-    x = ConvNormActivation(b.cout, act=False, name=str(i + 2))(
-      x, ctx, f"{prefix}/{i + 2}"
-    )
-    return ctx.taps(prefix, x)
+    x = cna(x, str(i), b.expanded, b.kernel, b.stride, groups=b.expanded)
+    se = str(i + 1)
+    x = tv_common.tap(self, se, SqueezeExcitation(b.squeeze, name=se, **kw)(x))
+    return cna(x, str(i + 2), b.cout, act=None)
 
 
 class MBConv(nn.Module):
   """torchvision's MBConv: block, then stochastic depth + residual."""
 
   cfg: Block
+  variant: Variant
   stochastic_depth_prob: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, ctx: _Ctx, prefix: str) -> jax.Array:
-    y = MBConvBlock(self.cfg, name="block")(x, ctx, f"{prefix}/block")
+  def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
+    y = MBConvBlock(
+      self.cfg, self.variant, self.dtype, self.param_dtype, name="block"
+    )(x, train)
+    y = tv_common.tap(self, "block", y)
     if self.cfg.residual:
       p = self.stochastic_depth_prob * self.cfg.sd_prob
-      y = ctx.taps(
-        f"{prefix}/stochastic_depth",
-        common.stochastic_depth(self, y, p, ctx.train),
-      )
-      y = y + x
-    return ctx.taps(prefix, y)
+      y = common.stochastic_depth(self, y, p, train)
+      y = tv_common.tap(self, "stochastic_depth", y) + x
+    return y
 
 
 class Stage(nn.Module):
   """`features/1` ... `features/7`: a Sequential of MBConv blocks."""
 
   cfgs: tuple[Block, ...]
+  variant: Variant
   stochastic_depth_prob: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, ctx: _Ctx, prefix: str) -> jax.Array:
+  def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
     for b in self.cfgs:
-      x = MBConv(b, self.stochastic_depth_prob, name=str(b.index))(
-        x, ctx, f"{prefix}/{b.index}"
-      )
-    return ctx.taps(prefix, x)
+      name = str(b.index)
+      x = MBConv(
+        b,
+        self.variant,
+        self.stochastic_depth_prob,
+        self.dtype,
+        self.param_dtype,
+        name=name,
+      )(x, train)
+      x = tv_common.tap(self, name, x)
+    return x
 
 
 class Features(nn.Module):
@@ -342,22 +258,33 @@ class Features(nn.Module):
 
   arch: str
   stochastic_depth_prob: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, ctx: _Ctx) -> jax.Array:
-    x = ConvNormActivation(stem_width(self.arch), 3, 2, name="0")(
-      x, ctx, "features/0"
-    )
+  def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
+    v = VARIANTS[self.arch]
+    kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+
+    def cna(y, name, features, kernel=1, stride=1):
+      y = tv_common.ConvNormActivation(
+        features,
+        kernel,
+        stride,
+        activation="silu",
+        eps=v.bn_eps,
+        momentum=v.bn_momentum,
+        name=name,
+        **kw,
+      )(y, train)
+      return tv_common.tap(self, name, y)
+
+    x = cna(x, "0", stem_width(self.arch), 3, 2)
     for stage in blocks(self.arch):
-      n = stage[0].stage
-      x = Stage(stage, self.stochastic_depth_prob, name=str(n))(
-        x, ctx, f"features/{n}"
-      )
-    last = str(len(STAGES) + 1)
-    x = ConvNormActivation(head_width(self.arch), name=last)(
-      x, ctx, f"features/{last}"
-    )
-    return ctx.taps("features", x)
+      n = str(stage[0].stage)
+      x = Stage(stage, v, self.stochastic_depth_prob, name=n, **kw)(x, train)
+      x = tv_common.tap(self, n, x)
+    return cna(x, str(len(STAGES) + 1), head_width(self.arch))
 
 
 class Classifier(nn.Module):
@@ -365,19 +292,21 @@ class Classifier(nn.Module):
 
   num_classes: int
   rate: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, ctx: _Ctx) -> jax.Array:
-    x = nn.Dropout(self.rate, deterministic=not ctx.train, name="0")(x)
-    x = ctx.taps("classifier/0", x)
+  def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
+    x = nn.Dropout(self.rate, deterministic=not train, name="0")(x)
+    x = tv_common.tap(self, "0", x)
     x = nn.Dense(
       self.num_classes,
       kernel_init=_linear_init,
-      dtype=ctx.dtype,
-      param_dtype=ctx.param_dtype,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
       name="1",
     )(x)
-    return ctx.taps("classifier", ctx.taps("classifier/1", x))
+    return tv_common.tap(self, "1", x)
 
 
 class TVEfficientNet(nn.Module):
@@ -389,6 +318,7 @@ class TVEfficientNet(nn.Module):
     num_classes: outputs of `classifier/1`.
     pooling: without the top: None (4D features), 'avg' or 'max'.
     output_layer: stop at this module (any of `module_paths`), return it.
+    return_layers: return {path: output} of these modules instead.
     dropout: before the classifier; None is torchvision's rate for the arch.
     stochastic_depth_prob: torchvision's; scaled by depth per block.
     dtype: compute dtype; param_dtype: storage dtype of the parameters.
@@ -399,6 +329,7 @@ class TVEfficientNet(nn.Module):
   num_classes: int = 1000
   pooling: str | None = None
   output_layer: str | None = None
+  return_layers: tuple[str, ...] | None = None
   dropout: float | None = None
   stochastic_depth_prob: float = STOCHASTIC_DEPTH_PROB
   dtype: Any = jnp.float32
@@ -407,24 +338,28 @@ class TVEfficientNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
     tv_common.check_arch(self.arch, VARIANTS, self.pooling)
-    names = module_paths(self.arch, self.include_top, self.pooling)
-    tv_common.check(self.arch, self.output_layer, names, x.shape, MIN_SIZE)
+    common.check_input(self.arch, x.shape, MIN_SIZE)
     variant = VARIANTS[self.arch]
-    taps = common.Taps(self.output_layer)
-    ctx = _Ctx(taps, train, variant, self.dtype, self.param_dtype)
+    kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
 
     def forward():
-      y = Features(self.arch, self.stochastic_depth_prob, name="features")(
-        x.astype(self.dtype), ctx
-      )
+      y = Features(
+        self.arch, self.stochastic_depth_prob, name="features", **kw
+      )(x.astype(self.dtype), train)
+      y = tv_common.tap(self, "features", y)
       if not self.include_top:
-        return tv_common.pool(taps, y, self.pooling)
-      y = taps("avgpool", jnp.mean(y, axis=(1, 2)))
+        return tv_common.pool(self, y, self.pooling)
+      y = tv_common.tap(self, "avgpool", jnp.mean(y, axis=(1, 2)))
       rate = variant.dropout if self.dropout is None else self.dropout
-      return Classifier(self.num_classes, rate, name="classifier")(y, ctx)
+      y = Classifier(self.num_classes, rate, name="classifier", **kw)(y, train)
+      return tv_common.tap(self, "classifier", y)
 
-    return tv_common.output(taps.run(forward), self.include_top, self.dtype)
+    out = tv_common.run(self, self.arch, forward)
+    return tv_common.output(out, self.include_top, self.dtype)
 
+
+# Module order, recorded from the taps of one pass.
+module_paths, layer_names = tv_common.recorded_order(TVEfficientNet, MIN_SIZE)
 
 tv_common.register_family(
   "tv_efficientnet",

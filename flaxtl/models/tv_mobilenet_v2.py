@@ -54,50 +54,12 @@ def blocks(width_mult: float = 1.0) -> list[tuple[int, int, int, int]]:
   return out
 
 
-def _leaves(include_top: bool, width_mult: float, params_only: bool) -> list:
-  """The leaf modules in forward order (only those with parameters)."""
-  cna = ["0", "1"] if params_only else ["0", "1", "2"]  # conv, BN, ReLU6.
-  leaves = [f"features/0/{n}" for n in cna]
-  specs = blocks(width_mult)
-  for i, (_, _, _, t) in enumerate(specs, start=1):
-    p, j = f"features/{i}/conv", 0
-    if t != 1:
-      leaves += [f"{p}/0/{n}" for n in cna]
-      j = 1
-    leaves += [f"{p}/{j}/{n}" for n in cna] + [f"{p}/{j + 1}", f"{p}/{j + 2}"]
-  leaves += [f"features/{len(specs) + 1}/{n}" for n in cna]
-  if include_top:
-    leaves += (
-      ["classifier/1"] if params_only else ["classifier/0", "classifier/1"]
-    )
-  return leaves
-
-
-def module_paths(
-  include_top: bool = True, width_mult: float = 1.0, **_: Any
-) -> list[str]:
-  """Every module whose output `output_layer` can name, in forward order."""
-  return tv.post_order(_leaves(include_top, width_mult, params_only=False))
-
-
-def layer_names(
-  include_top: bool = True,
-  pooling: str | None = None,
-  width_mult: float = 1.0,
-  **_: Any,
-) -> list[str]:
-  """The modules with parameters, in forward order ('features/0/0', ...)."""
-  del pooling
-  return _leaves(include_top, width_mult, params_only=True)
-
-
 class InvertedResidual(nn.Module):
   """torchvision's InvertedResidual: `conv` holds the layers."""
 
   features: int
   stride: int
   expand_ratio: int
-  stop: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -107,12 +69,11 @@ class InvertedResidual(nn.Module):
       self.features,
       self.stride,
       self.expand_ratio,
-      tv.sub_stop(self.stop, "conv"),
       self.dtype,
       self.param_dtype,
       name="conv",
     )
-    y = common.Taps(self.stop)("conv", conv(x, train))
+    y = tv.tap(self, "conv", conv(x, train))
     if self.stride == 1 and x.shape[-1] == self.features:
       return x + y
     return y
@@ -124,13 +85,12 @@ class _InvertedResidualConv(nn.Module):
   features: int
   stride: int
   expand_ratio: int
-  stop: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    layers, taps = tv.tools(self)
+    layers = tv.Layers.of(self)
     hidden = round(x.shape[-1] * self.expand_ratio)
     i = 0
 
@@ -143,59 +103,52 @@ class _InvertedResidualConv(nn.Module):
         stride,
         groups,
         "relu6",
-        stop=tv.sub_stop(self.stop, name),
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         name=name,
       )(y, train)
       i += 1
-      return taps(name, y)
+      return tv.tap(self, name, y)
 
     if self.expand_ratio != 1:
       x = cna(x, 1, 1, 1)
     x = cna(x, 3, self.stride, hidden)
-    x = taps(str(i), layers.conv(x, self.features, 1, str(i)))
-    return taps(str(i + 1), layers.bn(x, train, str(i + 1)))
+    x = tv.tap(self, str(i), layers.conv(x, self.features, 1, str(i)))
+    return tv.tap(self, str(i + 1), layers.bn(x, train, str(i + 1)))
 
 
 class Features(nn.Module):
   """`features`: stem, 17 inverted residuals, the last 1x1 conv."""
 
   width_mult: float = 1.0
-  stop: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    taps = common.Taps(self.stop)
     kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
     x = tv.ConvNormActivation(
       make_divisible(STEM * self.width_mult),
       3,
       2,
       activation="relu6",
-      stop=tv.sub_stop(self.stop, "0"),
       name="0",
       **kw,
     )(x, train)
-    x = taps("0", x)
+    x = tv.tap(self, "0", x)
     specs = blocks(self.width_mult)
     for i, (_, cout, stride, t) in enumerate(specs, start=1):
-      x = InvertedResidual(
-        cout, stride, t, tv.sub_stop(self.stop, str(i)), name=str(i), **kw
-      )(x, train)
-      x = taps(str(i), x)
+      x = InvertedResidual(cout, stride, t, name=str(i), **kw)(x, train)
+      x = tv.tap(self, str(i), x)
     last = str(len(specs) + 1)
     x = tv.ConvNormActivation(
       make_divisible(LAST * max(1.0, self.width_mult)),
       1,
       activation="relu6",
-      stop=tv.sub_stop(self.stop, last),
       name=last,
       **kw,
     )(x, train)
-    return taps(last, x)
+    return tv.tap(self, last, x)
 
 
 class MobileNetV2(nn.Module):
@@ -206,6 +159,7 @@ class MobileNetV2(nn.Module):
     num_classes: outputs of classifier/1.
     pooling: without the top, None (4D features), 'avg' or 'max'.
     output_layer: stop after this module ('features/13', 'features/7/conv/1').
+    return_layers: return {path: output} of these modules instead.
     width_mult: torchvision's width multiplier.
     dropout: the classifier's dropout rate while training (0.2).
   """
@@ -214,6 +168,7 @@ class MobileNetV2(nn.Module):
   num_classes: int = 1000
   pooling: str | None = None
   output_layer: str | None = None
+  return_layers: tuple[str, ...] | None = None
   width_mult: float = 1.0
   dropout: float = 0.2
   dtype: Any = jnp.float32
@@ -221,33 +176,27 @@ class MobileNetV2(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    names = module_paths(self.include_top, self.width_mult)
-    tv.check(ARCH, self.output_layer, names, x.shape, MIN_SIZE)
-    taps = common.Taps(self.output_layer)
+    tv.check_arch(ARCH, (ARCH,), self.pooling)
+    common.check_input(ARCH, x.shape, MIN_SIZE)
 
     def forward() -> jax.Array:
       y = Features(
-        self.width_mult,
-        tv.sub_stop(self.output_layer, "features"),
-        self.dtype,
-        self.param_dtype,
-        name="features",
+        self.width_mult, self.dtype, self.param_dtype, name="features"
       )(x.astype(self.dtype), train)
-      y = taps("features", y)
+      y = tv.tap(self, "features", y)
       if not self.include_top:
-        return common.global_pool(y, self.pooling)
+        return common.global_pool(y, self.pooling)  # No module: no tap.
       y = jnp.mean(y, axis=(1, 2))  # adaptive_avg_pool2d(1) + flatten.
       y = Classifier(
         self.num_classes,
         self.dropout,
-        tv.sub_stop(self.output_layer, "classifier"),
         self.dtype,
         self.param_dtype,
         name="classifier",
       )(y, train)
-      return taps("classifier", y)
+      return tv.tap(self, "classifier", y)
 
-    return taps.run(forward)
+    return tv.run(self, ARCH, forward)
 
 
 class Classifier(nn.Module):
@@ -255,23 +204,23 @@ class Classifier(nn.Module):
 
   num_classes: int
   dropout: float = 0.2
-  stop: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    layers, taps = tv.tools(self)
-    x = taps("0", tv.dropout(x, self.dropout, train, "0"))
-    x = layers.linear(x, self.num_classes, "1", classifier_init)
-    return taps("1", tv.logits(x))
+    x = tv.tap(self, "0", tv.dropout(x, self.dropout, train, "0"))
+    x = tv.Layers.of(self).linear(x, self.num_classes, "1", classifier_init)
+    return tv.tap(self, "1", tv.logits(x))
 
 
-# module_paths takes the registry's keywords: width_mult, the rest ignored.
-tv.register(
-  ARCH,
+# Module order, recorded from the taps of one pass (width_mult counts).
+module_paths, layer_names = tv.recorded_order(MobileNetV2, MIN_SIZE)
+
+tv.register_family(
   "tv_mobilenet_v2",
   MobileNetV2,
+  (ARCH,),
   layer_names,
   module_paths,
   min_size=MIN_SIZE,

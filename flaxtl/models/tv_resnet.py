@@ -31,12 +31,6 @@ EXPANSION = {"basic": 1, "bottleneck": 4}
 MIN_SIZE = 32
 
 
-def _block_leaves(kind: str, downsample: bool) -> list[str]:
-  convs = 2 if kind == "basic" else 3
-  leaves = [n for i in range(1, convs + 1) for n in (f"conv{i}", f"bn{i}")]
-  return leaves + (["downsample/0", "downsample/1"] if downsample else [])
-
-
 def _stages(arch: str):
   """(stage name, [(block index, stride, has downsample)]) in order."""
   kind, counts = ARCHS[arch]
@@ -50,48 +44,19 @@ def _stages(arch: str):
     yield f"layer{s + 1}", blocks
 
 
-def module_paths(
-  arch: str, include_top: bool = True, pooling: str | None = None
-) -> list[str]:
-  """Every module whose output `output_layer` can name, in forward order."""
-  del pooling  # The pool without the top is no module here.
-  kind = ARCHS[arch][0]
-  leaves = ["conv1", "bn1", "relu", "maxpool"]
-  for stage, blocks in _stages(arch):
-    for i, _, down in blocks:
-      leaves += [f"{stage}/{i}/{n}" for n in _block_leaves(kind, down)]
-  if include_top:
-    leaves += ["avgpool", "fc"]
-  return tv.post_order(leaves)
-
-
-def layer_names(
-  arch: str, include_top: bool = True, pooling: str | None = None
-) -> list[str]:
-  """The modules with parameters, in forward order ('layer1/0/conv1')."""
-  del pooling  # Parameter-free.
-  kind = ARCHS[arch][0]
-  names = ["conv1", "bn1"]
-  for stage, blocks in _stages(arch):
-    for i, _, down in blocks:
-      names += [f"{stage}/{i}/{n}" for n in _block_leaves(kind, down)]
-  return names + (["fc"] if include_top else [])
-
-
 class Downsample(nn.Module):
   """`downsample`: '0' a strided 1x1 conv, '1' its BatchNorm."""
 
   features: int
   stride: int
-  stop: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    layers, taps = tv.tools(self)
-    x = taps("0", layers.conv(x, self.features, 1, "0", self.stride))
-    return taps("1", layers.bn(x, train, "1"))
+    layers = tv.Layers.of(self)
+    x = tv.tap(self, "0", layers.conv(x, self.features, 1, "0", self.stride))
+    return tv.tap(self, "1", layers.bn(x, train, "1"))
 
 
 class Block(nn.Module):
@@ -101,13 +66,12 @@ class Block(nn.Module):
   planes: int
   stride: int = 1
   downsample: bool = False
-  stop: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    layers, taps = tv.tools(self)
+    layers = tv.Layers.of(self)
     out = self.planes * EXPANSION[self.kind]
     if self.kind == "basic":
       plan = [(self.planes, 3, self.stride), (self.planes, 3, 1)]
@@ -115,23 +79,17 @@ class Block(nn.Module):
       plan = [(self.planes, 1, 1), (self.planes, 3, self.stride), (out, 1, 1)]
     y = x
     for i, (features, k, stride) in enumerate(plan, start=1):
-      y = taps(
-        f"conv{i}", layers.conv(y, features, k, f"conv{i}", stride, k // 2)
-      )
-      y = taps(f"bn{i}", layers.bn(y, train, f"bn{i}"))
+      y = layers.conv(y, features, k, f"conv{i}", stride, k // 2)
+      y = tv.tap(self, f"conv{i}", y)
+      y = tv.tap(self, f"bn{i}", layers.bn(y, train, f"bn{i}"))
       if i < len(plan):
         y = nn.relu(y)
     identity = x
     if self.downsample:
       identity = Downsample(
-        out,
-        self.stride,
-        tv.sub_stop(self.stop, "downsample"),
-        self.dtype,
-        self.param_dtype,
-        name="downsample",
+        out, self.stride, self.dtype, self.param_dtype, name="downsample"
       )(x, train)
-      identity = taps("downsample", identity)
+      identity = tv.tap(self, "downsample", identity)
     return nn.relu(y + identity)
 
 
@@ -141,25 +99,22 @@ class Stage(nn.Module):
   kind: str
   planes: int
   blocks: tuple[tuple[int, int, bool], ...]  # (index, stride, downsample).
-  stop: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    taps = common.Taps(self.stop)
     for i, stride, down in self.blocks:
       block = Block(
         self.kind,
         self.planes,
         stride,
         down,
-        tv.sub_stop(self.stop, str(i)),
         self.dtype,
         self.param_dtype,
         name=str(i),
       )
-      x = taps(str(i), block(x, train))
+      x = tv.tap(self, str(i), block(x, train))
     return x
 
 
@@ -172,6 +127,7 @@ class ResNet(nn.Module):
     num_classes: outputs of fc.
     pooling: without the top, None (4D features), 'avg' or 'max'.
     output_layer: stop after this module ('layer3', 'layer2/1/bn2').
+    return_layers: return {path: output} of these modules instead.
     dtype, param_dtype: compute and storage dtypes.
   """
 
@@ -180,40 +136,44 @@ class ResNet(nn.Module):
   num_classes: int = 1000
   pooling: str | None = None
   output_layer: str | None = None
+  return_layers: tuple[str, ...] | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    names = module_paths(self.arch, self.include_top)
-    tv.check(self.arch, self.output_layer, names, x.shape, MIN_SIZE)
-    layers = tv.Layers(self.dtype, self.param_dtype)
-    taps = common.Taps(self.output_layer)
+    tv.check_arch(self.arch, ARCHS, self.pooling)
+    common.check_input(self.arch, x.shape, MIN_SIZE)
+    layers = tv.Layers.of(self)
     kind = ARCHS[self.arch][0]
 
     def forward() -> jax.Array:
       y = x.astype(self.dtype)
-      y = taps("conv1", layers.conv(y, 64, 7, "conv1", 2, 3))
-      y = taps("bn1", layers.bn(y, train, "bn1"))
-      y = taps("relu", nn.relu(y))
-      y = taps("maxpool", tv.max_pool(y, 3, 2, 1))
+      y = tv.tap(self, "conv1", layers.conv(y, 64, 7, "conv1", 2, 3))
+      y = tv.tap(self, "bn1", layers.bn(y, train, "bn1"))
+      y = tv.tap(self, "relu", nn.relu(y))
+      y = tv.tap(self, "maxpool", tv.max_pool(y, 3, 2, 1))
       for (stage, blocks), planes in zip(_stages(self.arch), WIDTHS):
         y = Stage(
           kind,
           planes,
           tuple(blocks),
-          tv.sub_stop(self.output_layer, stage),
           self.dtype,
           self.param_dtype,
           name=stage,
         )(y, train)
-        y = taps(stage, y)
+        y = tv.tap(self, stage, y)
       if not self.include_top:
-        return common.global_pool(y, self.pooling)
-      y = taps("avgpool", jnp.mean(y, axis=(1, 2)))
-      return taps("fc", tv.logits(layers.linear(y, self.num_classes, "fc")))
+        return common.global_pool(y, self.pooling)  # No module: no tap.
+      y = tv.tap(self, "avgpool", jnp.mean(y, axis=(1, 2)))
+      y = tv.logits(layers.linear(y, self.num_classes, "fc"))
+      return tv.tap(self, "fc", y)
 
-    return taps.run(forward)
+    return tv.run(self, self.arch, forward)
+
+
+# Module order, recorded from the taps of one pass.
+module_paths, layer_names = tv.recorded_order(ResNet, MIN_SIZE)
 
 
 tv.register_family(

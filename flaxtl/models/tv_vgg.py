@@ -56,38 +56,16 @@ def _features(arch: str) -> list[tuple[int, str, int]]:
   return out
 
 
-def module_paths(
-  arch: str, include_top: bool = True, pooling: str | None = None
-) -> list[str]:
-  del pooling  # The pool without the top is no module here.
-  leaves = [f"features/{i}" for i, _, _ in _features(arch)]
-  if include_top:
-    leaves += ["avgpool", *(f"classifier/{i}" for i in range(7))]
-  return tv.post_order(leaves)
-
-
-def layer_names(
-  arch: str, include_top: bool = True, pooling: str | None = None
-) -> list[str]:
-  """The modules with parameters, in forward order ('features/0', ...)."""
-  del pooling
-  names = [f"features/{i}" for i, kind, _ in _features(arch) if kind == "conv"]
-  if include_top:
-    names += ["classifier/0", "classifier/3", "classifier/6"]
-  return names
-
-
 class Features(nn.Module):
   """`features`: 3x3 convs (padding 1), ReLUs and 2x2 max pools."""
 
   arch: str
-  stop: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    layers, taps = tv.tools(self)
+    layers = tv.Layers.of(self)
     for i, kind, width in _features(self.arch):
       if kind == "conv":
         x = layers.conv(x, width, 3, str(i), padding=1, bias=True)
@@ -95,7 +73,7 @@ class Features(nn.Module):
         x = nn.relu(x)
       else:
         x = tv.max_pool(x, 2, 2)
-      x = taps(str(i), x)
+      x = tv.tap(self, str(i), x)
     return x
 
 
@@ -104,19 +82,20 @@ class Classifier(nn.Module):
 
   num_classes: int
   dropout: float = 0.5
-  stop: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    layers, taps = tv.tools(self)
+    layers = tv.Layers.of(self)
     for i, units in ((0, HIDDEN), (3, HIDDEN)):
-      x = taps(str(i), layers.linear(x, units, str(i), classifier_init))
-      x = taps(str(i + 1), nn.relu(x))
-      x = taps(str(i + 2), tv.dropout(x, self.dropout, train, str(i + 2)))
+      x = layers.linear(x, units, str(i), classifier_init)
+      x = tv.tap(self, str(i), x)
+      x = tv.tap(self, str(i + 1), nn.relu(x))
+      x = tv.dropout(x, self.dropout, train, str(i + 2))
+      x = tv.tap(self, str(i + 2), x)
     x = layers.linear(x, self.num_classes, "6", classifier_init)
-    return taps("6", tv.logits(x))
+    return tv.tap(self, "6", tv.logits(x))
 
 
 class VGG(nn.Module):
@@ -129,6 +108,7 @@ class VGG(nn.Module):
     num_classes: outputs of classifier/6.
     pooling: without the top, None (4D features), 'avg' or 'max'.
     output_layer: stop after this module ('features/16', 'classifier/3').
+    return_layers: return {path: output} of these modules instead.
     dropout: the classifier's dropout rate while training (torchvision's 0.5).
   """
 
@@ -137,40 +117,39 @@ class VGG(nn.Module):
   num_classes: int = 1000
   pooling: str | None = None
   output_layer: str | None = None
+  return_layers: tuple[str, ...] | None = None
   dropout: float = 0.5
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: Any = False) -> jax.Array:
-    names = module_paths(self.arch, self.include_top)
-    tv.check(self.arch, self.output_layer, names, x.shape, MIN_SIZE)
-    taps = common.Taps(self.output_layer)
+    tv.check_arch(self.arch, CFGS, self.pooling)
+    common.check_input(self.arch, x.shape, MIN_SIZE)
 
     def forward() -> jax.Array:
-      y = Features(
-        self.arch,
-        tv.sub_stop(self.output_layer, "features"),
-        self.dtype,
-        self.param_dtype,
-        name="features",
-      )(x.astype(self.dtype))
-      y = taps("features", y)
+      y = Features(self.arch, self.dtype, self.param_dtype, name="features")(
+        x.astype(self.dtype)
+      )
+      y = tv.tap(self, "features", y)
       if not self.include_top:
-        return common.global_pool(y, self.pooling)
-      y = taps("avgpool", tv.adaptive_avg_pool(y, POOL_SIZE))
+        return common.global_pool(y, self.pooling)  # No module: no tap.
+      y = tv.tap(self, "avgpool", tv.adaptive_avg_pool(y, POOL_SIZE))
       y = y.reshape(y.shape[0], -1)  # (H, W, C) order: see the module doc.
       y = Classifier(
         self.num_classes,
         self.dropout,
-        tv.sub_stop(self.output_layer, "classifier"),
         self.dtype,
         self.param_dtype,
         name="classifier",
       )(y, train)
-      return taps("classifier", y)
+      return tv.tap(self, "classifier", y)
 
-    return taps.run(forward)
+    return tv.run(self, self.arch, forward)
+
+
+# Module order, recorded from the taps of one pass.
+module_paths, layer_names = tv.recorded_order(VGG, MIN_SIZE)
 
 
 tv.register_family(
