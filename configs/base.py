@@ -221,12 +221,10 @@ IMAGENET_VARIANTS = {
   "lite0": "efficientnet_lite0",
 }
 # freeze-8's analogue: VGG16's model.layers[:8] freezes the convs at full and
-# half resolution and the first at 1/4; these freeze every stage through
-# stride 8 (stem + 16/24/32 channels; stem + 16/24/40), the generic filters.
-EARLY_STAGES = {
-  "tv_mobilenet_v2": "features/6",
-  "efficientnet_lite0": "_blocks/4",
-}
+# half resolution and the first at 1/4; the others freeze every stage through
+# stride 8 (the registry's stages: features/6 of MobileNetV2, _blocks/4 of
+# Lite0), the generic filters.
+EARLY_STAGES = "stride8"
 # 96x96: the 28x28 digits at ~3.4x; the stride-32 features are 3x3x1280.
 IMAGENET_SIZE = 96
 
