@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import pytest
 
 from flaxtl import models, tree
-from flaxtl.models import checkpoints, registry
+from flaxtl.models import checkpoints, keras_model, registry
 from flaxtl.weights import mappings
+from flaxtl.weights.keras_file import KerasWeights, LayerWeights
 from flaxtl.weights.torch_file import TorchWeights
 
 ARCHS = models.names()
@@ -140,6 +141,35 @@ def test_other_torch_families_refuse_this_familys_names(arch):
   claims = {
     family: m.detect(weights)
     for family, m in mappings.TORCH.items()
+    if family != spec.family
+  }
+  assert not any(claims.values()), claims
+
+
+# One arch per Keras family: every family's detect runs on each.
+ONE_PER_KERAS_FAMILY = sorted(
+  {models.get(a).family: a for a in reversed(ARCHS)}[f] for f in mappings.KERAS
+)
+
+
+@pytest.mark.parametrize("arch", ONE_PER_KERAS_FAMILY)
+def test_other_keras_families_refuse_this_familys_layers(arch):
+  """A Keras file of this arch (its layer names and weight shapes, as Keras
+  stores them) is claimed by its own family's mapping only."""
+  spec = models.get(arch)
+  if spec.family == "vgg":
+    names = spec.layers(include_top=False)[1:]
+    shapes = {n: [(3, 3, 3, 64), (64,)] for n in names if "conv" in n}
+  else:
+    rec = keras_model.recorded(arch, include_top=False)
+    shapes = {n: rec.weights[n] for n in rec.weighted}
+  layers = [
+    LayerWeights(n, n, [jnp.zeros(sh) for sh in ws]) for n, ws in shapes.items()
+  ]
+  weights = KerasWeights(path=None, layout="weights_h5", layers=layers)
+  claims = {
+    family: m.detect(weights)
+    for family, m in mappings.KERAS.items()
     if family != spec.family
   }
   assert not any(claims.values()), claims
