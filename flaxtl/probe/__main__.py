@@ -159,12 +159,14 @@ def probe_one(
       shots,
       args.seeds,
     ):
-      records.append({
-        "arch": backbone.arch,
-        "weights": backbone.weights,
-        "layer": layer,
-        **r,
-      })
+      records.append(
+        {
+          "arch": backbone.arch,
+          "weights": backbone.weights,
+          "layer": layer,
+          **r,
+        }
+      )
   meta = {
     "arch": backbone.arch,
     "weights": backbone.weights,
@@ -283,13 +285,15 @@ def run_suite(args, argv) -> list[dict]:
       )  # fmt: skip
       seconds = time.perf_counter() - t0
       log.info("%s %s: %.1f s", d, label, seconds)
-      runs.append({
-        "dataset": d,
-        "backbone": label,
-        "layer": layer,
-        "seconds": round(seconds, 2),
-        "records": records,
-      })
+      runs.append(
+        {
+          "dataset": d,
+          "backbone": label,
+          "layer": layer,
+          "seconds": round(seconds, 2),
+          "records": records,
+        }
+      )
   wall = time.perf_counter() - start
   columns = [
     c for c in SUITE_COLUMNS if c[0] in methods and c[1] in (*shots, None)

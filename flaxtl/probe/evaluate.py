@@ -65,18 +65,20 @@ def run(
   def record(method, k, accs, chosen, n_train):
     mean = float(np.mean(accs))
     half, kind = ci95(accs, n_test)
-    records.append({
-      "method": method,
-      "shots": k,
-      "seeds": len(accs),
-      "accuracy_mean": mean,
-      "accuracy_ci95": half,
-      "ci_kind": kind,
-      "accuracies": [float(a) for a in accs],
-      "chosen": chosen,
-      "n_train": n_train,
-      "n_test": n_test,
-    })
+    records.append(
+      {
+        "method": method,
+        "shots": k,
+        "seeds": len(accs),
+        "accuracy_mean": mean,
+        "accuracy_ci95": half,
+        "ci_kind": kind,
+        "accuracies": [float(a) for a in accs],
+        "chosen": chosen,
+        "n_train": n_train,
+        "n_test": n_test,
+      }
+    )
 
   for method in methods:
     if method == "linear":

@@ -118,9 +118,7 @@ def resolve(
     converted, _ = convert.load_file(path, arch, include_top=None)
     return converted.variables
 
-  return Backbone(
-    arch, spec, files.file_hash(path), options, load_file, seed
-  )
+  return Backbone(arch, spec, files.file_hash(path), options, load_file, seed)
 
 
 def layers_of(backbone: Backbone) -> list[str]:

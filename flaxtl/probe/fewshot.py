@@ -63,7 +63,6 @@ def fit(
   mean, std = standardise(x)
   a = _design(x, mean, std)
   t = targets(y, num_classes)
-  n, d = a.shape
   # a = u s v^T (thin): both of big_vision's cases in one decomposition.
   u, s, vt = np.linalg.svd(a, full_matrices=False)
   eigs = s**2
@@ -74,14 +73,24 @@ def fit(
   return Ridge(mean, std, w, float(l2))
 
 
+def loo_scores(a: np.ndarray, t: np.ndarray, l2: float) -> np.ndarray:
+  """Row i: the scores of row i by the ridge fitted without it (exact)."""
+  u, s, _ = np.linalg.svd(a, full_matrices=False)
+  return _loo(u, s**2, u.T @ t, t, l2)
+
+
+def _loo(u, eigs, uty, t, l2) -> np.ndarray:
+  shrink = eigs / (eigs + l2)
+  fitted = u @ (shrink[:, None] * uty)  # The hat matrix times t.
+  h = np.einsum("ij,j,ij->i", u, shrink, u)  # diag of the hat matrix.
+  return (fitted - h[:, None] * t) / np.maximum(1.0 - h, 1e-12)[:, None]
+
+
 def _pick_l2(u, eigs, uty, t, y, grid) -> float:
   """The grid value with the best leave-one-out accuracy on the shots."""
   best, best_key = grid[0], None
   for l2 in grid:
-    shrink = eigs / (eigs + l2)
-    fitted = u @ (shrink[:, None] * uty)  # The hat matrix times t.
-    h = np.einsum("ij,j,ij->i", u, shrink, u)  # diag of the hat matrix.
-    loo = (fitted - h[:, None] * t) / np.maximum(1.0 - h, 1e-12)[:, None]
+    loo = _loo(u, eigs, uty, t, l2)
     acc = np.mean(np.argmax(loo, axis=1) == y)
     err = np.mean((loo - t) ** 2)
     key = (acc, -err)

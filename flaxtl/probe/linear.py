@@ -56,7 +56,7 @@ def _train(x, y, mask, wd, num_classes: int):
     _, state = carry
     count = optax.tree_utils.tree_get(state, "count")
     grad = optax.tree_utils.tree_get(state, "grad")
-    norm = optax.tree_utils.tree_l2_norm(grad)
+    norm = optax.tree_utils.tree_norm(grad)
     return (count == 0) | ((count < STEPS) & (norm >= TOL))
 
   params, _ = jax.lax.while_loop(going, step, (params, opt.init(params)))

@@ -105,10 +105,12 @@ def _stratified_halves(labels: np.ndarray, rng) -> np.ndarray:
 def _cap(
   images: np.ndarray, labels: np.ndarray, per_class: int, rng
 ) -> tuple[np.ndarray, np.ndarray]:
-  keep = np.concatenate([
-    rng.permutation(np.flatnonzero(labels == c))[:per_class]
-    for c in np.unique(labels)
-  ])
+  keep = np.concatenate(
+    [
+      rng.permutation(np.flatnonzero(labels == c))[:per_class]
+      for c in np.unique(labels)
+    ]
+  )
   keep.sort()
   return images[keep], labels[keep]
 
@@ -232,10 +234,12 @@ def _crop_task(names, n_train, n_test, axis: int, fraction: float, gray):
       halves = {"train": (0, h // 2, 0, w), "test": (h // 2, h, 0, w)}
     for split, n in (("train", n_train), ("test", n_test)):
       crops = _crops(photo, n, side, halves[split], rng)
-      crops = np.stack([
-        np.asarray(Image.fromarray(c).resize((64, 64), Image.BILINEAR))
-        for c in crops
-      ])
+      crops = np.stack(
+        [
+          np.asarray(Image.fromarray(c).resize((64, 64), Image.BILINEAR))
+          for c in crops
+        ]
+      )
       if gray:
         crops = crops[..., :1]
       parts[split][0].append(crops)
@@ -334,4 +338,3 @@ def prepare(
     )
   meta = json.loads(meta_path.read_text())
   return f"npz:{root / 'train.npz'}", f"npz:{root / 'test.npz'}", meta
-
