@@ -19,13 +19,13 @@ DIR/leaderboard.{md,json,png} and one such folder per data set and backbone.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 import logging
+from pathlib import Path
 import platform
 import shlex
 import sys
 import time
-from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -45,7 +45,9 @@ def _ints(text: str, key: str) -> list[int]:
   try:
     return [int(v) for v in text.split(",") if v.strip()]
   except ValueError:
-    raise UserError(f"{key}: expected integers like 1,5,10, got {text!r}")
+    raise UserError(
+      f"{key}: expected integers like 1,5,10, got {text!r}"
+    ) from None
 
 
 def _options(items: Sequence[str]) -> dict:
@@ -137,12 +139,12 @@ def probe_one(
   train, test, how = _split_data(args, train_spec, test_spec)
   num_classes = len(train.class_names)
   evaluate.check_shots(train.labels, num_classes, shots)
-  kw = dict(
-    image_size=args.image_size,
-    cache_dir=cache_dir,
-    token_pool=args.token_pool,
-    progress=not args.no_progress,
-  )
+  kw = {
+    "image_size": args.image_size,
+    "cache_dir": cache_dir,
+    "token_pool": args.token_pool,
+    "progress": not args.no_progress,
+  }
   t0 = time.perf_counter()
   f_train = features.extract(backbone, layers, train, split="train", **kw)
   f_test = features.extract(backbone, layers, test, split="test", **kw)
@@ -231,7 +233,7 @@ def run_single(args) -> list[dict]:
   )  # fmt: skip
   for r in records:
     print(
-      f"{r['layer']:<20} {r['method']:<8} shots={str(r['shots']):<5} "
+      f"{r['layer']:<20} {r['method']:<8} shots={r['shots']!s:<5} "
       f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_ci95']:.1f}"
     )
   print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
@@ -273,7 +275,7 @@ def run_suite(args, argv) -> list[dict]:
     d: suite.prepare(d, args.n_train, args.n_test, data_cache) for d in names
   }
   runs = []
-  for d, (train_spec, test_spec, meta) in prepared.items():
+  for d, (train_spec, test_spec, _) in prepared.items():
     for backbone in backbones:
       label = f"{backbone.arch}:{backbone.weights}"
       layer = features.default_layer(backbone)

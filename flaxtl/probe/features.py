@@ -13,14 +13,13 @@ the class token (token 0, `token_pool='cls'`) or the mean over tokens
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import dataclasses
 import hashlib
 import json
 import logging
-import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+import sys
 
 import jax
 import jax.numpy as jnp

@@ -106,7 +106,7 @@ def fit(
 ) -> Probe:
   """Picks wd on a stratified validation split (seeded), refits on all."""
   n = len(y)
-  n_val = max(num_classes, int(round(n * VAL_FRACTION)))
+  n_val = max(num_classes, round(n * VAL_FRACTION))
   val = stratified_sample(y, n_val, np.random.default_rng(seed))
   is_val = np.zeros(n, bool)
   is_val[val] = True

@@ -10,15 +10,15 @@ top/bottom halves; no crop straddles the cut), so no pixel is in both.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import gzip
 import hashlib
 import importlib.util
 import io
 import json
-import pickle
-from collections.abc import Callable
 from pathlib import Path
+import pickle
 
 import numpy as np
 from PIL import Image
@@ -69,7 +69,7 @@ def _package_file(package: str, rel: str) -> Path:
   spec = importlib.util.find_spec(package)
   if spec is None or not spec.submodule_search_locations:
     raise UserError(f"the offline suite needs {package} installed")
-  return Path(list(spec.submodule_search_locations)[0]) / rel
+  return Path(next(iter(spec.submodule_search_locations))) / rel
 
 
 def _checked(path: Path, sha256: str) -> Path:
@@ -157,12 +157,14 @@ def build_digits(n_train: int, n_test: int, cache: Path):
 class _ArrayUnpickler(pickle.Unpickler):
   """Only what a pickled numpy array needs: nothing else is constructed."""
 
-  ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-  }
+  ALLOWED = frozenset(
+    {
+      ("numpy.core.multiarray", "_reconstruct"),
+      ("numpy._core.multiarray", "_reconstruct"),
+      ("numpy", "ndarray"),
+      ("numpy", "dtype"),
+    }
+  )
 
   def find_class(self, module, name):
     if (module, name) not in self.ALLOWED:
@@ -331,8 +333,8 @@ def prepare(
       {
         "name": name,
         "description": task.description,
-        "n_train": int(len(train["labels"])),
-        "n_test": int(len(test["labels"])),
+        "n_train": len(train["labels"]),
+        "n_test": len(test["labels"]),
         "classes": [str(c) for c in train["class_names"]],
       },
     )

@@ -117,7 +117,7 @@ def _checkpoint(path, seed):
 
 
 def test_cache_reused_and_invalidated(tiny, tmp_path):
-  root, paths, _ = tiny
+  _root, paths, _ = tiny
   ckpt = tmp_path / "ckpt"
   _checkpoint(ckpt, 0)
 
@@ -159,7 +159,7 @@ def _one_line(capsys):
 
 
 def test_user_errors_exit_2(tiny, tmp_path, capsys):
-  root, paths, one = tiny
+  _root, paths, one = tiny
   base = ["--arch", "pixels", "--out", str(tmp_path), "--no-progress"]
   cases = [
     (["--layers", "block9", "--data", f"npz:{paths['train']}"], "no layer"),
