@@ -33,6 +33,7 @@ from flaxtl import data
 from flaxtl.data import sources
 from flaxtl.errors import UserError, cli_logging, exit_on_user_error
 from flaxtl.probe import evaluate, features, report, suite
+from flaxtl.weights.sources import default_cache_dir
 
 log = logging.getLogger("flaxtl.probe")
 
@@ -267,7 +268,7 @@ def run_suite(args, argv) -> list[dict]:
     )
   out = Path(args.out)
   cache = Path(args.cache_dir) if args.cache_dir else out / "features"
-  data_cache = Path(args.download_cache or features.weights.default_cache_dir())
+  data_cache = Path(args.download_cache or default_cache_dir())
   pairs = _suite_backbones(args.backbones)
   backbones = [_resolve(args, a, w, {}) for a, w in pairs]  # Fail fast.
   start = time.perf_counter()
@@ -275,8 +276,8 @@ def run_suite(args, argv) -> list[dict]:
     d: suite.prepare(d, args.n_train, args.n_test, data_cache) for d in names
   }
   runs = []
-  for d, (train_spec, test_spec, _) in prepared.items():
-    for backbone in backbones:
+  for backbone in backbones:  # Backbone-major: one compile per input shape.
+    for d, (train_spec, test_spec, _) in prepared.items():
       label = f"{backbone.arch}:{backbone.weights}"
       layer = features.default_layer(backbone)
       t0 = time.perf_counter()
