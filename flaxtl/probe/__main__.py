@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+import json
 import logging
 from pathlib import Path
 import platform
@@ -93,6 +94,11 @@ def _parse_args(argv):
   p.add_argument("--datasets", help="suite: a subset of the data sets")
   p.add_argument("--n-train", type=int, default=50, help="suite: per class")
   p.add_argument("--n-test", type=int, default=50, help="suite: per class")
+  p.add_argument(
+    "--resume",
+    action="store_true",
+    help="suite: keep (data set, backbone) runs whose results.json exists",
+  )
   p.add_argument("--no-progress", action="store_true")
   return p.parse_args(argv)
 
@@ -275,18 +281,26 @@ def run_suite(args, argv) -> list[dict]:
   prepared = {
     d: suite.prepare(d, args.n_train, args.n_test, data_cache) for d in names
   }
-  runs = []
+  runs, resumed = [], 0
   for backbone in backbones:  # Backbone-major: one compile per input shape.
     for d, (train_spec, test_spec, _) in prepared.items():
       label = f"{backbone.arch}:{backbone.weights}"
       layer = features.default_layer(backbone)
       t0 = time.perf_counter()
-      records, _ = probe_one(
-        args, backbone, [layer], train_spec, test_spec,
-        out / d / label.replace(":", "_").replace("/", "_"), cache,
-        methods, shots,
-      )  # fmt: skip
-      seconds = time.perf_counter() - t0
+      run_dir = out / d / label.replace(":", "_").replace("/", "_")
+      done = run_dir / "results.json"
+      if args.resume and done.exists():
+        kept = json.loads(done.read_text())
+        records = kept["results"]
+        m = kept["meta"]
+        seconds = m["feature_seconds"] + m["probe_seconds"]
+        resumed += 1
+      else:
+        records, _ = probe_one(
+          args, backbone, [layer], train_spec, test_spec, run_dir, cache,
+          methods, shots,
+        )  # fmt: skip
+        seconds = time.perf_counter() - t0
       log.info("%s %s: %.1f s", d, label, seconds)
       runs.append(
         {
@@ -305,6 +319,8 @@ def run_suite(args, argv) -> list[dict]:
   meta = {
     "command": "python -m flaxtl.probe " + shlex.join(argv),
     "wall_seconds": wall,
+    "resumed_runs": resumed,
+    "run_seconds": sum(r["seconds"] for r in runs),
     "machine": f"{platform.machine()}, {_cpus()} CPUs",
     "image_size": args.image_size,
     "seeds": args.seeds,

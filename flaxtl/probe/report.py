@@ -171,7 +171,11 @@ def write_leaderboard(
   cell = {(r["dataset"], r["backbone"]): r for r in rows}
   lines = ["# Offline transfer suite", ""]
   lines += [f"- command: `{meta['command']}`"]
-  lines += [f"- wall time: {meta['wall_seconds']:.0f} s; {meta['machine']}"]
+  lines += [
+    f"- wall time: {meta['wall_seconds']:.0f} s ({meta['resumed_runs']} "
+    f"runs kept from earlier invocations; all runs' own time "
+    f"{meta['run_seconds']:.0f} s); {meta['machine']}"
+  ]
   lines += [
     f"- image size {meta['image_size']}, seeds {meta['seeds']}; pooling: "
     f"{meta['pooling']}; accuracy in %, ± the 95% interval",
