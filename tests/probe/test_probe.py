@@ -185,3 +185,24 @@ def test_user_errors_exit_2(tiny, tmp_path, capsys):
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and "no layer 'nope'" in lines[0], lines
+
+
+def test_offline_suite_pixels(tmp_path):
+  """The suite end to end on two data sets built from scikit-image's files:
+  disjoint train/test photo regions, a leaderboard with every output."""
+  rows = cli.main([
+    "--suite", "offline", "--datasets", "faces,textures", "--n-train", "5",
+    "--n-test", "4", "--methods", "fewshot,knn", "--shots", "1,5",
+    "--seeds", "2", "--out", str(tmp_path / "suite"), "--download-cache",
+    str(tmp_path / "dl"), "--no-progress",
+  ])  # fmt: skip
+  assert [(r["dataset"], r["backbone"]) for r in rows] == [
+    ("faces", "pixels:none"),
+    ("textures", "pixels:none"),
+  ]
+  assert rows[0]["knn:all"]["seeds"] == 1
+  out = tmp_path / "suite"
+  for name in ("leaderboard.md", "leaderboard.json", "leaderboard.png"):
+    assert (out / name).stat().st_size > 0
+  text = (out / "leaderboard.md").read_text()
+  assert "bottom halves" in text and "| faces |" in text
