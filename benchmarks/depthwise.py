@@ -13,7 +13,10 @@ fine-tune needs), as
   taps     `flaxtl.ops.conv.depthwise_taps`, what flaxtl's models now run on
            CPU: the k*k shifted (strided) slices of the padded input, each
            times its per-channel weight, summed (elementwise work XLA fuses
-           into one loop); autodiff gradients
+           into one loop), with its written-out gradients (a custom VJP:
+           the input gradient as taps of dy, the kernel gradient as k*k
+           per-channel reductions)
+  taps_ad  the same forward with JAX's autodiff gradients (before the VJP)
   torch    torch.nn.functional.conv2d(groups=C), channels_last (oneDNN),
            in its own process; backward through `torch.autograd.grad`
 with the largest difference of `taps` to `grouped` relative to the largest
@@ -59,7 +62,7 @@ SHAPES = (
   ("effb0", 8, 7, 1152, 5, 1, 3),
   ("effb0", 8, 7, 1152, 3, 1, 1),
 )
-FORMS = ("grouped", "taps")
+FORMS = ("grouped", "taps_ad", "taps")
 FRAMEWORKS = ("flaxtl", "torch")
 
 
@@ -103,6 +106,15 @@ def taps(x, w, stride: int):
   return conv_ops.depthwise_taps(x, w, (stride, stride), pads)
 
 
+def taps_ad(x, w, stride: int):
+  from jax import lax
+
+  from flaxtl.ops import conv as conv_ops
+
+  pads = lax.padtype_to_pads(x.shape[1:3], w.shape[:2], (stride,) * 2, "SAME")
+  return conv_ops.depthwise_taps_autodiff(x, w, (stride, stride), pads)
+
+
 def _grads(f, stride, x, w, dy):
   """Input and kernel gradients of f(x, w, stride) for the cotangent dy."""
   import jax
@@ -118,7 +130,7 @@ def flaxtl_worker(forms, ynn: str, budget: float) -> None:
 
   # 224 px: 'auto' would also turn YNNPACK off here.
   options = cpu.compiler_options(ynn, 224)
-  fns = {"grouped": grouped, "taps": taps}
+  fns = {"grouped": grouped, "taps_ad": taps_ad, "taps": taps}
   for shape in SHAPES:
     _, n, size, c, k, stride, _ = shape
     x, w, dy = (jnp.asarray(a) for a in _arrays(n, size, c, k, stride))

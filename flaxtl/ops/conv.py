@@ -12,6 +12,7 @@ GPU and TPU always get XLA's convolution.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import functools
 from typing import Any
 
 import jax
@@ -164,23 +165,159 @@ def depthwise_taps(
   x (N, H, W, C), kernel (kh, kw, 1, C), explicit (low, high) pads. Each tap
   is a strided slice of the padded input times a per-channel weight: one
   fused elementwise loop, where XLA:CPU's grouped convolution runs 10-20x
-  slower (benchmarks/README.md, "Depthwise"). Sums in float32.
+  slower (benchmarks/README.md, "Depthwise"). Sums in float32. The gradients
+  are written out (`_depthwise_bwd`): autodiff through the strided slices
+  pads dy back to the input's size once per tap.
   """
-  kh, kw = kernel.shape[:2]
-  sh, sw = strides
-  xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-  oh = (xp.shape[1] - kh) // sh + 1
-  ow = (xp.shape[2] - kw) // sw + 1
-  acc = jnp.promote_types(x.dtype, jnp.float32)
+  strides = tuple(int(s) for s in strides)
+  pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+  return _depthwise(x, kernel, strides, pads)
+
+
+def depthwise_taps_autodiff(
+  x: jax.Array,
+  kernel: jax.Array,
+  strides: Sequence[int],
+  pads: Sequence[tuple[int, int]],
+) -> jax.Array:
+  """`depthwise_taps` with JAX's own gradients (for benchmarks/depthwise.py)."""
+  return _depthwise_fwd_value(x, kernel, tuple(strides), tuple(pads))
+
+
+def _pad_hw(x: jax.Array, pads: Sequence[tuple[int, int]]) -> jax.Array:
+  """Pads (or, negative, crops) the H and W axes of an NHWC array."""
+  cfg = ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0))
+  return lax.pad(x, jnp.zeros((), x.dtype), cfg)
+
+
+def _acc(dtype: Any) -> Any:
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _taps_sum(
+  xp: jax.Array,
+  kernel: jax.Array,
+  strides: tuple[int, int],
+  out_hw: tuple[int, int],
+) -> jax.Array:
+  """sum_ij xp[:, i + sh*p, j + sw*q] * kernel[i, j], in kernel's dtype."""
+  (sh, sw), (oh, ow) = strides, out_hw
   out = None
-  for i in range(kh):
-    for j in range(kw):
+  for i in range(kernel.shape[0]):
+    for j in range(kernel.shape[1]):
       tap = xp[
         :, i : i + (oh - 1) * sh + 1 : sh, j : j + (ow - 1) * sw + 1 : sw
       ]
-      term = tap.astype(acc) * kernel[i, j, 0].astype(acc)
+      term = tap.astype(kernel.dtype) * kernel[i, j]
       out = term if out is None else out + term
-  return out.astype(x.dtype)
+  return out
+
+
+def _out_hw(x_shape, kernel_shape, strides, pads) -> tuple[int, int]:
+  return tuple(
+    (x_shape[1 + d] + sum(pads[d]) - kernel_shape[d]) // strides[d] + 1
+    for d in range(2)
+  )
+
+
+def _depthwise_fwd_value(x, kernel, strides, pads):
+  out_hw = _out_hw(x.shape, kernel.shape, strides, pads)
+  k = kernel[:, :, 0].astype(_acc(x.dtype))
+  return _taps_sum(_pad_hw(x, pads), k, strides, out_hw).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise(x, kernel, strides, pads):
+  return _depthwise_fwd_value(x, kernel, strides, pads)
+
+
+def _depthwise_fwd(x, kernel, strides, pads):
+  return _depthwise_fwd_value(x, kernel, strides, pads), (x, kernel)
+
+
+def _depthwise_bwd(strides, pads, residuals, dy):
+  """The input gradient as taps of dy, the kernel gradient as k*k reductions.
+
+  Input: the padded input's position p = i + s*o receives dy[o] * w[i] for
+  every tap i = p (mod s), so each of the s*s phases p = r + s*q is a
+  stride-1 depthwise conv of dy with the sub-kernel w[r::s] flipped; the
+  phases are then interleaved and the padding cropped. Kernel: tap (i, j)'s
+  weight gradient is the per-channel sum of its input slice times dy.
+  """
+  x, kernel = residuals
+  acc = _acc(x.dtype)
+  n, h, w, c = x.shape
+  kh, kw = kernel.shape[:2]
+  out_hw = dy.shape[1:3]
+  k = kernel[:, :, 0].astype(acc)
+  dya = dy.astype(acc)
+  sizes = (h, w)
+  # Phase rows q cover the padded input up to the last row dx keeps.
+  qs = tuple(-(-(pads[d][0] + sizes[d]) // strides[d]) for d in range(2))
+  phases = []
+  for rh in range(strides[0]):
+    row = []
+    for rw in range(strides[1]):
+      sub = k[rh :: strides[0], rw :: strides[1]]
+      th, tw = sub.shape[:2]
+      if th == 0 or tw == 0:
+        row.append(jnp.zeros((n, *qs, c), acc))
+        continue
+      dyp = _pad_hw(
+        dya, ((th - 1, qs[0] - out_hw[0]), (tw - 1, qs[1] - out_hw[1]))
+      )
+      row.append(_taps_sum(dyp, jnp.flip(sub, (0, 1)), (1, 1), qs))
+    phases.append(row)
+  if strides == (1, 1):
+    dxp = phases[0][0]
+  else:
+    dxp = jnp.stack([jnp.stack(row, 3) for row in phases], 2)
+    dxp = dxp.reshape(n, qs[0] * strides[0], qs[1] * strides[1], c)
+  crop = tuple(
+    (-pads[d][0], sizes[d] + pads[d][0] - dxp.shape[1 + d]) for d in range(2)
+  )
+  dx = _pad_hw(dxp, crop).astype(x.dtype)
+  xp = _pad_hw(x, pads)
+  (sh, sw), (oh, ow) = strides, out_hw
+  # Tap (i, j)'s products summed over the batch, all taps side by side on
+  # the channel axis, then over rows and columns.
+  per_tap = [
+    _fold_sum(
+      xp[
+        :, i : i + (oh - 1) * sh + 1 : sh, j : j + (ow - 1) * sw + 1 : sw
+      ].astype(acc)
+      * dya,
+      0,
+    )
+    for i in range(kh)
+    for j in range(kw)
+  ]
+  dk = _fold_sum(_fold_sum(jnp.concatenate(per_tap, -1), 1), 2)
+  return dx, dk.reshape(kh, kw, 1, c).astype(kernel.dtype)
+
+
+def _fold_sum(p: jax.Array, axis: int, k: int = 8) -> jax.Array:
+  """Sum over `axis` (kept, size 1) as sums of k slices, not a reduce op.
+
+  XLA:CPU rewrites a large reduce into a reduce-window that runs 5-10x slower
+  than these fused elementwise adds (benchmarks/depthwise.py, 'taps_ad').
+  """
+  while p.shape[axis] > 1:
+    m = p.shape[axis]
+    k_ = min(k, m)
+    h = -(-m // k_)
+    if h * k_ != m:
+      widths = [(0, 0)] * p.ndim
+      widths[axis] = (0, h * k_ - m)
+      p = jnp.pad(p, widths)
+    acc = lax.slice_in_dim(p, 0, h, axis=axis)
+    for i in range(1, k_):
+      acc = acc + lax.slice_in_dim(p, i * h, (i + 1) * h, axis=axis)
+    p = acc
+  return p
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 def conv_general_dilated(

@@ -84,6 +84,18 @@ def _grouped_conv(x, k, strides, padding):
     ((2, 9, 7, 5), 5, (2, 2), "SAME"),
     ((1, 9, 9, 2), 3, (2, 2), ((1, 1), (1, 1))),  # Keras' correct_pad.
     ((1, 6, 6, 3), 5, (1, 1), "VALID"),
+    # The custom VJP's phases: every kernel size the families use at both
+    # strides, odd and even maps, TF 'SAME', explicit and 'VALID' pads.
+    ((2, 6, 7, 3), 3, (2, 2), "SAME"),
+    ((1, 7, 7, 2), 3, (2, 2), "VALID"),
+    ((2, 8, 6, 3), 5, (1, 1), "SAME"),
+    ((1, 8, 8, 2), 5, (2, 2), "SAME"),
+    ((1, 9, 9, 2), 5, (2, 2), ((2, 2), (2, 2))),
+    ((1, 10, 9, 2), 5, (2, 2), "VALID"),
+    ((2, 9, 8, 3), 7, (1, 1), "SAME"),
+    ((1, 9, 9, 2), 7, (2, 2), "SAME"),
+    ((1, 8, 8, 2), 7, (1, 1), ((3, 3), (3, 3))),
+    ((1, 5, 6, 2), 3, (1, 2), ((0, 2), (1, 0))),  # Uneven strides and pads.
   ],
 )
 def test_depthwise_taps_match_xla_grouped_conv_values_and_gradients(
@@ -112,6 +124,44 @@ def test_depthwise_taps_match_xla_grouped_conv_values_and_gradients(
   dy = jax.random.normal(kd, y.shape)
   for g, ref_g in zip(vjp(dy), ref_vjp(dy)):
     np.testing.assert_allclose(g, ref_g, rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_gradients_are_fused_adds_not_convs_or_reduce_windows():
+  x = jnp.ones((2, 40, 40, 8))
+  k = jnp.ones((3, 3, 1, 8))
+  pads = ((1, 1), (1, 1))
+  grads = jax.jit(
+    lambda x, k, dy: jax.vjp(
+      lambda a, b: conv.depthwise_taps(a, b, (2, 2), pads), x, k
+    )[1](dy)
+  )
+  dy = jnp.ones((2, 20, 20, 8))
+  hlo = grads.lower(x, k, dy).compile().as_text()
+  # XLA:CPU's grouped conv and its tree-rewritten reduce are the slow forms.
+  assert "convolution(" not in hlo
+  assert "reduce-window" not in hlo
+  dx, dk = grads(x, k, dy)
+  assert dx.shape == x.shape and dk.shape == k.shape
+  # Interior pixels of a 3x3 stride-2 conv get 1, 2 or 4 taps of ones.
+  assert set(np.unique(np.asarray(dx[:, 1:-1, 1:-1]))) == {1.0, 2.0, 4.0}
+
+
+def test_depthwise_taps_bf16_gradients_keep_their_dtypes():
+  x = jax.random.normal(jax.random.PRNGKey(6), (1, 6, 6, 4), jnp.bfloat16)
+  k = jax.random.normal(jax.random.PRNGKey(7), (3, 3, 1, 4), jnp.bfloat16)
+  pads = ((1, 1), (1, 1))
+  y, vjp = jax.vjp(lambda a, b: conv.depthwise_taps(a, b, (1, 1), pads), x, k)
+  dx, dk = vjp(jnp.ones_like(y))
+  assert (y.dtype, dx.dtype, dk.dtype) == (jnp.bfloat16,) * 3
+  ref = jax.vjp(
+    lambda a, b: _grouped_conv(a, b, (1, 1), pads),
+    x.astype(jnp.float32),
+    k.astype(jnp.float32),
+  )[1](jnp.ones(y.shape))
+  for g, ref_g in zip((dx, dk), ref):
+    np.testing.assert_allclose(
+      g.astype(jnp.float32), ref_g, rtol=3e-2, atol=3e-2 * np.abs(ref_g).max()
+    )
 
 
 def test_conv_general_dilated_takes_taps_only_for_cpu_depthwise():
