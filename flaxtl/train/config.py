@@ -80,6 +80,14 @@ TUPLE_KEYS: dict[str, tuple[Any, str, str]] = {
     "(('head/.*', 10.0),)",
   ),
   "freeze.phases": ([int, int], "a pair (epoch, first_layers)", "((2, 4),)"),
+  "peft.targets": (str, "a regex", "('blocks/.*/attn/qkv:q,v',)"),
+  "peft.adapter_after": (str, "a regex", "('blocks/.*/mlp',)"),
+  "mesh.shape": (int, "a device count (int)", "(-1, 1)"),
+  "sharding.rules": (
+    [str, (str, tuple, list)],
+    "a pair (regex, 'fsdp'|'replicate'|PartitionSpec tuple)",
+    "(('.*', 'fsdp'),)",
+  ),
 }
 
 
