@@ -315,7 +315,8 @@ def resolve(
   """Resolves a `model.weights` value into (variables, provenance).
 
   spec: a pretrained tag ('imagenet', 'hed'), a converted checkpoint or a weight
-  file (Keras .h5/.keras, PyTorch .pth/.pt/.safetensors).
+  file (Keras .h5/.keras, PyTorch .pth/.pt/.safetensors, a mapping's own
+  layouts: a Hugging Face ViT directory, a big_vision .npz, an .onnx).
   """
   if spec in NAMED:
     path = fetch(
@@ -328,7 +329,11 @@ def resolve(
     )
     return store.restore_variables(path), store.read_provenance(path)
   path = Path(spec)
-  if path.is_dir():  # A converted checkpoint (read_provenance says if not).
+  # A converted checkpoint (read_provenance says if it is a broken one); other
+  # directories are weight sources (a Hugging Face model directory).
+  if path.is_dir() and (
+    (path / store.PROVENANCE).exists() or (path / "params").is_dir()
+  ):
     provenance = store.read_provenance(path)
     held = provenance.get("arch")
     if held and held != arch:

@@ -101,17 +101,16 @@ def candidates(weights: TorchWeights) -> list[str]:
 
 
 def detect(weights: TorchWeights) -> str | None:
-  """The one arch the file fits; None when several do (or, for a translated
-  source, the registered timm name its reader gives).
+  """The one arch the file fits; None when several do (a translated source:
+  the registered timm name its reader gives, if any, first).
 
   Some archs share weights and differ in preprocessing or activation only
   (vit_small_patch16_224 / deit_small_patch16_224, CLIP GELU / quick-GELU):
   their files need --arch.
   """
   info = weights.metadata.get(SOURCE_INFO)
-  if info is not None:
-    name = info["arch"].get("timm_name")
-    return name if name in vit.ARCHS else None
+  if info is not None and info["arch"].get("timm_name") in vit.ARCHS:
+    return info["arch"]["timm_name"]
   found = candidates(weights)
   return found[0] if len(found) == 1 else None
 
