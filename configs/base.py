@@ -99,6 +99,8 @@ def get_base() -> ml_collections.ConfigDict:
   c.freeze.rules = ()
   # ((regex, multiplier), ...) learning-rate multipliers.
   c.freeze.lr_mults = ()
+  # Layer-wise lr decay: backbone layer i of n trains at decay**(n - i).
+  c.freeze.layer_decay = 0.0
   # Gradual unfreezing: ((epoch, first_layers), ...) from that epoch on.
   c.freeze.phases = ()
 

@@ -56,6 +56,7 @@ _RANGES: dict[str, tuple] = {
   "data.image_size": (1, None, False, False),
   "data.workers": (0, None, False, False),
   "freeze.first_layers": (0, None, False, False),
+  "freeze.layer_decay": (0, 1, False, False),
   "distributed.num_processes": (1, None, False, False),
 }
 
