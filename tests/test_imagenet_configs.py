@@ -118,3 +118,16 @@ def _check_frozen_through(cfg, workdir: Path) -> None:
       elif name.startswith(following):
         changed.append(not np.array_equal(value, want[name]))
   assert len(kept) > 20 and all(changed) and len(changed) > 6
+
+
+@pytest.mark.parametrize(
+  "spec",
+  [f"configs/mnist_freeze8.py:{v}" for v in base.PRETRAINED_VARIANTS],
+)
+def test_pretrained_variant_validates(spec, tmp_path):
+  """Its pooling ('token', a ViT's) is the backbone's own, not the CNNs'."""
+  from flaxtl.train import config as config_lib
+
+  c = quick(spec, tmp_path, image_size=28)
+  config_lib.validate(c)
+  assert c.model.pooling == "token"

@@ -280,7 +280,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def _validate_transfer(config, spec: registry.Backbone) -> None:
   m = config.model
   _choice("model.head", m.head, HEADS)
-  _choice("model.pooling", m.pooling, registry.POOLINGS)
+  # The backbone's own (a ViT's 'token' and 'map' too).
+  _choice("model.pooling", m.pooling, spec.poolings)
   _choice("model.head_init", m.head_init, INITS)
   if (
     m.head == "keras_top"
