@@ -346,7 +346,8 @@ def resolve(
   if not path.exists():
     raise UserError(
       f"model.weights={spec!r}: neither {NAMED}, a converted checkpoint nor "
-      "an existing Keras or PyTorch weight file"
+      "an existing weight file or directory (Keras, PyTorch, Hugging Face, "
+      ".npz, .onnx)"
     )
   converted, provenance = convert.load_file(path, arch, include_top=None)
   return converted.variables, provenance
