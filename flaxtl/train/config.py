@@ -57,6 +57,7 @@ _RANGES: dict[str, tuple] = {
   "data.image_size": (1, None, False, False),
   "data.workers": (0, None, False, False),
   "freeze.first_layers": (0, None, False, False),
+  "freeze.layer_decay": (0, 1, False, False),
   "distributed.num_processes": (1, None, False, False),
 }
 
@@ -288,7 +289,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def _validate_transfer(config, spec: registry.Backbone) -> None:
   m = config.model
   _choice("model.head", m.head, HEADS)
-  _choice("model.pooling", m.pooling, registry.POOLINGS)
+  # The backbone's own (a ViT's 'token' and 'map' too).
+  _choice("model.pooling", m.pooling, spec.poolings)
   _choice("model.head_init", m.head_init, INITS)
   if (
     m.head == "keras_top"

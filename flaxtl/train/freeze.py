@@ -137,6 +137,78 @@ def until_rules(
   return _rules(frozen, params)
 
 
+def layer_groups(
+  params: dict,
+  backbone: registry.Backbone,
+  include_top: bool = True,
+  pooling: str | None = None,
+  options: dict | None = None,
+  prefix: str = "backbone/",
+) -> tuple[dict[str, int | None], int]:
+  """({param path: layer id or None (the top)}, depth) of the backbone.
+
+  Ids follow the registry's forward order: PyTorch-named backbones group by
+  the path through its first index (`blocks/3`, `layer2/1`, `features/4`),
+  parameters before the first group (ViT's cls_token, pos_embed,
+  patch_embed; a ResNet stem) are group 0, those after the last (ViT's final
+  norm) the top; Keras-named ones by the stage (`Backbone.stages`) each layer
+  ends in, layers after the last stage the top. Ids are numbered 0..depth-1
+  over the groups that hold parameters (timm's layer-decay groups).
+  """
+  options = options or {}
+  paths = [p for p in tree.paths(params) if p.startswith(prefix)]
+  if backbone.naming == "torch":
+    names = backbone.outputs(include_top, pooling, **options)
+  else:
+    names = backbone.layers(include_top, pooling, **options)
+  order = {n: i for i, n in reversed(list(enumerate(names)))}
+
+  def index(path: str) -> int:
+    parts = path.removeprefix(prefix).split("/")
+    for k in range(len(parts), 0, -1):  # The innermost named module.
+      if (name := "/".join(parts[:k])) in order:
+        return order[name]
+    return len(names)  # Unknown to the registry: with the top.
+
+  paths.sort(key=index)  # Stable: a layer's params stay in tree order.
+  raw: dict[str, int | None] = {}
+  if backbone.naming == "torch":
+    keys = {}
+    for p in paths:
+      parts = p.removeprefix(prefix).split("/")[:-1]
+      num = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+      keys[p] = None if num is None else "/".join(parts[: num + 1])
+    numbered = [p for p in paths if keys[p] is not None]
+    last = index(numbered[-1]) if numbered else -1
+    seen: dict[str, int] = {}
+    for p in paths:
+      if keys[p] is not None:
+        raw[p] = seen.setdefault(keys[p], len(seen) + 1)
+      elif numbered and index(p) > last:
+        raw[p] = None  # After the last block (ViT's norm): the top.
+      else:  # The stem (group 0), or with the block before it.
+        raw[p] = len(seen)
+  else:
+    ends = sorted(order[s.name] for s in backbone.stages(**options))
+    for p in paths:
+      group = sum(e < index(p) for e in ends)
+      raw[p] = None if group >= len(ends) else group
+  ids = sorted({g for g in raw.values() if g is not None})
+  dense = {g: i for i, g in enumerate(ids)}
+  return {p: None if g is None else dense[g] for p, g in raw.items()}, len(ids)
+
+
+def layer_decay_scales(
+  decay: float, params: dict, backbone: registry.Backbone, **where
+) -> dict[str, float]:
+  """{param path: decay ** (depth - layer id)}: 1.0 for the top and for
+  everything outside the backbone (the head)."""
+  groups, depth = layer_groups(params, backbone, **where)
+  return {
+    p: 1.0 if g is None else decay ** (depth - g) for p, g in groups.items()
+  }
+
+
 @dataclasses.dataclass
 class Plan:
   """What each parameter gets: frozen, or trained with an lr multiplier."""
@@ -165,8 +237,10 @@ def plan(
   rules: Sequence[tuple[str, str]] = (),
   lr_mults: Sequence[tuple[str, float]] = (),
   log_matches: bool = True,
+  scales: dict[str, float] | None = None,
 ) -> Plan:
-  """Applies freeze rules and lr multipliers to every parameter of `params`."""
+  """Applies freeze rules and lr multipliers to every parameter of `params`;
+  `scales` ({path: factor}, layer-wise decay) multiply the lr_mults'."""
   paths = tree.paths(params)
   rules = _pairs(rules, "freeze.rules", "(regex, 'frozen'|'trainable')")
   lr_mults = _pairs(lr_mults, "freeze.lr_mults", "(regex, multiplier)")
@@ -187,8 +261,12 @@ def plan(
         return value
     return default
 
+  scales = scales or {}
   decided = {
-    p: (first_match(p, rules, TRAINABLE), first_match(p, mults, 1.0))
+    p: (
+      first_match(p, rules, TRAINABLE),
+      first_match(p, mults, 1.0) * scales.get(p, 1.0),
+    )
     for p in paths
   }
   unused = [r for r, hits in used.items() if not hits]
@@ -206,7 +284,7 @@ def plan(
     state, mult = decided[tree.path_str(path)]
     if state == FROZEN:
       return FROZEN
-    return TRAINABLE if mult == 1.0 else f"{TRAINABLE}*{mult:g}"
+    return TRAINABLE if mult == 1.0 else f"{TRAINABLE}*{mult:.12g}"
 
   labels = jax.tree_util.tree_map_with_path(lambda p, _: label(p), params)
   rows = [(p, s, 0.0 if s == FROZEN else m) for p, (s, m) in decided.items()]

