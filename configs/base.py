@@ -239,8 +239,9 @@ PRETRAINED_VARIANTS = {
 }
 # Every offline backbone variant of the strategy configs.
 VARIANTS = (*IMAGENET_VARIANTS, *PRETRAINED_VARIANTS)
-# The ViT's analogue of the early stages: the first half of its 12 blocks.
-EARLY_STAGES["vit_small_patch14_dinov2"] = "blocks/5"
+# The ViT's analogue of the early stages (it has one stride): the first half
+# of its 12 blocks.
+EARLY_STAGES_OF = {"vit_small_patch14_dinov2": "blocks/5"}
 
 
 def offline_variant(c: ml_collections.ConfigDict, variant: str) -> None:

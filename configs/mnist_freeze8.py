@@ -45,7 +45,7 @@ def get_config(arg: str = ""):
     _hed_quick(c)  # Its head, optimiser and budget; the backbone differs.
     base.offline_variant(c, arg)
     c.freeze.first_layers = 0  # No Keras layer order: freeze.until instead.
-    c.freeze.until = base.EARLY_STAGES
+    c.freeze.until = base.EARLY_STAGES_OF.get(c.model.arch, base.EARLY_STAGES)
   elif arg:
     raise ValueError(
       f"unknown variant {arg!r}; expected '', 'hed_quick' or one of "

