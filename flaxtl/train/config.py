@@ -84,9 +84,10 @@ TUPLE_KEYS: dict[str, tuple[Any, str, str]] = {
   "peft.targets": (str, "a regex", "('blocks/.*/attn/qkv:q,v',)"),
   "peft.adapter_after": (str, "a regex", "('blocks/.*/mlp',)"),
   "mesh.shape": (int, "a device count (int)", "(-1, 1)"),
+  # Its pairs are checked by check_sharding (the spec has several forms).
   "sharding.rules": (
-    [str, (str, tuple, list)],
-    "a pair (regex, 'fsdp'|'replicate'|PartitionSpec tuple)",
+    (tuple, list),
+    "a (regex, spec) pair",
     "(('.*', 'fsdp'),)",
   ),
 }
@@ -191,7 +192,8 @@ def backbone_options(
   key to something else, which is an error rather than a silent mismatch.
   """
   spec = backbone(config)
-  options = parse_options(config.model.get("options", ""), spec)
+  given = parse_options(config.model.get("options", ""), spec)
+  options = dict(given)
   for key, default in FAMILY_OPTIONS.items():
     value = config.model.get(key, default)
     if spec is not None and key in spec.options:
@@ -203,7 +205,7 @@ def backbone_options(
       )
   for key, value in ((provenance or {}).get("options") or {}).items():
     chosen = config.model.get(key, FAMILY_OPTIONS.get(key))
-    if key in options and options[key] != value:
+    if key in given and given[key] != value:
       raise UserError(
         f"model.options sets {key}={options[key]!r}, but model.weights were "
         f"converted with {key}={value!r}"

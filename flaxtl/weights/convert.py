@@ -60,8 +60,13 @@ def to_variables(
       )
     arch = found
   family = registry.get(arch).family
-  if found is not None and found != arch:
-    # Named both ways, not as the missing layers of the one asked for.
+  # Named both ways, not as the missing layers of the one asked for (Keras
+  # families' own mappings name a sibling arch: 'holds a VGG19 conv stack').
+  other = found is not None and found != arch
+  if other and (
+    isinstance(weights, torch_file.TorchWeights)
+    or registry.get(found).family != family
+  ):
     raise UserError(
       f"{weights.path}: holds a {found} model, not {arch}; use --arch {found}"
     )

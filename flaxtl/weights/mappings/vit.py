@@ -257,8 +257,9 @@ def read_source(path: Path) -> TorchWeights | None:
   """A ViT layout no other family has (a Hugging Face directory, a
   big_vision .npz, an .onnx graph) as timm-named weights; None otherwise."""
   path = Path(path)
-  if not (path.is_dir() or path.suffix in (".npz", ".onnx")):
-    return None
+  model_dir = path.is_dir() and (path / "config.json").is_file()
+  if not (model_dir or path.suffix in (".npz", ".onnx")):
+    return None  # A bare directory: the Keras reader says what it is.
   sd, info = vit_sources.read(path)
   return _weights(path, sd, info)
 
