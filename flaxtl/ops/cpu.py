@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import os
 
 import jax
 
@@ -24,27 +25,89 @@ _LARGE_IMAGE = 128
 YNN_SETTINGS = ("auto", "on", "off")
 
 
-@functools.cache
-def tune_malloc() -> bool:
-  """glibc malloc: keep freed memory for reuse instead of returning it.
+# glibc's malloc.h option numbers.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+# Free memory at the top of the heap above this goes back to the OS at once.
+TRIM_THRESHOLD = 512 << 20
+# A trim every time RSS passes max(this, 2x RSS after the last trim).
+TRIM_FLOOR = 512 << 20
 
-  glibc serves blocks over 32 MB with a fresh mmap and unmaps them on free, so
-  every step page-faults and zeroes its large activations again. One arena, no
-  mmap and no trimming let each step reuse the first one's pages (the same as
-  MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647); RSS
-  then stays at its high-water mark. Call it before the first big allocation;
-  returns False where it does not apply (macOS, musl).
-  """
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
   try:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = libc.mallopt
+    libc.mallopt, libc.malloc_trim  # noqa: B018 - AttributeError off glibc.
   except (OSError, AttributeError):
+    return None
+  return libc
+
+
+@functools.cache
+def tune_malloc() -> bool:
+  """glibc malloc: reuse freed memory between steps, within a bound.
+
+  glibc serves blocks over 32 MB with a fresh mmap and unmaps them on free, so
+  every step page-faults and zeroes its large activations again. One arena and
+  no mmap let each step reuse the previous one's pages; a finite trim
+  threshold (TRIM_THRESHOLD) returns large free space at the heap's top, and
+  `MallocTrimmer` (the train loop) returns fragmented free pages, so RSS no
+  longer stays at its high-water mark. Call it before the first big
+  allocation; returns False where it does not apply (macOS, musl).
+  """
+  libc = _libc()
+  if libc is None:
     return False
-  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's malloc.h.
-  settings = ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1))
-  ok = all(mallopt(opt, val) == 1 for opt, val in settings)
+  settings = (
+    (_M_ARENA_MAX, 1),
+    (_M_MMAP_MAX, 0),
+    (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+  )
+  ok = all(libc.mallopt(opt, val) == 1 for opt, val in settings)
   log.debug("glibc malloc tuned for reuse: %s", ok)
   return ok
+
+
+def rss_bytes() -> int:
+  """Resident set size of this process (0 where /proc is absent)."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except (OSError, IndexError, ValueError):
+    return 0
+
+
+def malloc_trim() -> bool:
+  """Returns glibc's free pages (all arenas, not only the top) to the OS.
+
+  True if memory was released; False if none was, or not glibc.
+  """
+  libc = _libc()
+  return libc is not None and libc.malloc_trim(0) == 1
+
+
+class MallocTrimmer:
+  """Bounds RSS between steps: trims when RSS passes a limit.
+
+  The limit is max(`floor`, 2x RSS after the last trim): steps keep reusing
+  their pages while free memory stays under the live set, and the limit
+  follows the model's size. A trim costs a few ms plus page faults the next
+  step, so it is rare in the steady state. Reading RSS is ~10 us per step.
+  """
+
+  def __init__(self, floor: int = TRIM_FLOOR):
+    self.floor = floor
+    self.limit = floor
+    self.trims = 0
+
+  def __call__(self) -> bool:
+    """After a step: trims if over the limit; True if it trimmed."""
+    if rss_bytes() <= self.limit:
+      return False
+    malloc_trim()
+    self.trims += 1
+    self.limit = max(self.floor, 2 * rss_bytes())
+    return True
 
 
 def compiler_options(
