@@ -51,6 +51,15 @@ SETTINGS = {
   "default": ([], {}),
   "reuse": (["tune_malloc=False"], REUSE_ENV),
   "glibc": (["tune_malloc=False"], {}),
+  # A candidate: one arena, blocks from 64 MB up mmapped (fixed threshold).
+  "mmap64": (
+    ["tune_malloc=False"],
+    {
+      "MALLOC_ARENA_MAX": "1",
+      "MALLOC_MMAP_THRESHOLD_": str(64 << 20),
+      "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
+    },
+  ),
 }
 WARM_STEPS = 5
 
@@ -156,20 +165,19 @@ def main() -> None:
   p.add_argument("--contents", nargs="+", default=list(CONTENTS))
   p.add_argument("--settings", nargs="+", default=list(SETTINGS))
   p.add_argument("--steps", type=int, default=40)
+  p.add_argument("--tag", default="", help="suffix of the results file")
   args = p.parse_args()
+  results = RESULTS.with_name(f"memory_stream{args.tag}.json")
   make(args.root, args.images)
-  rows = []
-  for n in args.images:
-    for content in args.contents:
-      for setting in args.settings:
+  rows, when = [], time.strftime("%Y-%m-%d %H:%M")
+  results.parent.mkdir(parents=True, exist_ok=True)
+  for setting in args.settings:  # The first settings get every folder first.
+    for n in args.images:
+      for content in args.contents:
         rows.append(run(args.root, content, n, setting, args.steps))
-  RESULTS.parent.mkdir(parents=True, exist_ok=True)
-  RESULTS.write_text(
-    json.dumps(
-      {"when": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, indent=2
-    )
-    + "\n"
-  )
+        results.write_text(
+          json.dumps({"when": when, "rows": rows}, indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":
