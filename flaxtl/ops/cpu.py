@@ -26,11 +26,12 @@ YNN_SETTINGS = ("auto", "on", "off")
 
 
 # glibc's malloc.h option numbers.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+# Blocks from this size up get their own mmap, unmapped on free (fixed: glibc's
+# dynamic threshold would keep raising it and the heap would fragment).
+MMAP_THRESHOLD = 64 << 20
 # Free memory at the top of the heap above this goes back to the OS at once.
 TRIM_THRESHOLD = 256 << 20
-# A trim every time RSS passes max(this, 1.25x RSS after the last trim).
-TRIM_FLOOR = 512 << 20
 
 
 @functools.cache
@@ -45,22 +46,23 @@ def _libc() -> ctypes.CDLL | None:
 
 @functools.cache
 def tune_malloc() -> bool:
-  """glibc malloc: reuse freed memory between steps, within a bound.
+  """glibc malloc: reuse freed blocks between steps, with bounded memory.
 
-  glibc serves blocks over 32 MB with a fresh mmap and unmaps them on free, so
-  every step page-faults and zeroes its large activations again. One arena and
-  no mmap let each step reuse the previous one's pages; a finite trim
-  threshold (TRIM_THRESHOLD) returns large free space at the heap's top, and
-  `MallocTrimmer` (the train loop) returns fragmented free pages, so RSS no
-  longer stays at its high-water mark. Call it before the first big
-  allocation; returns False where it does not apply (macOS, musl).
+  One arena, blocks under MMAP_THRESHOLD reused from the heap (glibc's default
+  would mmap and unmap everything over its dynamic threshold), the largest
+  ones mapped and returned on free, and free heap top over TRIM_THRESHOLD
+  returned: peak memory stays at glibc's default level and does not depend on
+  how compilation fragmented the heap (benchmarks/memory_stream.py; the
+  previous one arena + no mmap + no trim kept 3.3-4.8 GB of a 1.2 GB run).
+  Call it before the first big allocation; returns False where it does not
+  apply (macOS, musl).
   """
   libc = _libc()
   if libc is None:
     return False
   settings = (
     (_M_ARENA_MAX, 1),
-    (_M_MMAP_MAX, 0),
+    (_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
     (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
   )
   ok = all(libc.mallopt(opt, val) == 1 for opt, val in settings)
@@ -84,31 +86,6 @@ def malloc_trim() -> bool:
   """
   libc = _libc()
   return libc is not None and libc.malloc_trim(0) == 1
-
-
-class MallocTrimmer:
-  """Bounds RSS between steps: trims when RSS passes a limit.
-
-  The limit is max(`floor`, 1.25x RSS after the last trim): steps keep
-  reusing their pages while free memory stays under a quarter of the live
-  set (measured: benchmarks/memory_stream.py), and the limit
-  follows the model's size. A trim costs a few ms plus page faults the next
-  step, so it is rare in the steady state. Reading RSS is ~10 us per step.
-  """
-
-  def __init__(self, floor: int = TRIM_FLOOR):
-    self.floor = floor
-    self.limit = floor
-    self.trims = 0
-
-  def __call__(self) -> bool:
-    """After a step: trims if over the limit; True if it trimmed."""
-    if rss_bytes() <= self.limit:
-      return False
-    malloc_trim()
-    self.trims += 1
-    self.limit = max(self.floor, rss_bytes() * 5 // 4)
-    return True
 
 
 def compiler_options(

@@ -363,8 +363,6 @@ class _Trainer:
 
     val_metrics: dict = {}
     interrupted = None
-    # Bounded malloc reuse (config.tune_malloc): see cpu.MallocTrimmer.
-    trim = cpu.MallocTrimmer() if config.tune_malloc else None
     with _StopFlag() as stop:
       while step < self.total_steps:
         i = phase_index(self.phases, step)
@@ -381,8 +379,6 @@ class _Trainer:
           )
         state, step_metrics = train_step(state, next(batches))
         step += 1
-        if trim is not None:
-          trim()
         iter_state = batches.get_state()
         metrics.add(step, step_metrics)
         last = step == self.total_steps
