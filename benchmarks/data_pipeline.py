@@ -174,9 +174,12 @@ def _has_line(path: Path | None) -> bool:
   return path is not None and path.exists() and bool(path.read_text().strip())
 
 
-def run_tree(cmd: list[str], cwd: Path, first_line: Path | None = None) -> dict:
+def run_tree(
+  cmd: list[str], cwd: Path, first_line: Path | None = None, poll=None
+) -> dict:
   """Runs `cmd`; peak PSS over its process tree, wall time, the CPU other
-  processes used (cores), and when `first_line` (a file) got its first line."""
+  processes used (cores), and when `first_line` (a file) got its first line.
+  `poll()`, if given, is called at every sample."""
   busy0, own0, t0 = _busy_s(), _children_cpu_s(), time.perf_counter()
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(cwd)}
   proc = subprocess.Popen(
@@ -197,6 +200,8 @@ def run_tree(cmd: list[str], cwd: Path, first_line: Path | None = None) -> dict:
     peak, peak_main = max(peak, total), max(peak_main, _pss_mb(proc.pid))
     if first is None and _has_line(first_line):
       first = time.perf_counter() - t0
+    if poll is not None:
+      poll()
     time.sleep(0.2)
   out = proc.stdout.read()
   wall = time.perf_counter() - t0

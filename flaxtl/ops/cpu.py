@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import os
 
 import jax
 
@@ -24,27 +25,67 @@ _LARGE_IMAGE = 128
 YNN_SETTINGS = ("auto", "on", "off")
 
 
-@functools.cache
-def tune_malloc() -> bool:
-  """glibc malloc: keep freed memory for reuse instead of returning it.
+# glibc's malloc.h option numbers.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+# Blocks from this size up get their own mmap, unmapped on free (fixed: glibc's
+# dynamic threshold would keep raising it and the heap would fragment).
+MMAP_THRESHOLD = 64 << 20
+# Free memory at the top of the heap above this goes back to the OS at once.
+TRIM_THRESHOLD = 256 << 20
 
-  glibc serves blocks over 32 MB with a fresh mmap and unmaps them on free, so
-  every step page-faults and zeroes its large activations again. One arena, no
-  mmap and no trimming let each step reuse the first one's pages (the same as
-  MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647); RSS
-  then stays at its high-water mark. Call it before the first big allocation;
-  returns False where it does not apply (macOS, musl).
-  """
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
   try:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = libc.mallopt
+    libc.mallopt, libc.malloc_trim  # noqa: B018 - AttributeError off glibc.
   except (OSError, AttributeError):
+    return None
+  return libc
+
+
+@functools.cache
+def tune_malloc() -> bool:
+  """glibc malloc: reuse freed blocks between steps, with bounded memory.
+
+  One arena, blocks under MMAP_THRESHOLD reused from the heap (glibc's default
+  would mmap and unmap everything over its dynamic threshold), the largest
+  ones mapped and returned on free, and free heap top over TRIM_THRESHOLD
+  returned: peak memory stays at glibc's default level and does not depend on
+  how compilation fragmented the heap (benchmarks/memory_stream.py; the
+  previous one arena + no mmap + no trim kept 3.3-4.8 GB of a 1.2 GB run).
+  Call it before the first big allocation; returns False where it does not
+  apply (macOS, musl).
+  """
+  libc = _libc()
+  if libc is None:
     return False
-  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's malloc.h.
-  settings = ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1))
-  ok = all(mallopt(opt, val) == 1 for opt, val in settings)
+  settings = (
+    (_M_ARENA_MAX, 1),
+    (_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+    (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+  )
+  ok = all(libc.mallopt(opt, val) == 1 for opt, val in settings)
   log.debug("glibc malloc tuned for reuse: %s", ok)
   return ok
+
+
+def rss_bytes() -> int:
+  """Resident set size of this process (0 where /proc is absent)."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except (OSError, IndexError, ValueError):
+    return 0
+
+
+def malloc_trim() -> bool:
+  """Returns glibc's free pages (all arenas, not only the top) to the OS.
+
+  True if memory was released; False if none was, or not glibc.
+  """
+  libc = _libc()
+  return libc is not None and libc.malloc_trim(0) == 1
 
 
 def compiler_options(

@@ -109,6 +109,20 @@ def test_the_option_takes_ynnpack_out_and_results_match():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_tune_malloc_applies_on_glibc():
   assert cpu.tune_malloc() is True
+  assert cpu.malloc_trim() in (True, False)  # Callable: glibc has it.
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_malloc_trim_returns_fragmented_free_memory():
+  assert cpu.tune_malloc() is True  # 1 MB blocks: from the one heap.
+  blocks = [b"x" * (1 << 20) for _ in range(256)]  # Written: resident.
+  cpu.malloc_trim()
+  before = cpu.rss_bytes()
+  assert before > 256 << 20
+  del blocks[::2]  # 128 MB of holes below live blocks: no top-of-heap trim.
+  assert cpu.malloc_trim() is True
+  assert before - cpu.rss_bytes() > 64 << 20
+  del blocks
 
 
 @pytest.mark.parametrize(
