@@ -170,6 +170,22 @@ def _is_default(arch: str, key: str, value: Any) -> bool:
   return registry.get(arch).options.get(key, value) == value
 
 
+def tf_dim_ordering_files(
+  folder: str, md5s: Mapping[str, tuple[str, str]]
+) -> dict[tuple[str, bool], tuple[str, str]]:
+  """Keras' '<folder>/<arch>_weights_tf_dim_ordering_tf_kernels[_notop].h5'
+  files, from arch -> (md5 with the top, md5 without)."""
+  return {
+    (arch, top): (
+      f"{folder}/{arch}_weights_tf_dim_ordering_tf_kernels"
+      f"{'' if top else '_notop'}.h5",
+      pair[0 if top else 1],
+    )
+    for arch, pair in md5s.items()
+    for top in (True, False)
+  }
+
+
 def keras_imagenet(
   files: Mapping[tuple, tuple[str, str | None]],
   base: str = KERAS_BASE_URL,

@@ -110,13 +110,5 @@ _MD5 = {
     "c13680b51ded0fb44dff2d8f86ac8bb1",
   ),
 }
-IMAGENET_FILES = {
-  (arch, top): (
-    f"densenet/{arch}_weights_tf_dim_ordering_tf_kernels"
-    f"{'' if top else '_notop'}.h5",
-    md5s[0 if top else 1],
-  )
-  for arch, md5s in _MD5.items()
-  for top in (True, False)
-}
+IMAGENET_FILES = checkpoints.tf_dim_ordering_files("densenet", _MD5)
 checkpoints.register(*checkpoints.keras_imagenet(IMAGENET_FILES))

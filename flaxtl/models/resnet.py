@@ -166,13 +166,5 @@ _MD5 = {
     "ed17cf2e0169df9d443503ef94b23b33",
   ),
 }
-IMAGENET_FILES = {
-  (arch, top): (
-    f"resnet/{arch}_weights_tf_dim_ordering_tf_kernels"
-    f"{'' if top else '_notop'}.h5",
-    md5s[0 if top else 1],
-  )
-  for arch, md5s in _MD5.items()
-  for top in (True, False)
-}
+IMAGENET_FILES = checkpoints.tf_dim_ordering_files("resnet", _MD5)
 checkpoints.register(*checkpoints.keras_imagenet(IMAGENET_FILES))
